@@ -1,0 +1,118 @@
+"""Decode: file bytes to the model's input array.
+
+Training (``train/``) and the runtime (``scan``) both call these functions, so
+the pixels a model was trained on are produced by exactly the same code as the
+pixels it labels: no train/serve skew.
+
+The geometry is a plain stretch: the whole image is resampled (bilinear) to the
+model's input size, whatever its aspect ratio, as in the paper (section 2.1).
+A map at the model's resolution therefore lines up with the original image by
+stretching it back to the original width and height.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageError
+
+# Decompression bombs are refused, not decoded: a nightly scan must not be taken
+# down by one hostile file. 100 megapixels is far above any figure or slice.
+MAX_PIXELS = 100_000_000
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+)
+
+
+def open_rgb(source: str | Path | bytes, *, name: str | None = None) -> Image.Image:
+    """Open an image file (or its bytes) fully decoded, as 8-bit RGB.
+
+    Grayscale, palette, 16-bit and alpha images are converted; alpha is
+    composited on black. Raises ``ImageError`` naming the file and the reason.
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            fp = io.BytesIO(source) if isinstance(source, bytes) else source
+            with Image.open(fp) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageError(label, f"image too large ({img.width}x{img.height} pixels)")
+                img.load()
+                return _to_rgb(img)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(label, "file not found") from None
+    except IsADirectoryError:
+        raise ImageError(label, "is a directory") from None
+    except PermissionError:
+        raise ImageError(label, "permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError(label, "not a recognized image format") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise ImageError(label, f"refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        # Truncated and corrupt files surface here from PIL's decoders.
+        raise ImageError(label, f"cannot decode image: {exc}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img.copy()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: stretch the used range to 8 bits rather than clip.
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_rgb(img: Image.Image, size: Sequence[int]) -> np.ndarray:
+    """Resample an RGB image to ``size`` = (height, width), bilinear.
+
+    Returns (height, width, 3) uint8.
+    """
+    height, width = int(size[0]), int(size[1])
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_pixels(source: str | Path | bytes, size: Sequence[int], *, name: str | None = None
+                ) -> tuple[np.ndarray, tuple[int, int]]:
+    """Open, convert and resample one image.
+
+    Returns ((height, width, 3) uint8 pixels at the model's size,
+    (original_width, original_height)).
+    """
+    img = open_rgb(source, name=name)
+    original = img.size
+    return resize_rgb(img, size), original
+
+
+def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Apply the model's preprocessing: (pixels - mean) / std per RGB channel.
+
+    pixels: (..., 3) uint8 or float in [0, 255]. Returns float32 of the same shape.
+    """
+    mean_arr = np.asarray(mean, dtype=np.float32)
+    std_arr = np.asarray(std, dtype=np.float32)
+    return (pixels.astype(np.float32) - mean_arr) / std_arr
+
+
+def is_image_path(path: str | Path) -> bool:
+    """True when the file name has one of the image suffixes that scan reads."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES

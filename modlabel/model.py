@@ -1,0 +1,193 @@
+"""Infer: an exported modlabel ONNX model and onnxruntime.
+
+The ONNX file is all the runtime needs. Its contract:
+
+* one input ``image``: (N, H, W, 3) float32, RGB, already resampled to the
+  model's input size and normalized as ``(pixels - mean) / std``;
+* two outputs: ``logits`` (N, C) float32, the dense layer's pre-softmax scores,
+  and ``activations`` (N, h, w, K) float32, the last conv layer (the one that
+  feeds global average pooling);
+* the metadata entry ``modlabel`` (see ``ModelInfo``), a JSON document with the
+  class names, the input size, the preprocessing, and the dense head's weights
+  (K, C) and bias (C) that the maps are computed from.
+
+``export/`` writes files of this shape with ``ModelInfo.to_json``; this module
+reads them without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelError
+
+METADATA_KEY = "modlabel"
+METADATA_FORMAT = 1
+INPUT_NAME = "image"
+LOGITS = "logits"
+ACTIVATIONS = "activations"
+
+
+def encode_array(arr: np.ndarray) -> dict[str, Any]:
+    """An array as JSON: dtype, shape and base64 of its little-endian bytes (exact)."""
+    arr = np.ascontiguousarray(arr, dtype=np.dtype(arr.dtype).newbyteorder("<"))
+    return {
+        "dtype": arr.dtype.str,
+        "shape": list(arr.shape),
+        "data": base64.b64encode(arr.tobytes()).decode("ascii"),
+    }
+
+
+def decode_array(doc: dict[str, Any]) -> np.ndarray:
+    """Inverse of ``encode_array``."""
+    raw = base64.b64decode(doc["data"])
+    return np.frombuffer(raw, dtype=np.dtype(doc["dtype"])).reshape(doc["shape"]).copy()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the ONNX metadata says about a modlabel model.
+
+    head_weights: (K, C) float32, head_bias: (C,) float32.
+    pooling: "mean" (Keras' GlobalAveragePooling2D: S_c = sum_k w_kc * mean_xy f_k + b_c).
+    """
+
+    class_names: list[str]
+    input_size: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    head_weights: np.ndarray
+    head_bias: np.ndarray
+    backbone: str = "unknown"
+    cut_layer: str = ""
+    activation_shape: tuple[int, int, int] = (0, 0, 0)  # (h, w, K)
+    pooling: str = "mean"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        doc = {
+            "format": METADATA_FORMAT,
+            "class_names": list(self.class_names),
+            "input_size": list(self.input_size),
+            "preprocessing": {
+                "resize": "bilinear",
+                "channel_order": "RGB",
+                "mean": [float(v) for v in self.mean],
+                "std": [float(v) for v in self.std],
+            },
+            "head": {
+                "weights": encode_array(np.asarray(self.head_weights, dtype=np.float32)),
+                "bias": encode_array(np.asarray(self.head_bias, dtype=np.float32)),
+                "pooling": self.pooling,
+            },
+            "backbone": self.backbone,
+            "cut_layer": self.cut_layer,
+            "activation_shape": list(self.activation_shape),
+            "input_name": INPUT_NAME,
+            "outputs": [LOGITS, ACTIVATIONS],
+            "extra": self.extra,
+        }
+        return json.dumps(doc)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelInfo:
+        doc = json.loads(text)
+        if doc.get("format") != METADATA_FORMAT:
+            raise ModelError(f"unsupported modlabel metadata format {doc.get('format')!r}")
+        pre = doc["preprocessing"]
+        return cls(
+            class_names=list(doc["class_names"]),
+            input_size=(int(doc["input_size"][0]), int(doc["input_size"][1])),
+            mean=tuple(float(v) for v in pre["mean"]),
+            std=tuple(float(v) for v in pre["std"]),
+            head_weights=decode_array(doc["head"]["weights"]).astype(np.float32),
+            head_bias=decode_array(doc["head"]["bias"]).astype(np.float32),
+            backbone=doc.get("backbone", "unknown"),
+            cut_layer=doc.get("cut_layer", ""),
+            activation_shape=tuple(int(v) for v in doc.get("activation_shape", (0, 0, 0))),
+            pooling=doc["head"].get("pooling", "mean"),
+            extra=doc.get("extra", {}),
+        )
+
+
+def default_providers() -> list[str]:
+    """CUDA first where this onnxruntime build and the machine offer it, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = [p for p in ("CUDAExecutionProvider",) if p in available and _cuda_usable()]
+    return [*wanted, "CPUExecutionProvider"]
+
+
+def _cuda_usable() -> bool:
+    # onnxruntime-gpu lists CUDA even without a GPU; probing the driver avoids
+    # a noisy failed session start on CPU-only machines.
+    return Path("/proc/driver/nvidia/version").exists()
+
+
+class OnnxModel:
+    """A loaded modlabel model: ``run`` gives (logits, activations) for a batch."""
+
+    def __init__(self, path: str | Path, *, providers: list[str] | None = None,
+                 threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise ModelError(f"{self.path}: cannot read model: {exc.strerror or exc}") from None
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                data, sess_options=options, providers=providers or default_providers()
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelError(f"{self.path}: not a loadable ONNX model: {exc}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in meta:
+            raise ModelError(f"{self.path}: ONNX file has no '{METADATA_KEY}' metadata; "
+                             "export it with `modlabel export`")
+        self.info = ModelInfo.from_json(meta[METADATA_KEY])
+        outputs = {o.name for o in self.session.get_outputs()}
+        if not {LOGITS, ACTIVATIONS} <= outputs:
+            raise ModelError(f"{self.path}: outputs {sorted(outputs)} lack "
+                             f"'{LOGITS}' and '{ACTIVATIONS}'")
+        self.input_name = self.session.get_inputs()[0].name
+
+    @cached_property
+    def identity(self) -> str:
+        """A short stable name for this model: backbone and the file's hash prefix."""
+        return f"{self.info.backbone}-{self.sha256[:12]}"
+
+    def preprocess(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 pixels at the input size -> the model's float32 input."""
+        from .decode import normalize
+
+        return normalize(pixels, self.info.mean, self.info.std)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """batch: (N, H, W, 3) float32, preprocessed. Returns (logits (N, C), activations)."""
+        logits, activations = self.session.run(
+            [LOGITS, ACTIVATIONS], {self.input_name: np.ascontiguousarray(batch, np.float32)}
+        )
+        return logits, activations
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, C) scores, numerically stable."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
