@@ -1,0 +1,45 @@
+# modlabel: `make demo` runs the main job end to end, `make test` runs the tests.
+# Both create the virtual environment first (Python 3.10+; TensorFlow for training).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO ?= demo
+# Demo size: 7 classes x DEMO_PER_CLASS training images, DEMO_INPUT px model input.
+DEMO_PER_CLASS ?= 120
+DEMO_INPUT ?= 96
+DEMO_EPOCHS ?= 12
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[train,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/modlabel synth $(DEMO)/archive --per-class $(DEMO_PER_CLASS) --size 160 --seed 0
+	$(BIN)/modlabel train $(DEMO)/archive --out $(DEMO)/run --backbone tiny \
+		--input-size $(DEMO_INPUT) --epochs $(DEMO_EPOCHS) --seed 0
+	$(BIN)/modlabel export $(DEMO)/run --out $(DEMO)/model.onnx
+	$(BIN)/modlabel synth $(DEMO)/incoming --per-class 30 --size 160 --seed 1
+	$(BIN)/modlabel scan $(DEMO)/incoming --model $(DEMO)/model.onnx --db $(DEMO)/labels.db
+	$(BIN)/modlabel report --db $(DEMO)/labels.db --out $(DEMO)/report
+	$(BIN)/modlabel query class-counts --db $(DEMO)/labels.db
+	@echo
+	@echo "database: $(DEMO)/labels.db"
+	@echo "report:   $(DEMO)/report/report.html"
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check modlabel train export tests benchmarks
+	$(BIN)/ruff format --check modlabel train export tests benchmarks
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

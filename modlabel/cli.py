@@ -1,0 +1,319 @@
+"""The ``modlabel`` command line: a thin face over modlabel's Python API.
+
+Each command turns its options into a call of a library function and prints
+the result. TensorFlow is imported only inside ``train``, ``evaluate`` and
+``export``; ``scan``, ``report``, ``query`` and ``explain`` never load it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import config
+from .errors import ModlabelError
+
+app = typer.Typer(
+    name="modlabel",
+    help="Label the modality of medical images with a CNN and explain every label "
+    "with a Class-selective Relevance Map (CRM).",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help=f"SQLAlchemy URL or SQLite file (default: ${config.DB_ENV}, "
+                 f"else ./{config.DEFAULT_DB_FILE}).", show_default=False),
+]
+
+
+def _fail(exc: ModlabelError) -> typer.Exit:
+    typer.secho(f"modlabel: error: {exc}", err=True, fg=typer.colors.RED)
+    return typer.Exit(exc.exit_code)
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the archive to.")],
+    per_class: Annotated[int, typer.Option("--per-class", min=1, help="Images per class.")] = 50,
+    size: Annotated[int, typer.Option("--size", min=32, help="Typical image side in pixels "
+                                      "(each image varies around it).")] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the "
+                                      "same archive.")] = 0,
+) -> None:
+    """Render a synthetic archive of the paper's seven modalities with ground-truth boxes.
+
+    Example: modlabel synth demo/archive --per-class 100 --size 256 --seed 0
+    """
+    from .synth import render_archive
+
+    summary = render_archive(out, per_class=per_class, size=size, seed=seed,
+                             progress=_interactive())
+    total = sum(summary.counts.values())
+    typer.echo(f"wrote {total} images in {len(summary.counts)} classes to {out}")
+    typer.echo(f"ground truth: {summary.ground_truth}")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="Folder-per-class archive, optionally with "
+                                         "train/ val/ test/ subfolders.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
+    backbone: Annotated[str, typer.Option(help="tiny, vgg16, inceptionv3 or xception.")] = "tiny",
+    input_size: Annotated[int, typer.Option("--input-size", min=32,
+                                            help="Square input side in pixels.")] = 300,
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping may "
+                                        "end sooner).")] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 10,
+    seed: Annotated[int, typer.Option(help="Seed for the split, initialization and "
+                                      "augmentation.")] = 0,
+    weights: Annotated[str, typer.Option(help="imagenet, none, or a local .h5 / .weights.h5 "
+                                         "file.")] = "none",
+    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 1e-3,
+    beta_1: Annotated[float, typer.Option("--beta-1", help="Adam's momentum.")] = 0.9,
+    l2: Annotated[float, typer.Option(help="L2 penalty on the added layers.")] = 1e-4,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 5,
+    search: Annotated[int, typer.Option(min=0, help="Randomized search trials before the "
+                                        "final training (0: none).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Resume from the run's last checkpoint.")] = False,
+) -> None:
+    """Train the paper's conv/GAP/dense head on a backbone (TensorFlow).
+
+    Example: modlabel train demo/archive --out demo/run --backbone tiny --input-size 128
+    """
+    try:
+        from train.fit import train_run
+
+        run_dir = train_run(
+            data, out, backbone=backbone, input_size=(input_size, input_size),
+            epochs=epochs, batch_size=batch_size, seed=seed, weights=weights,
+            learning_rate=learning_rate, beta_1=beta_1, l2=l2, patience=patience,
+            search=search, resume=resume, verbose=True,
+        )
+    except ModlabelError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"run written to {run_dir}")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `modlabel train`.")],
+    split: Annotated[str, typer.Option(help="Which split to evaluate on.")] = "test",
+) -> None:
+    """Compute the paper's Table 2 metrics on a run's test split (TensorFlow).
+
+    Example: modlabel evaluate demo/run
+    """
+    try:
+        from modlabel.metrics import format_metrics_table
+        from train.evaluate import evaluate_run
+
+        metrics = evaluate_run(run, split=split)
+    except ModlabelError as exc:
+        raise _fail(exc) from None
+    typer.echo(format_metrics_table(metrics))
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `modlabel train`.")],
+    out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+) -> None:
+    """Export a run to one self-contained ONNX file with outputs logits and activations.
+
+    Example: modlabel export demo/run --out demo/model.onnx
+    """
+    try:
+        from export.onnx_export import export_run
+
+        report = export_run(run, out, opset=opset)
+    except ModlabelError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"wrote {report.out_path} (opset {report.opset}); parity: max |Δlogits| "
+               f"{report.max_abs_logits_diff:.2e}, max rel. |Δactivations| "
+               f"{report.max_rel_activations_diff:.2e}")
+
+
+@app.command()
+def scan(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders to label.")],
+    model: Annotated[Path | None, typer.Option("--model", help="ONNX model (default: "
+                                               f"${config.MODEL_ENV}).")] = None,
+    db: DbOption = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = config.DEFAULT_BATCH_SIZE,
+    workers: Annotated[int, typer.Option(min=1, help="Decoding threads.")] = 2,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors "
+                                        "(the default when not on a terminal).")] = False,
+) -> None:
+    """Label every new or changed image under PATHS and store labels and CRMs.
+
+    Unchanged files (same size and mtime, or same content) are skipped, so a
+    nightly cron job only pays for what is new. Unreadable images become rows
+    with an error; the scan goes on.
+
+    Example: modlabel scan /archive --model model.onnx --db sqlite:///labels.db
+    """
+    from .model import OnnxModel
+    from .scan import scan_archive
+    from .store import open_db
+
+    logging.basicConfig(level=logging.ERROR, format="modlabel: %(message)s")
+    show = _interactive() and not quiet
+    model_path = config.resolve_model_path(model)
+    if model_path is None:
+        raise _fail(ModlabelError(f"no model: pass --model or set ${config.MODEL_ENV}"))
+    try:
+        onnx_model = OnnxModel(model_path)
+        engine = open_db(config.resolve_db_url(db))
+        bar = None
+        if show:
+            from tqdm import tqdm
+
+            bar = tqdm(unit="img", desc="scan", dynamic_ncols=True)
+        try:
+            stats = scan_archive([str(p) for p in paths], onnx_model, engine,
+                                 batch_size=batch_size, workers=workers,
+                                 on_progress=bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    except ModlabelError as exc:
+        raise _fail(exc) from None
+    for path, reason in stats.error_paths:
+        typer.echo(f"modlabel: {path}: {reason}", err=True)
+    if show:
+        typer.echo(f"{stats.seen} files: {stats.labeled} labeled, {stats.unchanged} unchanged, "
+                   f"{stats.errors} errors in {stats.seconds:.1f} s "
+                   f"({stats.images_per_second:.1f} images/s)")
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write report.html to.")],
+    db: DbOption = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model identity (or prefix) "
+                                              "to report on; default: the newest.")] = None,
+    examples: Annotated[int, typer.Option(min=0, help="Example images per class.")] = 4,
+) -> None:
+    """Write an HTML report: per class, the count, average CRM with its ROI box, examples.
+
+    Example: modlabel report --db labels.db --out report/
+    """
+    from .report import build_report
+    from .store import open_db
+
+    try:
+        url = config.resolve_db_url(db)
+        result = build_report(open_db(url), out, model_identity=model,
+                              examples_per_class=examples, db_label=url)
+    except ModlabelError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"report: {result.path} ({result.total_images} images, "
+               f"{len(result.classes)} classes, {result.errors} errors)")
+
+
+@app.command()
+def query(
+    name: Annotated[str | None, typer.Argument(help="A query of sql/ (e.g. by-label), or a "
+                                               ".sql file. Omit to list the queries.")] = None,
+    db: DbOption = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p",
+                                                    help="A query parameter, NAME=VALUE.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+) -> None:
+    """Run a retrieval query of sql/ against the labels, and print its rows.
+
+    Example: modlabel query by-label -p label=chest_xray -p min_confidence=0.9 --db labels.db
+    """
+    from .queries import list_queries, load_query, run_query
+    from .store import open_db
+
+    if name is None:
+        for q in list_queries():
+            params = " ".join(f"{p}=..." for p in q.parameters)
+            typer.echo(f"{q.name:<22} {q.description}" + (f"  [{params}]" if params else ""))
+        return
+    params: dict[str, str] = {}
+    for item in param or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise _fail(ModlabelError(f"--param takes NAME=VALUE, got {item!r}"))
+        params[key.strip()] = value
+    if fmt not in ("table", "csv", "json"):
+        raise _fail(ModlabelError(f"--format must be table, csv or json, not {fmt!r}"))
+    try:
+        columns, rows = run_query(open_db(config.resolve_db_url(db)), load_query(name), params)
+    except ModlabelError as exc:
+        raise _fail(exc) from None
+    typer.echo(_format_rows(columns, rows, fmt), nl=False)
+
+
+def _format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
+    import csv
+    import io
+    import json
+
+    if fmt == "json":
+        return json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str,
+                          indent=1) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return buf.getvalue()
+    cells = [[("" if v is None else str(v)) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    lines.append(f"({len(rows)} rows)")
+    return "\n".join(lines) + "\n"
+
+
+@app.command()
+def explain(
+    images: Annotated[list[Path], typer.Argument(help="Images to explain.")],
+    model: Annotated[Path | None, typer.Option("--model", help="ONNX model (default: "
+                                               f"${config.MODEL_ENV}).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the figures.")] = Path("explain"),
+) -> None:
+    """Label images and draw CAM, Grad-CAM and CRM side by side (paper Figure 5).
+
+    Example: modlabel explain scan.jpg --model model.onnx --out figures/
+    """
+    from .explain import explain_images
+    from .model import OnnxModel
+
+    model_path = config.resolve_model_path(model)
+    if model_path is None:
+        raise _fail(ModlabelError(f"no model: pass --model or set ${config.MODEL_ENV}"))
+    try:
+        results = explain_images([str(p) for p in images], OnnxModel(model_path), out)
+    except ModlabelError as exc:
+        raise _fail(exc) from None
+    failed = 0
+    for r in results:
+        if r.error:
+            failed += 1
+            typer.echo(f"modlabel: {r.path}: {r.error}", err=True)
+        else:
+            typer.echo(f"{r.path}\t{r.label}\t{r.confidence:.3f}\t{r.figure}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

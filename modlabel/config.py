@@ -1,0 +1,37 @@
+"""Configuration has one home: flags, then environment variables, then these defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DB_ENV = "MODLABEL_DB"
+MODEL_ENV = "MODLABEL_MODEL"
+DEFAULT_DB_FILE = "modlabel.db"
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_ROI_FRACTION = 0.7  # class-level ROI: area above 70% of the max (paper, Figure 9)
+DEFAULT_DISPLAY_FRACTION = 0.2  # heatmap display: values above 20% of the max (paper, 4.2)
+
+
+def sqlite_url(path: str | Path) -> str:
+    """The SQLAlchemy URL of a SQLite file."""
+    return f"sqlite:///{Path(path).expanduser().resolve()}"
+
+
+def resolve_db_url(flag: str | None) -> str:
+    """--db, else $MODLABEL_DB, else ./modlabel.db. A bare path means a SQLite file."""
+    value = flag or os.environ.get(DB_ENV) or DEFAULT_DB_FILE
+    if "://" not in value:
+        return sqlite_url(value)
+    if value.startswith("postgresql://") or value.startswith("postgres://"):
+        # Use psycopg 3, the driver modlabel depends on, rather than psycopg2.
+        value = "postgresql+psycopg://" + value.split("://", 1)[1]
+    return value
+
+
+def resolve_model_path(flag: Path | None) -> Path | None:
+    """--model, else $MODLABEL_MODEL."""
+    if flag is not None:
+        return flag
+    env = os.environ.get(MODEL_ENV)
+    return Path(env) if env else None

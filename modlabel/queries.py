@@ -1,0 +1,74 @@
+"""Query: the named retrieval queries of ``sql/``, run against the store.
+
+Each ``sql/NAME.sql`` file is one statement with ``:name`` parameters; its
+leading ``--`` comment lines are its description. ``modlabel query NAME`` runs
+it; the same files can be pasted into psql or sqlite3 as they are.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from .errors import ModlabelError
+
+_PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
+
+
+@dataclass(frozen=True)
+class NamedQuery:
+    name: str
+    sql: str
+    description: str
+
+    @property
+    def parameters(self) -> list[str]:
+        body = "\n".join(line for line in self.sql.splitlines()
+                         if not line.lstrip().startswith("--"))
+        return sorted(set(_PARAM.findall(body)))
+
+
+def query_dir() -> Path:
+    """Where the named queries live: ``sql/`` of a checkout, or ``modlabel/sql`` of a wheel."""
+    checkout = Path(__file__).resolve().parent.parent / "sql"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(resources.files("modlabel") / "sql"))
+
+
+def list_queries() -> list[NamedQuery]:
+    return [load_query(p.stem) for p in sorted(query_dir().glob("*.sql"))]
+
+
+def load_query(name_or_path: str) -> NamedQuery:
+    """A named query from ``sql/``, or any .sql file given by path."""
+    path = Path(name_or_path)
+    if path.suffix != ".sql" or not path.exists():
+        path = query_dir() / f"{name_or_path}.sql"
+    if not path.exists():
+        known = ", ".join(p.stem for p in sorted(query_dir().glob("*.sql")))
+        raise ModlabelError(f"no query named {name_or_path!r}; known: {known}")
+    sql = path.read_text(encoding="utf-8")
+    description = " ".join(line.lstrip("- ").strip() for line in sql.splitlines()
+                           if line.startswith("--"))
+    return NamedQuery(path.stem, sql, description)
+
+
+def run_query(engine: Engine, query: NamedQuery, params: dict[str, Any]
+              ) -> tuple[list[str], list[tuple]]:
+    """Run ``query`` with ``params``; returns (column names, rows)."""
+    missing = [p for p in query.parameters if p not in params]
+    if missing:
+        raise ModlabelError(f"query {query.name!r} needs parameters: "
+                            + ", ".join(f"--param {m}=..." for m in missing))
+    statement = sa.text(query.sql.strip().rstrip(";"))
+    with engine.connect() as conn:
+        result = conn.execute(statement, {k: v for k, v in params.items()
+                                          if k in query.parameters})
+        return list(result.keys()), [tuple(r) for r in result]

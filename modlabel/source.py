@@ -1,0 +1,68 @@
+"""Source: where the images of an archive come from.
+
+``walk_files`` streams the image files under a set of roots in a stable
+(sorted) order without ever listing a whole archive in memory: a directory's
+entries are sorted one directory at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .decode import is_image_path
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One candidate image: absolute path and its stat."""
+
+    path: str
+    size_bytes: int
+    mtime: float
+
+
+def walk_files(roots: Iterable[str | Path], *, follow_symlinks: bool = False
+               ) -> Iterator[FileEntry | tuple[str, str]]:
+    """Yield a ``FileEntry`` per image file under ``roots`` (files or directories).
+
+    A root or directory that cannot be read yields ``(path, reason)`` instead,
+    so that the caller can record it and go on. Hidden files and directories
+    (names starting with '.') are skipped.
+    """
+    for root in roots:
+        root_path = Path(root).expanduser().absolute()
+        if root_path.is_file():
+            entry = _entry(str(root_path), follow_symlinks)
+            yield entry if entry is not None else (str(root_path), "cannot stat file")
+        elif root_path.is_dir():
+            yield from _walk_dir(str(root_path), follow_symlinks)
+        else:
+            yield (str(root_path), "no such file or directory")
+
+
+def _walk_dir(top: str, follow_symlinks: bool) -> Iterator[FileEntry | tuple[str, str]]:
+    try:
+        with os.scandir(top) as it:
+            names = sorted((e.name, e.is_dir(follow_symlinks=follow_symlinks)) for e in it
+                           if not e.name.startswith("."))
+    except OSError as exc:
+        yield (top, f"cannot list directory: {exc.strerror or exc}")
+        return
+    for name, is_dir in names:
+        path = os.path.join(top, name)
+        if is_dir:
+            yield from _walk_dir(path, follow_symlinks)
+        elif is_image_path(name):
+            entry = _entry(path, follow_symlinks)
+            yield entry if entry is not None else (path, "cannot stat file (broken link?)")
+
+
+def _entry(path: str, follow_symlinks: bool) -> FileEntry | None:
+    try:
+        st = os.stat(path, follow_symlinks=follow_symlinks)
+    except OSError:
+        return None
+    return FileEntry(path=path, size_bytes=st.st_size, mtime=st.st_mtime)

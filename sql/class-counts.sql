@@ -1,0 +1,10 @@
+-- How many images each model put in each class, and how many it could not read.
+-- Parameters: none.
+SELECT m.identity AS model,
+       COALESCE(i.label, '(error)') AS label,
+       COUNT(*) AS images,
+       ROUND(CAST(AVG(i.confidence) AS NUMERIC), 4) AS mean_confidence
+FROM images i
+JOIN models m ON m.id = i.model_id
+GROUP BY m.identity, COALESCE(i.label, '(error)')
+ORDER BY m.identity, images DESC;

@@ -1,0 +1,9 @@
+-- The same image content stored under several paths (same SHA-256), with its labels.
+-- Parameters: none.
+SELECT i.sha256, COUNT(*) AS copies, MIN(i.path) AS first_path, MAX(i.path) AS last_path,
+       MIN(i.label) AS label
+FROM images i
+WHERE i.sha256 IS NOT NULL AND i.error IS NULL
+GROUP BY i.sha256
+HAVING COUNT(*) > 1
+ORDER BY copies DESC, first_path;

@@ -1,0 +1,10 @@
+-- Images that two models labeled differently (e.g. last month's model and tonight's).
+-- Parameters: model_a, model_b (identities, as listed by class-counts.sql).
+SELECT a.path, a.label AS label_a, a.confidence AS confidence_a,
+       b.label AS label_b, b.confidence AS confidence_b
+FROM images a
+JOIN models ma ON ma.id = a.model_id AND ma.identity = :model_a
+JOIN images b ON b.path = a.path
+JOIN models mb ON mb.id = b.model_id AND mb.identity = :model_b
+WHERE a.label <> b.label
+ORDER BY a.path;
