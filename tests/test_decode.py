@@ -1,0 +1,86 @@
+"""decode and source: every image mode to RGB, clear errors for bad files, stable walks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from modlabel import decode
+from modlabel.errors import ImageError
+from modlabel.source import FileEntry, walk_files
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "LA", "CMYK"])
+def test_every_mode_decodes_to_rgb(tmp_path, mode):
+    path = tmp_path / f"img.{'tiff' if mode in ('I;16', 'CMYK') else 'png'}"
+    Image.new(mode, (30, 20)).save(path)
+    pixels, original = decode.load_pixels(path, (16, 24))
+    assert pixels.shape == (16, 24, 3) and pixels.dtype == np.uint8
+    assert original == (30, 20)
+
+
+def test_sixteen_bit_images_are_stretched_not_clipped(tmp_path):
+    arr = np.linspace(1000, 3000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(arr).save(tmp_path / "ct.png")
+    pixels, _ = decode.load_pixels(tmp_path / "ct.png", (64, 64))
+    assert pixels.min() == 0 and pixels.max() == 255
+
+
+def test_resize_is_a_bilinear_stretch_of_the_whole_image(tmp_path):
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, 40:] = 255  # right half white
+    Image.fromarray(arr).save(tmp_path / "half.png")
+    pixels, original = decode.load_pixels(tmp_path / "half.png", (10, 10))
+    assert original == (80, 40)
+    assert pixels[:, :4].max() == 0 and pixels[:, 6:].min() == 255
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (b"", "not a recognized image format"),
+    (b"hello", "not a recognized image format"),
+])
+def test_bad_files_name_the_file_and_the_reason(tmp_path, content, reason):
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageError) as err:
+        decode.load_pixels(path, (8, 8))
+    assert str(path) in str(err.value) and reason in str(err.value)
+
+
+def test_truncated_jpeg_is_an_error(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
+        tmp_path / "ok.jpg")
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="cannot decode"):
+        decode.load_pixels(tmp_path / "cut.jpg", (8, 8))
+
+
+def test_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ImageError, match="file not found"):
+        decode.open_rgb(tmp_path / "nope.png")
+
+
+def test_huge_images_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(decode, "MAX_PIXELS", 100)
+    Image.new("L", (20, 20)).save(tmp_path / "big.png")
+    with pytest.raises(ImageError, match="too large"):
+        decode.open_rgb(tmp_path / "big.png")
+
+
+def test_normalize_applies_mean_and_std():
+    pixels = np.full((2, 2, 3), 100, np.uint8)
+    out = decode.normalize(pixels, (50, 100, 150), (2, 1, 10))
+    assert out.dtype == np.float32
+    assert np.allclose(out[0, 0], [25, 0, -5])
+
+
+def test_walk_is_sorted_skips_hidden_and_non_images_and_reports_missing_roots(tmp_path):
+    for rel in ["b/2.jpg", "b/1.PNG", "a/x.tif", ".hidden/h.jpg", "a/notes.txt", "a/.h.jpg"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    found = list(walk_files([tmp_path, tmp_path / "missing"]))
+    paths = [e.path for e in found if isinstance(e, FileEntry)]
+    assert paths == [str(tmp_path / p) for p in ["a/x.tif", "b/1.PNG", "b/2.jpg"]]
+    assert found[-1] == (str(tmp_path / "missing"), "no such file or directory")
