@@ -29,8 +29,12 @@ app = typer.Typer(
 
 DbOption = Annotated[
     str | None,
-    typer.Option("--db", help=f"SQLAlchemy URL or SQLite file (default: ${config.DB_ENV}, "
-                 f"else ./{config.DEFAULT_DB_FILE}).", show_default=False),
+    typer.Option(
+        "--db",
+        help=f"SQLAlchemy URL or SQLite file (default: ${config.DB_ENV}, "
+        f"else ./{config.DEFAULT_DB_FILE}).",
+        show_default=False,
+    ),
 ]
 
 
@@ -47,10 +51,15 @@ def _interactive() -> bool:
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the archive to.")],
     per_class: Annotated[int, typer.Option("--per-class", min=1, help="Images per class.")] = 50,
-    size: Annotated[int, typer.Option("--size", min=32, help="Typical image side in pixels "
-                                      "(each image varies around it).")] = 256,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the "
-                                      "same archive.")] = 0,
+    size: Annotated[
+        int,
+        typer.Option(
+            "--size", min=32, help="Typical image side in pixels (each image varies around it)."
+        ),
+    ] = 256,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Random seed; the same seed gives the same archive.")
+    ] = 0,
 ) -> None:
     """Render a synthetic archive of the paper's seven modalities with ground-truth boxes.
 
@@ -58,8 +67,9 @@ def synth(
     """
     from .synth import render_archive
 
-    summary = render_archive(out, per_class=per_class, size=size, seed=seed,
-                             progress=_interactive())
+    summary = render_archive(
+        out, per_class=per_class, size=size, seed=seed, progress=_interactive()
+    )
     total = sum(summary.counts.values())
     typer.echo(f"wrote {total} images in {len(summary.counts)} classes to {out}")
     typer.echo(f"ground truth: {summary.ground_truth}")
@@ -67,25 +77,35 @@ def synth(
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Argument(help="Folder-per-class archive, optionally with "
-                                         "train/ val/ test/ subfolders.")],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder-per-class archive, optionally with train/ val/ test/ subfolders."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
     backbone: Annotated[str, typer.Option(help="tiny, vgg16, inceptionv3 or xception.")] = "tiny",
-    input_size: Annotated[int, typer.Option("--input-size", min=32,
-                                            help="Square input side in pixels.")] = 300,
-    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping may "
-                                        "end sooner).")] = 20,
+    input_size: Annotated[
+        int, typer.Option("--input-size", min=32, help="Square input side in pixels.")
+    ] = 300,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Maximum epochs (early stopping may end sooner).")
+    ] = 20,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 10,
-    seed: Annotated[int, typer.Option(help="Seed for the split, initialization and "
-                                      "augmentation.")] = 0,
-    weights: Annotated[str, typer.Option(help="imagenet, none, or a local .h5 / .weights.h5 "
-                                         "file.")] = "none",
+    seed: Annotated[
+        int, typer.Option(help="Seed for the split, initialization and augmentation.")
+    ] = 0,
+    weights: Annotated[
+        str, typer.Option(help="imagenet, none, or a local .h5 / .weights.h5 file.")
+    ] = "none",
     learning_rate: Annotated[float, typer.Option("--learning-rate")] = 1e-3,
     beta_1: Annotated[float, typer.Option("--beta-1", help="Adam's momentum.")] = 0.9,
     l2: Annotated[float, typer.Option(help="L2 penalty on the added layers.")] = 1e-4,
     patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 5,
-    search: Annotated[int, typer.Option(min=0, help="Randomized search trials before the "
-                                        "final training (0: none).")] = 0,
+    search: Annotated[
+        int,
+        typer.Option(min=0, help="Randomized search trials before the final training (0: none)."),
+    ] = 0,
     resume: Annotated[bool, typer.Option(help="Resume from the run's last checkpoint.")] = False,
 ) -> None:
     """Train the paper's conv/GAP/dense head on a backbone (TensorFlow).
@@ -96,10 +116,21 @@ def train(
         from train.fit import train_run
 
         run_dir = train_run(
-            data, out, backbone=backbone, input_size=(input_size, input_size),
-            epochs=epochs, batch_size=batch_size, seed=seed, weights=weights,
-            learning_rate=learning_rate, beta_1=beta_1, l2=l2, patience=patience,
-            search=search, resume=resume, verbose=True,
+            data,
+            out,
+            backbone=backbone,
+            input_size=(input_size, input_size),
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            weights=weights,
+            learning_rate=learning_rate,
+            beta_1=beta_1,
+            l2=l2,
+            patience=patience,
+            search=search,
+            resume=resume,
+            verbose=True,
         )
     except ModlabelError as exc:
         raise _fail(exc) from None
@@ -141,21 +172,45 @@ def export(
         report = export_run(run, out, opset=opset)
     except ModlabelError as exc:
         raise _fail(exc) from None
-    typer.echo(f"wrote {report.out_path} (opset {report.opset}); parity: max |Δlogits| "
-               f"{report.max_abs_logits_diff:.2e}, max rel. |Δactivations| "
-               f"{report.max_rel_activations_diff:.2e}")
+    typer.echo(
+        f"wrote {report.out_path} (opset {report.opset}); parity: max |Δlogits| "
+        f"{report.max_abs_logits_diff:.2e}, max rel. |Δactivations| "
+        f"{report.max_rel_activations_diff:.2e}"
+    )
 
 
 @app.command()
 def scan(
-    paths: Annotated[list[Path], typer.Argument(help="Files or folders to label.")],
-    model: Annotated[Path | None, typer.Option("--model", help="ONNX model (default: "
-                                               f"${config.MODEL_ENV}).")] = None,
+    paths: Annotated[list[Path] | None, typer.Argument(help="Files or folders to label.")] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help=f"ONNX model (default: ${config.MODEL_ENV}).")
+    ] = None,
     db: DbOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = config.DEFAULT_BATCH_SIZE,
     workers: Annotated[int, typer.Option(min=1, help="Decoding threads.")] = 2,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors "
-                                        "(the default when not on a terminal).")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="Print nothing but errors (the default when not on a terminal)."
+        ),
+    ] = False,
+    table: Annotated[
+        str | None,
+        typer.Option(
+            "--table", help="Read the image paths from this database table instead of PATHS."
+        ),
+    ] = None,
+    path_column: Annotated[
+        str, typer.Option("--path-column", help="The --table column holding paths.")
+    ] = "path",
+    table_db: Annotated[
+        str | None,
+        typer.Option("--table-db", help="Database of --table (default: the --db database)."),
+    ] = None,
+    base_dir: Annotated[
+        Path | None,
+        typer.Option("--base-dir", help="Folder that relative paths of --table are relative to."),
+    ] = None,
 ) -> None:
     """Label every new or changed image under PATHS and store labels and CRMs.
 
@@ -164,9 +219,13 @@ def scan(
     with an error; the scan goes on.
 
     Example: modlabel scan /archive --model model.onnx --db sqlite:///labels.db
+
+    Or, for figures catalogued in a table:
+    modlabel scan --table figures --path-column file --base-dir /figures --model model.onnx
     """
     from .model import OnnxModel
     from .scan import scan_archive
+    from .source import table_files
     from .store import open_db
 
     logging.basicConfig(level=logging.ERROR, format="modlabel: %(message)s")
@@ -174,18 +233,32 @@ def scan(
     model_path = config.resolve_model_path(model)
     if model_path is None:
         raise _fail(ModlabelError(f"no model: pass --model or set ${config.MODEL_ENV}"))
+    if not paths and table is None:
+        raise _fail(ModlabelError("nothing to scan: give PATHS or --table"))
     try:
         onnx_model = OnnxModel(model_path)
-        engine = open_db(config.resolve_db_url(db))
+        url = config.resolve_db_url(db)
+        engine = open_db(url)
+        entries, roots = None, [str(p) for p in paths or []]
+        if table is not None:
+            source_url = config.resolve_db_url(table_db) if table_db else url
+            entries = table_files(source_url, table, path_column, base_dir=base_dir)
+            roots = [f"table:{table}.{path_column}"]
         bar = None
         if show:
             from tqdm import tqdm
 
             bar = tqdm(unit="img", desc="scan", dynamic_ncols=True)
         try:
-            stats = scan_archive([str(p) for p in paths], onnx_model, engine,
-                                 batch_size=batch_size, workers=workers,
-                                 on_progress=bar.update if bar else None)
+            stats = scan_archive(
+                roots,
+                onnx_model,
+                engine,
+                entries=entries,
+                batch_size=batch_size,
+                workers=workers,
+                on_progress=bar.update if bar else None,
+            )
         finally:
             if bar is not None:
                 bar.close()
@@ -194,17 +267,23 @@ def scan(
     for path, reason in stats.error_paths:
         typer.echo(f"modlabel: {path}: {reason}", err=True)
     if show:
-        typer.echo(f"{stats.seen} files: {stats.labeled} labeled, {stats.unchanged} unchanged, "
-                   f"{stats.errors} errors in {stats.seconds:.1f} s "
-                   f"({stats.images_per_second:.1f} images/s)")
+        typer.echo(
+            f"{stats.seen} files: {stats.labeled} labeled, {stats.unchanged} unchanged, "
+            f"{stats.errors} errors in {stats.seconds:.1f} s "
+            f"({stats.images_per_second:.1f} images/s)"
+        )
 
 
 @app.command()
 def report(
     out: Annotated[Path, typer.Option("--out", help="Folder to write report.html to.")],
     db: DbOption = None,
-    model: Annotated[str | None, typer.Option("--model", help="Model identity (or prefix) "
-                                              "to report on; default: the newest.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", help="Model identity (or prefix) to report on; default: the newest."
+        ),
+    ] = None,
     examples: Annotated[int, typer.Option(min=0, help="Example images per class.")] = 4,
 ) -> None:
     """Write an HTML report: per class, the count, average CRM with its ROI box, examples.
@@ -216,21 +295,29 @@ def report(
 
     try:
         url = config.resolve_db_url(db)
-        result = build_report(open_db(url), out, model_identity=model,
-                              examples_per_class=examples, db_label=url)
+        result = build_report(
+            open_db(url), out, model_identity=model, examples_per_class=examples, db_label=url
+        )
     except ModlabelError as exc:
         raise _fail(exc) from None
-    typer.echo(f"report: {result.path} ({result.total_images} images, "
-               f"{len(result.classes)} classes, {result.errors} errors)")
+    typer.echo(
+        f"report: {result.path} ({result.total_images} images, "
+        f"{len(result.classes)} classes, {result.errors} errors)"
+    )
 
 
 @app.command()
 def query(
-    name: Annotated[str | None, typer.Argument(help="A query of sql/ (e.g. by-label), or a "
-                                               ".sql file. Omit to list the queries.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="A query of sql/ (e.g. by-label), or a .sql file. Omit to list the queries."
+        ),
+    ] = None,
     db: DbOption = None,
-    param: Annotated[list[str] | None, typer.Option("--param", "-p",
-                                                    help="A query parameter, NAME=VALUE.")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="A query parameter, NAME=VALUE.")
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
 ) -> None:
     """Run a retrieval query of sql/ against the labels, and print its rows.
@@ -266,8 +353,10 @@ def _format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
     import json
 
     if fmt == "json":
-        return json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str,
-                          indent=1) + "\n"
+        return (
+            json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=1)
+            + "\n"
+        )
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf)
@@ -276,8 +365,10 @@ def _format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
         return buf.getvalue()
     cells = [[("" if v is None else str(v)) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
-             "  ".join("-" * w for w in widths)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
     lines.append(f"({len(rows)} rows)")
     return "\n".join(lines) + "\n"
@@ -286,8 +377,9 @@ def _format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
 @app.command()
 def explain(
     images: Annotated[list[Path], typer.Argument(help="Images to explain.")],
-    model: Annotated[Path | None, typer.Option("--model", help="ONNX model (default: "
-                                               f"${config.MODEL_ENV}).")] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help=f"ONNX model (default: ${config.MODEL_ENV}).")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the figures.")] = Path("explain"),
 ) -> None:
     """Label images and draw CAM, Grad-CAM and CRM side by side (paper Figure 5).

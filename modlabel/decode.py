@@ -26,9 +26,7 @@ from .errors import ImageError
 # down by one hostile file. 100 megapixels is far above any figure or slice.
 MAX_PIXELS = 100_000_000
 
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 
 def open_rgb(source: str | Path | bytes, *, name: str | None = None) -> Image.Image:
@@ -91,8 +89,9 @@ def resize_rgb(img: Image.Image, size: Sequence[int]) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_pixels(source: str | Path | bytes, size: Sequence[int], *, name: str | None = None
-                ) -> tuple[np.ndarray, tuple[int, int]]:
+def load_pixels(
+    source: str | Path | bytes, size: Sequence[int], *, name: str | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Open, convert and resample one image.
 
     Returns ((height, width, 3) uint8 pixels at the model's size,

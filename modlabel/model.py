@@ -136,8 +136,9 @@ def _cuda_usable() -> bool:
 class OnnxModel:
     """A loaded modlabel model: ``run`` gives (logits, activations) for a batch."""
 
-    def __init__(self, path: str | Path, *, providers: list[str] | None = None,
-                 threads: int = 0) -> None:
+    def __init__(
+        self, path: str | Path, *, providers: list[str] | None = None, threads: int = 0
+    ) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -158,13 +159,16 @@ class OnnxModel:
             raise ModelError(f"{self.path}: not a loadable ONNX model: {exc}") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
-            raise ModelError(f"{self.path}: ONNX file has no '{METADATA_KEY}' metadata; "
-                             "export it with `modlabel export`")
+            raise ModelError(
+                f"{self.path}: ONNX file has no '{METADATA_KEY}' metadata; "
+                "export it with `modlabel export`"
+            )
         self.info = ModelInfo.from_json(meta[METADATA_KEY])
         outputs = {o.name for o in self.session.get_outputs()}
         if not {LOGITS, ACTIVATIONS} <= outputs:
-            raise ModelError(f"{self.path}: outputs {sorted(outputs)} lack "
-                             f"'{LOGITS}' and '{ACTIVATIONS}'")
+            raise ModelError(
+                f"{self.path}: outputs {sorted(outputs)} lack '{LOGITS}' and '{ACTIVATIONS}'"
+            )
         self.input_name = self.session.get_inputs()[0].name
 
     @cached_property

@@ -29,8 +29,9 @@ class NamedQuery:
 
     @property
     def parameters(self) -> list[str]:
-        body = "\n".join(line for line in self.sql.splitlines()
-                         if not line.lstrip().startswith("--"))
+        body = "\n".join(
+            line for line in self.sql.splitlines() if not line.lstrip().startswith("--")
+        )
         return sorted(set(_PARAM.findall(body)))
 
 
@@ -55,20 +56,23 @@ def load_query(name_or_path: str) -> NamedQuery:
         known = ", ".join(p.stem for p in sorted(query_dir().glob("*.sql")))
         raise ModlabelError(f"no query named {name_or_path!r}; known: {known}")
     sql = path.read_text(encoding="utf-8")
-    description = " ".join(line.lstrip("- ").strip() for line in sql.splitlines()
-                           if line.startswith("--"))
+    description = " ".join(
+        line.lstrip("- ").strip() for line in sql.splitlines() if line.startswith("--")
+    )
     return NamedQuery(path.stem, sql, description)
 
 
-def run_query(engine: Engine, query: NamedQuery, params: dict[str, Any]
-              ) -> tuple[list[str], list[tuple]]:
+def run_query(
+    engine: Engine, query: NamedQuery, params: dict[str, Any]
+) -> tuple[list[str], list[tuple]]:
     """Run ``query`` with ``params``; returns (column names, rows)."""
     missing = [p for p in query.parameters if p not in params]
     if missing:
-        raise ModlabelError(f"query {query.name!r} needs parameters: "
-                            + ", ".join(f"--param {m}=..." for m in missing))
+        raise ModlabelError(
+            f"query {query.name!r} needs parameters: "
+            + ", ".join(f"--param {m}=..." for m in missing)
+        )
     statement = sa.text(query.sql.strip().rstrip(";"))
     with engine.connect() as conn:
-        result = conn.execute(statement, {k: v for k, v in params.items()
-                                          if k in query.parameters})
+        result = conn.execute(statement, {k: v for k, v in params.items() if k in query.parameters})
         return list(result.keys()), [tuple(r) for r in result]

@@ -62,8 +62,9 @@ def _png_b64(pixels: np.ndarray | Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _scale_box(box: tuple[int, int, int, int], map_shape: tuple[int, int],
-               size: tuple[int, int]) -> tuple[int, int, int, int]:
+def _scale_box(
+    box: tuple[int, int, int, int], map_shape: tuple[int, int], size: tuple[int, int]
+) -> tuple[int, int, int, int]:
     """A box in map cells to pixels of an image of ``size`` = (width, height)."""
     h, w = map_shape
     sx, sy = size[0] / w, size[1] / h
@@ -90,9 +91,15 @@ def example_png(path: str, crm_map: np.ndarray) -> str:
     return _png_b64(blended)
 
 
-def build_report(engine: Engine, out_dir: Path, *, model_identity: str | None = None,
-                 examples_per_class: int = 4, refresh: bool = True,
-                 db_label: str = "") -> ReportResult:
+def build_report(
+    engine: Engine,
+    out_dir: Path,
+    *,
+    model_identity: str | None = None,
+    examples_per_class: int = 4,
+    refresh: bool = True,
+    db_label: str = "",
+) -> ReportResult:
     """Write ``out_dir/report.html`` for one model (the newest by default)."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
@@ -109,10 +116,15 @@ def build_report(engine: Engine, out_dir: Path, *, model_identity: str | None = 
         average = codec.decode_map(row["crm"])
         box = tuple(row["roi_box"]) if row["roi_box"] else None
         view = ClassView(
-            name=name, count=counts.get(name, 0), roi_box=box,
+            name=name,
+            count=counts.get(name, 0),
+            roi_box=box,
             roi_box_pixels=_scale_box(box, average.shape, tuple(model_row.input_size[::-1]))
-            if box else None,
-            map_shape=average.shape, heatmap_png=class_heatmap_png(average, box))
+            if box
+            else None,
+            map_shape=average.shape,
+            heatmap_png=class_heatmap_png(average, box),
+        )
         for ex in store.example_rows(engine, model_row.id, name, examples_per_class):
             try:
                 png, note = example_png(ex["path"], codec.decode_map(ex["crm"])), ""
@@ -122,15 +134,20 @@ def build_report(engine: Engine, out_dir: Path, *, model_identity: str | None = 
         classes.append(view)
     errors = store.error_rows(engine, model_row.id)
     error_count = store.count_errors(engine, model_row.id)
-    env = Environment(loader=PackageLoader("modlabel", "templates"),
-                      autoescape=select_autoescape(["html", "j2"]))
+    env = Environment(
+        loader=PackageLoader("modlabel", "templates"), autoescape=select_autoescape(["html", "j2"])
+    )
     html = env.get_template("report.html.j2").render(
-        model=model_row, classes=classes, errors=errors, error_count=error_count,
+        model=model_row,
+        classes=classes,
+        errors=errors,
+        error_count=error_count,
         total=sum(counts.get(n, 0) for n in model_row.class_names),
         roi_percent=round(DEFAULT_ROI_FRACTION * 100),
         display_percent=round(DEFAULT_DISPLAY_FRACTION * 100),
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        version=__version__, db_label=db_label,
+        version=__version__,
+        db_label=db_label,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.html"

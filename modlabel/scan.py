@@ -74,27 +74,42 @@ def scan_archive(
     workers: int = 2,
     on_progress: Callable[[int], None] | None = None,
     aggregate: bool = True,
+    entries: Iterable[FileEntry | tuple[str, str]] | None = None,
 ) -> ScanStats:
     """Label every image under ``roots`` that the database lacks for ``model``.
 
-    Returns the counts; per-file errors are stored as rows and also listed in
-    ``ScanStats.error_paths`` (at most 1000 of them).
+    ``entries`` replaces the walk of ``roots`` by another source (for example
+    ``source.table_files``); ``roots`` then only names the source in the
+    ``scans`` table. Returns the counts; per-file errors are stored as rows and
+    also listed in ``ScanStats.error_paths`` (at most 1000 of them).
     """
     info = model.info
     model_id = store.ensure_model(
-        engine, identity=model.identity, sha256=model.sha256, backbone=info.backbone,
-        class_names=info.class_names, input_size=info.input_size,
-        activation_shape=info.activation_shape, path=str(model.path),
+        engine,
+        identity=model.identity,
+        sha256=model.sha256,
+        backbone=info.backbone,
+        class_names=info.class_names,
+        input_size=info.input_size,
+        activation_shape=info.activation_shape,
+        path=str(model.path),
     )
     scan_id = store.start_scan(engine, model_id, [str(r) for r in roots])
     stats = ScanStats()
     started = time.perf_counter()
     try:
-        changed = _changed_files(walk_files(roots), engine, model_id, stats, on_progress)
-        with ThreadPoolExecutor(max_workers=max(1, workers),
-                                thread_name_prefix="modlabel-decode") as pool:
-            prepared = _bounded_map(pool, lambda w: _prepare(w, info.input_size), changed,
-                                    window=max(2 * batch_size, 4 * workers))
+        changed = _changed_files(
+            walk_files(roots) if entries is None else entries, engine, model_id, stats, on_progress
+        )
+        with ThreadPoolExecutor(
+            max_workers=max(1, workers), thread_name_prefix="modlabel-decode"
+        ) as pool:
+            prepared = _bounded_map(
+                pool,
+                lambda w: _prepare(w, info.input_size),
+                changed,
+                window=max(2 * batch_size, 4 * workers),
+            )
             pending_touch: list[tuple[str, int, float]] = []
             for batch in _batches(prepared, pending_touch, batch_size):
                 store.touch_files(engine, model_id, pending_touch)
@@ -117,8 +132,14 @@ def scan_archive(
             _tick(on_progress, len(pending_touch))
     finally:
         stats.seconds = time.perf_counter() - started
-        store.finish_scan(engine, scan_id, seen=stats.seen, labeled=stats.labeled,
-                          unchanged=stats.unchanged, errors=stats.errors)
+        store.finish_scan(
+            engine,
+            scan_id,
+            seen=stats.seen,
+            labeled=stats.labeled,
+            unchanged=stats.unchanged,
+            errors=stats.errors,
+        )
     if aggregate and (stats.labeled or stats.errors):
         from .aggregate import update_class_maps
 
@@ -131,9 +152,13 @@ def _tick(on_progress: Callable[[int], None] | None, n: int) -> None:
         on_progress(n)
 
 
-def _changed_files(entries: Iterable[FileEntry | tuple[str, str]], engine: Engine,
-                   model_id: int, stats: ScanStats,
-                   on_progress: Callable[[int], None] | None) -> Iterator[_Work]:
+def _changed_files(
+    entries: Iterable[FileEntry | tuple[str, str]],
+    engine: Engine,
+    model_id: int,
+    stats: ScanStats,
+    on_progress: Callable[[int], None] | None,
+) -> Iterator[_Work]:
     """The files whose stat differs from the database's, looked up a chunk at a time."""
     iterator = iter(entries)
     while chunk := list(itertools.islice(iterator, LOOKUP_CHUNK)):
@@ -175,8 +200,9 @@ def _prepare(work: _Work, input_size: Sequence[int]) -> _Work:
     return work
 
 
-def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any],
-                 *, window: int) -> Iterator[Any]:
+def _bounded_map(
+    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], *, window: int
+) -> Iterator[Any]:
     """``pool.map`` in order, but with at most ``window`` items in flight (flat memory)."""
     queue: deque[Future] = deque()
     for item in items:
@@ -187,8 +213,9 @@ def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iter
         yield queue.popleft().result()
 
 
-def _batches(prepared: Iterable[_Work], touched: list[tuple[str, int, float]],
-             batch_size: int) -> Iterator[list[_Work]]:
+def _batches(
+    prepared: Iterable[_Work], touched: list[tuple[str, int, float]], batch_size: int
+) -> Iterator[list[_Work]]:
     """Group decoded files into model batches; unchanged-content files go to ``touched``."""
     batch: list[_Work] = []
     for work in prepared:
@@ -217,20 +244,38 @@ def label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any]
         names = info.class_names
         for work, p, crm_map in zip(ok, probs, crms, strict=True):
             top = int(np.argmax(p))
-            rows.append({
-                "path": work.entry.path, "size_bytes": work.entry.size_bytes,
-                "mtime": work.entry.mtime, "sha256": work.sha256,
-                "width": work.original_size[0], "height": work.original_size[1],
-                "label": names[top], "confidence": float(p[top]),
-                "probabilities": {n: float(v) for n, v in zip(names, p, strict=True)},
-                "crm": codec.encode_map(crm_map), "error": None, "labeled_at": now,
-            })
+            rows.append(
+                {
+                    "path": work.entry.path,
+                    "size_bytes": work.entry.size_bytes,
+                    "mtime": work.entry.mtime,
+                    "sha256": work.sha256,
+                    "width": work.original_size[0],
+                    "height": work.original_size[1],
+                    "label": names[top],
+                    "confidence": float(p[top]),
+                    "probabilities": {n: float(v) for n, v in zip(names, p, strict=True)},
+                    "crm": codec.encode_map(crm_map),
+                    "error": None,
+                    "labeled_at": now,
+                }
+            )
     for work in batch:
         if work.error is not None:
-            rows.append({
-                "path": work.entry.path, "size_bytes": work.entry.size_bytes,
-                "mtime": work.entry.mtime, "sha256": work.sha256, "width": None,
-                "height": None, "label": None, "confidence": None, "probabilities": None,
-                "crm": None, "error": work.error, "labeled_at": now,
-            })
+            rows.append(
+                {
+                    "path": work.entry.path,
+                    "size_bytes": work.entry.size_bytes,
+                    "mtime": work.entry.mtime,
+                    "sha256": work.sha256,
+                    "width": None,
+                    "height": None,
+                    "label": None,
+                    "confidence": None,
+                    "probabilities": None,
+                    "crm": None,
+                    "error": work.error,
+                    "labeled_at": now,
+                }
+            )
     return rows

@@ -24,8 +24,9 @@ class FileEntry:
     mtime: float
 
 
-def walk_files(roots: Iterable[str | Path], *, follow_symlinks: bool = False
-               ) -> Iterator[FileEntry | tuple[str, str]]:
+def walk_files(
+    roots: Iterable[str | Path], *, follow_symlinks: bool = False
+) -> Iterator[FileEntry | tuple[str, str]]:
     """Yield a ``FileEntry`` per image file under ``roots`` (files or directories).
 
     A root or directory that cannot be read yields ``(path, reason)`` instead,
@@ -46,8 +47,11 @@ def walk_files(roots: Iterable[str | Path], *, follow_symlinks: bool = False
 def _walk_dir(top: str, follow_symlinks: bool) -> Iterator[FileEntry | tuple[str, str]]:
     try:
         with os.scandir(top) as it:
-            names = sorted((e.name, e.is_dir(follow_symlinks=follow_symlinks)) for e in it
-                           if not e.name.startswith("."))
+            names = sorted(
+                (e.name, e.is_dir(follow_symlinks=follow_symlinks))
+                for e in it
+                if not e.name.startswith(".")
+            )
     except OSError as exc:
         yield (top, f"cannot list directory: {exc.strerror or exc}")
         return
@@ -66,3 +70,52 @@ def _entry(path: str, follow_symlinks: bool) -> FileEntry | None:
     except OSError:
         return None
     return FileEntry(path=path, size_bytes=st.st_size, mtime=st.st_mtime)
+
+
+def table_files(
+    url: str,
+    table: str,
+    column: str = "path",
+    *,
+    base_dir: str | Path | None = None,
+    chunk: int = 1000,
+) -> Iterator[FileEntry | tuple[str, str]]:
+    """Yield a ``FileEntry`` per path listed in ``table.column`` of a database.
+
+    For archives whose figures are catalogued in a database (a literature
+    index, a PACS export) rather than laid out in folders. Relative paths are
+    taken relative to ``base_dir``. Rows are streamed, ``chunk`` at a time,
+    in the table's path order.
+    """
+    import sqlalchemy as sa
+
+    from .errors import DatabaseError
+
+    engine = sa.create_engine(url)
+    try:
+        meta = sa.MetaData()
+        try:
+            source = sa.Table(table, meta, autoload_with=engine)
+        except sa.exc.NoSuchTableError:
+            raise DatabaseError(f"no table {table!r} in {engine.url!r}") from None
+        if column not in source.c:
+            raise DatabaseError(
+                f"table {table!r} has no column {column!r}; it has " + ", ".join(source.c.keys())
+            )
+        query = (
+            sa.select(source.c[column])
+            .where(source.c[column].is_not(None))
+            .order_by(source.c[column])
+            .execution_options(yield_per=chunk)
+        )
+        base = Path(base_dir).expanduser().absolute() if base_dir is not None else None
+        with engine.connect() as conn:
+            for (value,) in conn.execute(query):
+                path = Path(str(value)).expanduser()
+                if not path.is_absolute():
+                    path = (base or Path.cwd()) / path
+                path_str = str(path.absolute())
+                entry = _entry(path_str, True)
+                yield entry if entry is not None else (path_str, "no such file")
+    finally:
+        engine.dispose()

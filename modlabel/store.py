@@ -152,22 +152,37 @@ def upgrade_schema(engine: Engine) -> None:
 # -- models ----------------------------------------------------------------
 
 
-def ensure_model(engine: Engine, *, identity: str, sha256: str, backbone: str,
-                 class_names: Sequence[str], input_size: Sequence[int],
-                 activation_shape: Sequence[int], path: str) -> int:
+def ensure_model(
+    engine: Engine,
+    *,
+    identity: str,
+    sha256: str,
+    backbone: str,
+    class_names: Sequence[str],
+    input_size: Sequence[int],
+    activation_shape: Sequence[int],
+    path: str,
+) -> int:
     """The id of the model row for ``identity``, inserted on first use."""
     with engine.begin() as conn:
-        found = conn.execute(
-            sa.select(models.c.id).where(models.c.identity == identity)
-        ).scalar()
+        found = conn.execute(sa.select(models.c.id).where(models.c.identity == identity)).scalar()
         if found is not None:
             conn.execute(models.update().where(models.c.id == found).values(path=path))
             return int(found)
-        return int(conn.execute(models.insert().values(
-            identity=identity, sha256=sha256, backbone=backbone,
-            class_names=list(class_names), input_size=list(input_size),
-            activation_shape=list(activation_shape), path=path, created_at=utcnow(),
-        )).inserted_primary_key[0])
+        return int(
+            conn.execute(
+                models.insert().values(
+                    identity=identity,
+                    sha256=sha256,
+                    backbone=backbone,
+                    class_names=list(class_names),
+                    input_size=list(input_size),
+                    activation_shape=list(activation_shape),
+                    path=path,
+                    created_at=utcnow(),
+                )
+            ).inserted_primary_key[0]
+        )
 
 
 @dataclass(frozen=True)
@@ -183,8 +198,17 @@ class ModelRow:
 def list_models(engine: Engine) -> list[ModelRow]:
     with engine.connect() as conn:
         rows = conn.execute(sa.select(models).order_by(models.c.id)).mappings().all()
-    return [ModelRow(r["id"], r["identity"], r["backbone"], list(r["class_names"]),
-                     list(r["input_size"]), r["path"]) for r in rows]
+    return [
+        ModelRow(
+            r["id"],
+            r["identity"],
+            r["backbone"],
+            list(r["class_names"]),
+            list(r["input_size"]),
+            r["path"],
+        )
+        for r in rows
+    ]
 
 
 def pick_model(engine: Engine, identity: str | None = None) -> ModelRow:
@@ -216,10 +240,10 @@ def known_files(engine: Engine, model_id: int, paths: Sequence[str]) -> dict[str
     found: dict[str, KnownFile] = {}
     # Chunked so that the IN list stays within every backend's parameter limit.
     for start in range(0, len(paths), 500):
-        chunk = list(paths[start:start + 500])
-        query = sa.select(images.c.path, images.c.size_bytes, images.c.mtime,
-                          images.c.sha256).where(images.c.model_id == model_id,
-                                                 images.c.path.in_(chunk))
+        chunk = list(paths[start : start + 500])
+        query = sa.select(
+            images.c.path, images.c.size_bytes, images.c.mtime, images.c.sha256
+        ).where(images.c.model_id == model_id, images.c.path.in_(chunk))
         with engine.connect() as conn:
             for path, size, mtime, digest in conn.execute(query):
                 found[path] = KnownFile(int(size), float(mtime), digest)
@@ -233,8 +257,8 @@ def touch_files(engine: Engine, model_id: int, stats: Iterable[tuple[str, int, f
         return
     with engine.begin() as conn:
         conn.execute(
-            images.update().where(images.c.model_id == model_id,
-                                  images.c.path == sa.bindparam("p"))
+            images.update()
+            .where(images.c.model_id == model_id, images.c.path == sa.bindparam("p"))
             .values(size_bytes=sa.bindparam("s"), mtime=sa.bindparam("m")),
             [{"p": p, "s": s, "m": m} for p, s, m in stats],
         )
@@ -246,67 +270,105 @@ def write_image_rows(engine: Engine, model_id: int, rows: Sequence[dict[str, Any
         return
     paths = [r["path"] for r in rows]
     with engine.begin() as conn:
-        conn.execute(images.delete().where(images.c.model_id == model_id,
-                                           images.c.path.in_(paths)))
+        conn.execute(images.delete().where(images.c.model_id == model_id, images.c.path.in_(paths)))
         conn.execute(images.insert(), [{**r, "model_id": model_id} for r in rows])
 
 
-def iter_class_maps(engine: Engine, model_id: int, class_name: str,
-                    *, min_confidence: float = 0.0, chunk: int = 1000) -> Iterator[bytes]:
+def iter_class_maps(
+    engine: Engine,
+    model_id: int,
+    class_name: str,
+    *,
+    min_confidence: float = 0.0,
+    chunk: int = 1000,
+) -> Iterator[bytes]:
     """Stream the stored CRM blobs of the images labeled ``class_name``."""
-    query = (sa.select(images.c.crm)
-             .where(images.c.model_id == model_id, images.c.label == class_name,
-                    images.c.error.is_(None), images.c.crm.is_not(None),
-                    images.c.confidence >= min_confidence)
-             .order_by(images.c.id)
-             .execution_options(yield_per=chunk))
+    query = (
+        sa.select(images.c.crm)
+        .where(
+            images.c.model_id == model_id,
+            images.c.label == class_name,
+            images.c.error.is_(None),
+            images.c.crm.is_not(None),
+            images.c.confidence >= min_confidence,
+        )
+        .order_by(images.c.id)
+        .execution_options(yield_per=chunk)
+    )
     with engine.connect() as conn:
         for (blob,) in conn.execute(query):
             yield bytes(blob)
 
 
 def class_counts(engine: Engine, model_id: int) -> dict[str, int]:
-    query = (sa.select(images.c.label, sa.func.count())
-             .where(images.c.model_id == model_id, images.c.error.is_(None))
-             .group_by(images.c.label))
+    query = (
+        sa.select(images.c.label, sa.func.count())
+        .where(images.c.model_id == model_id, images.c.error.is_(None))
+        .group_by(images.c.label)
+    )
     with engine.connect() as conn:
         return {label: int(n) for label, n in conn.execute(query)}
 
 
 def error_rows(engine: Engine, model_id: int, limit: int = 100) -> list[tuple[str, str]]:
-    query = (sa.select(images.c.path, images.c.error)
-             .where(images.c.model_id == model_id, images.c.error.is_not(None))
-             .order_by(images.c.path).limit(limit))
+    query = (
+        sa.select(images.c.path, images.c.error)
+        .where(images.c.model_id == model_id, images.c.error.is_not(None))
+        .order_by(images.c.path)
+        .limit(limit)
+    )
     with engine.connect() as conn:
         return [(p, e) for p, e in conn.execute(query)]
 
 
-def example_rows(engine: Engine, model_id: int, class_name: str, limit: int
-                 ) -> list[dict[str, Any]]:
+def example_rows(
+    engine: Engine, model_id: int, class_name: str, limit: int
+) -> list[dict[str, Any]]:
     """The most confident images of a class, for the report."""
-    query = (sa.select(images.c.path, images.c.confidence, images.c.crm,
-                       images.c.width, images.c.height)
-             .where(images.c.model_id == model_id, images.c.label == class_name,
-                    images.c.error.is_(None))
-             .order_by(images.c.confidence.desc(), images.c.path).limit(limit))
+    query = (
+        sa.select(images.c.path, images.c.confidence, images.c.crm, images.c.width, images.c.height)
+        .where(
+            images.c.model_id == model_id, images.c.label == class_name, images.c.error.is_(None)
+        )
+        .order_by(images.c.confidence.desc(), images.c.path)
+        .limit(limit)
+    )
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(query).mappings()]
 
 
-def save_class_map(engine: Engine, model_id: int, class_name: str, image_count: int,
-                   crm_blob: bytes, roi_box: Sequence[int] | None) -> None:
+def save_class_map(
+    engine: Engine,
+    model_id: int,
+    class_name: str,
+    image_count: int,
+    crm_blob: bytes,
+    roi_box: Sequence[int] | None,
+) -> None:
     with engine.begin() as conn:
-        conn.execute(class_maps.delete().where(class_maps.c.model_id == model_id,
-                                               class_maps.c.class_name == class_name))
-        conn.execute(class_maps.insert().values(
-            model_id=model_id, class_name=class_name, image_count=image_count,
-            crm=crm_blob, roi_box=list(roi_box) if roi_box is not None else [],
-            updated_at=utcnow()))
+        conn.execute(
+            class_maps.delete().where(
+                class_maps.c.model_id == model_id, class_maps.c.class_name == class_name
+            )
+        )
+        conn.execute(
+            class_maps.insert().values(
+                model_id=model_id,
+                class_name=class_name,
+                image_count=image_count,
+                crm=crm_blob,
+                roi_box=list(roi_box) if roi_box is not None else [],
+                updated_at=utcnow(),
+            )
+        )
 
 
 def load_class_maps(engine: Engine, model_id: int) -> list[dict[str, Any]]:
-    query = (sa.select(class_maps).where(class_maps.c.model_id == model_id)
-             .order_by(class_maps.c.class_name))
+    query = (
+        sa.select(class_maps)
+        .where(class_maps.c.model_id == model_id)
+        .order_by(class_maps.c.class_name)
+    )
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(query).mappings()]
 
@@ -316,17 +378,32 @@ def load_class_maps(engine: Engine, model_id: int) -> list[dict[str, Any]]:
 
 def start_scan(engine: Engine, model_id: int, roots: Sequence[str]) -> int:
     with engine.begin() as conn:
-        return int(conn.execute(scans.insert().values(
-            model_id=model_id, roots=list(roots), started_at=utcnow(),
-            seen=0, labeled=0, unchanged=0, errors=0)).inserted_primary_key[0])
+        return int(
+            conn.execute(
+                scans.insert().values(
+                    model_id=model_id,
+                    roots=list(roots),
+                    started_at=utcnow(),
+                    seen=0,
+                    labeled=0,
+                    unchanged=0,
+                    errors=0,
+                )
+            ).inserted_primary_key[0]
+        )
 
 
-def finish_scan(engine: Engine, scan_id: int, *, seen: int, labeled: int, unchanged: int,
-                errors: int) -> None:
+def finish_scan(
+    engine: Engine, scan_id: int, *, seen: int, labeled: int, unchanged: int, errors: int
+) -> None:
     with engine.begin() as conn:
-        conn.execute(scans.update().where(scans.c.id == scan_id).values(
-            finished_at=utcnow(), seen=seen, labeled=labeled, unchanged=unchanged,
-            errors=errors))
+        conn.execute(
+            scans.update()
+            .where(scans.c.id == scan_id)
+            .values(
+                finished_at=utcnow(), seen=seen, labeled=labeled, unchanged=unchanged, errors=errors
+            )
+        )
 
 
 def to_json(value: Any) -> str:
@@ -334,7 +411,10 @@ def to_json(value: Any) -> str:
 
 
 def count_errors(engine: Engine, model_id: int) -> int:
-    query = (sa.select(sa.func.count()).select_from(images)
-             .where(images.c.model_id == model_id, images.c.error.is_not(None)))
+    query = (
+        sa.select(sa.func.count())
+        .select_from(images)
+        .where(images.c.model_id == model_id, images.c.error.is_not(None))
+    )
     with engine.connect() as conn:
         return int(conn.execute(query).scalar() or 0)

@@ -36,10 +36,13 @@ def test_resize_is_a_bilinear_stretch_of_the_whole_image(tmp_path):
     assert pixels[:, :4].max() == 0 and pixels[:, 6:].min() == 255
 
 
-@pytest.mark.parametrize(("content", "reason"), [
-    (b"", "not a recognized image format"),
-    (b"hello", "not a recognized image format"),
-])
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "not a recognized image format"),
+        (b"hello", "not a recognized image format"),
+    ],
+)
 def test_bad_files_name_the_file_and_the_reason(tmp_path, content, reason):
     path = tmp_path / "bad.jpg"
     path.write_bytes(content)
@@ -50,7 +53,8 @@ def test_bad_files_name_the_file_and_the_reason(tmp_path, content, reason):
 
 def test_truncated_jpeg_is_an_error(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
-        tmp_path / "ok.jpg")
+        tmp_path / "ok.jpg"
+    )
     data = (tmp_path / "ok.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageError, match="cannot decode"):

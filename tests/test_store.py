@@ -28,14 +28,31 @@ def test_migrations_match_the_tables_on_postgresql(postgres_url):
 def test_opening_twice_keeps_data(tmp_path):
     url = sqlite_url(tmp_path / "b.db")
     engine = store.open_db(url)
-    model_id = store.ensure_model(engine, identity="tiny-abc", sha256="0" * 64,
-                                  backbone="tiny", class_names=["a", "b"], input_size=[8, 8],
-                                  activation_shape=[2, 2, 4], path="m.onnx")
+    model_id = store.ensure_model(
+        engine,
+        identity="tiny-abc",
+        sha256="0" * 64,
+        backbone="tiny",
+        class_names=["a", "b"],
+        input_size=[8, 8],
+        activation_shape=[2, 2, 4],
+        path="m.onnx",
+    )
     engine.dispose()
     again = store.open_db(url)
-    assert store.ensure_model(again, identity="tiny-abc", sha256="0" * 64, backbone="tiny",
-                              class_names=["a", "b"], input_size=[8, 8],
-                              activation_shape=[2, 2, 4], path="m.onnx") == model_id
+    assert (
+        store.ensure_model(
+            again,
+            identity="tiny-abc",
+            sha256="0" * 64,
+            backbone="tiny",
+            class_names=["a", "b"],
+            input_size=[8, 8],
+            activation_shape=[2, 2, 4],
+            path="m.onnx",
+        )
+        == model_id
+    )
     assert store.pick_model(again).identity == "tiny-abc"
     assert store.pick_model(again, "tiny").id == model_id
 

@@ -1,0 +1,129 @@
+"""The CLI end to end on a tiny archive: synth, scan, report, query, explain and errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from modlabel.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_synth_writes_an_archive(tmp_path):
+    result = invoke("synth", tmp_path / "a", "--per-class", 2, "--size", 64, "--seed", 3)
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "a").rglob("*.jpg"))) == 14
+    lines = (tmp_path / "a" / "ground_truth.jsonl").read_text().splitlines()
+    assert len(lines) == 14 and all(json.loads(line)["boxes"] for line in lines)
+
+
+def test_scan_report_and_query(tiny_archive, tiny_onnx, tmp_path):
+    archive = tmp_path / "archive"
+    shutil.copytree(tiny_archive, archive)
+    (archive / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    db = tmp_path / "labels.db"
+    result = invoke("scan", archive, "--model", tiny_onnx, "--db", db)
+    assert result.exit_code == 0, result.output
+    assert "broken.jpg" in result.output and "cannot decode" in result.output
+
+    result = invoke("report", "--db", db, "--out", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "data:image/png;base64," in html and "broken.jpg" in html
+    assert "class-level ROI" in html.lower() or "Class-level ROI" in html
+
+    result = invoke("query", "class-counts", "--db", db, "--format", "json")
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.output)
+    assert sum(r["images"] for r in counts) == len(list(archive.rglob("*.jpg")))
+    assert any(r["label"] == "(error)" and r["images"] == 1 for r in counts)
+
+    result = invoke("query", "by-label", "--db", db)
+    assert result.exit_code != 0 and "--param label=..." in result.output
+
+    label = next(r["label"] for r in counts if r["label"] != "(error)")
+    result = invoke(
+        "query",
+        "by-label",
+        "-p",
+        f"label={label}",
+        "-p",
+        "min_confidence=0",
+        "--db",
+        db,
+        "--format",
+        "csv",
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith("path,confidence")
+
+
+def test_scan_with_postgresql_url(tiny_archive, tiny_onnx, postgres_url):
+    result = invoke("scan", tiny_archive, "--model", tiny_onnx, "--db", postgres_url)
+    assert result.exit_code == 0, result.output
+    result = invoke("query", "scans", "--db", postgres_url, "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)[0]["seen"] >= 1
+
+
+def test_scan_errors_are_clean_messages(tmp_path, tiny_archive):
+    bogus = tmp_path / "model.onnx"
+    bogus.write_bytes(b"not onnx")
+    result = invoke("scan", tiny_archive, "--model", bogus, "--db", tmp_path / "x.db")
+    assert result.exit_code == 1
+    assert "not a loadable ONNX model" in result.output and "Traceback" not in result.output
+    result = invoke("scan", tiny_archive, "--model", tmp_path / "missing.onnx")
+    assert result.exit_code == 1 and "cannot read model" in result.output
+
+
+def test_explain_writes_figures(tiny_archive, tiny_onnx, tmp_path):
+    image = sorted(Path(tiny_archive).rglob("*.jpg"))[0]
+    result = invoke("explain", image, "--model", tiny_onnx, "--out", tmp_path / "fig")
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "fig").glob("*.png"))) == 1
+
+
+def test_scan_reads_paths_from_a_table_of_figures(tiny_archive, tiny_onnx, tmp_path):
+    import sqlalchemy as sa
+
+    figures = sorted(Path(tiny_archive).rglob("*.jpg"))[:5]
+    catalogue = tmp_path / "catalogue.db"
+    engine = sa.create_engine(f"sqlite:///{catalogue}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE figures (id INTEGER PRIMARY KEY, file TEXT)"))
+        rows = [{"f": str(p.relative_to(tiny_archive))} for p in figures] + [{"f": "gone.jpg"}]
+        conn.execute(sa.text("INSERT INTO figures (file) VALUES (:f)"), rows)
+    db = tmp_path / "labels.db"
+    result = invoke(
+        "scan",
+        "--table",
+        "figures",
+        "--path-column",
+        "file",
+        "--table-db",
+        catalogue,
+        "--base-dir",
+        tiny_archive,
+        "--model",
+        tiny_onnx,
+        "--db",
+        db,
+    )
+    assert result.exit_code == 0, result.output
+    assert "gone.jpg: no such file" in result.output
+    result = invoke("query", "class-counts", "--db", db, "--format", "json")
+    counts = json.loads(result.output)
+    assert sum(r["images"] for r in counts if r["label"] != "(error)") == 5
+
+    result = invoke(
+        "scan", "--table", "nope", "--table-db", catalogue, "--model", tiny_onnx, "--db", db
+    )
+    assert result.exit_code == 1 and "no table 'nope'" in result.output
