@@ -241,8 +241,9 @@ def label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any]
         probs = softmax(logits.astype(np.float64))
         info = model.info
         crms = maps.crm(activations, info.head_weights, info.head_bias, pooling=info.pooling)
+        blobs = codec.encode_maps(crms)
         names = info.class_names
-        for work, p, crm_map in zip(ok, probs, crms, strict=True):
+        for work, p, blob in zip(ok, probs, blobs, strict=True):
             top = int(np.argmax(p))
             rows.append(
                 {
@@ -255,7 +256,7 @@ def label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any]
                     "label": names[top],
                     "confidence": float(p[top]),
                     "probabilities": {n: float(v) for n, v in zip(names, p, strict=True)},
-                    "crm": codec.encode_map(crm_map),
+                    "crm": blob,
                     "error": None,
                     "labeled_at": now,
                 }

@@ -1,0 +1,151 @@
+"""explain: a Figure-5-style PNG per image from a real ONNX model, errors per file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from modlabel import maps, overlay
+from modlabel.decode import load_pixels
+from modlabel.explain import explain_images
+from modlabel.model import ModelInfo, OnnxModel
+
+CLASSES = ["ct", "mri", "xray"]
+INPUT = (48, 48)
+
+
+def build_onnx(path: Path) -> Path:
+    """A small conv -> crm_conv -> GAP -> Dense model, exported to modlabel's
+    ONNX contract (outputs "logits" and "activations", "modlabel" metadata)."""
+    tf = pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    tf2onnx = pytest.importorskip("tf2onnx")
+    import onnx
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((*INPUT, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(inp)
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(x)
+    acts = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="crm_conv")(x)
+    pooled = keras.layers.GlobalAveragePooling2D()(acts)
+    dense = keras.layers.Dense(len(CLASSES), bias_initializer="random_normal")
+    net = keras.Model(inp, [dense(pooled), acts])
+
+    spec = [tf.TensorSpec((None, *INPUT, 3), tf.float32, name="image")]
+
+    @tf.function(input_signature=spec)
+    def serve(image):
+        logits, activations = net(image)
+        return {"logits": logits, "activations": activations}
+
+    proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=17)
+    weights, bias = (v.numpy() for v in dense.weights)
+    info = ModelInfo(
+        class_names=CLASSES,
+        input_size=INPUT,
+        mean=(127.5,) * 3,
+        std=(64.0,) * 3,
+        head_weights=weights,
+        head_bias=bias,
+        backbone="test",
+        cut_layer="crm_conv",
+        activation_shape=(12, 12, 32),
+    )
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "modlabel", info.to_json()
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> OnnxModel:
+    return OnnxModel(build_onnx(tmp_path_factory.mktemp("model") / "explain.onnx"))
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    wide = tmp_path / "wide.png"
+    Image.fromarray(rng.integers(0, 255, (90, 210, 3), dtype=np.uint8)).save(wide)
+    gray = tmp_path / "gray.jpg"
+    Image.fromarray(rng.integers(0, 255, (120, 80), dtype=np.uint8), "L").save(gray)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    other = tmp_path / "sub"
+    other.mkdir()
+    twin = other / "wide.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(twin)
+    return [wide, broken, gray, tmp_path / "missing.jpg", twin]
+
+
+def test_explain_writes_one_figure_per_readable_image(model, images, tmp_path):
+    out = tmp_path / "figures"
+    results = explain_images([str(p) for p in images], model, out)
+    assert [r.path for r in results] == [str(p) for p in images]
+
+    good = [results[i] for i in (0, 2, 4)]
+    for r in good:
+        assert r.error is None
+        assert r.label in CLASSES and 0 < r.confidence <= 1
+        assert r.figure.parent == out and r.figure.exists()
+        with Image.open(r.figure) as fig:
+            assert fig.format == "PNG" and fig.width > 2 * fig.height
+        assert set(r.roi) == {"cam", "gradcam", "crm"}
+    assert len({r.figure for r in good}) == 3  # same stem, different files
+
+    # the label is the model's on exactly the pixels scan would feed it
+    pixels, _ = load_pixels(images[0], INPUT)
+    logits, acts = model.run(model.preprocess(pixels[None]))
+    assert results[0].class_index == int(np.argmax(logits))
+    expected = maps.crm(acts, model.info.head_weights, model.info.head_bias)[0]
+    assert results[0].roi["crm"] == maps.roi_stats(expected, INPUT)
+
+    broken, missing = results[1], results[3]
+    assert broken.figure is None and broken.label is None and "cannot decode" in broken.error
+    assert missing.error == "file not found"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gray.explain.png",
+        "wide-2.explain.png",
+        "wide.explain.png",
+    ]
+
+
+def test_explain_more_methods_and_batches(model, images, tmp_path):
+    good = [images[0], images[2], images[4]]
+    results = explain_images(good, model, tmp_path, methods=list(maps.METHODS), batch_size=2)
+    assert all(r.error is None for r in results)
+    assert set(results[0].roi) == set(maps.METHODS)
+    with pytest.raises(ValueError, match="unknown map methods"):
+        explain_images(good, model, tmp_path, methods=["saliency"])
+
+
+def test_overlay_lines_up_and_keeps_the_image_below_threshold():
+    image = np.full((60, 150, 3), 100, np.uint8)
+    m = np.zeros((3, 5), np.float32)
+    m[2, 4] = 1.0  # bottom-right cell
+    blended = overlay.overlay(image, m)
+    assert blended.shape == image.shape and blended.dtype == np.uint8
+    changed = np.any(blended != image, axis=2)
+    ys, xs = np.nonzero(changed)
+    assert ys.min() >= 40 - 10 and xs.min() >= 120 - 30  # near the cell, bilinear edge
+    np.testing.assert_array_equal(blended[:30, :90], image[:30, :90])
+    heat = overlay.heatmap_rgb(m)
+    assert heat.shape == (3, 5, 3) and heat.dtype == np.uint8
+    np.testing.assert_array_equal(heat[2, 4], overlay._lookup_table("jet")[255])
+    with pytest.raises(ValueError, match="colormap"):
+        overlay.heatmap_rgb(m, "no-such-map")
+
+
+def test_class_overlay_draws_roi_box():
+    avg = np.zeros((18, 18), np.float32)
+    avg[3:6, 10:15] = 1.0
+    img = overlay.class_overlay(avg, (180, 180))
+    assert img.shape == (180, 180, 3)
+    white = np.all(img == 255, axis=2)
+    ys, xs = np.nonzero(white)
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (100, 30, 150, 60)
+    bg = np.full((40, 70, 3), 128, np.uint8)
+    assert overlay.class_overlay(avg, (90, 120), background=bg).shape == (90, 120, 3)

@@ -1,0 +1,263 @@
+"""Maps: closed forms against brute force, thresholds, boxes, averages, geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from modlabel import maps
+from modlabel.decode import resize_rgb
+
+H, W, K, C = 6, 9, 32, 5  # non-square on purpose
+
+
+@pytest.fixture
+def head():
+    rng = np.random.default_rng(7)
+    acts = np.maximum(rng.normal(size=(3, H, W, K)), 0).astype(np.float32)
+    weights = (rng.normal(size=(K, C)) * 0.3).astype(np.float32)
+    bias = rng.normal(size=C).astype(np.float32)
+    return acts, weights, bias
+
+
+def reference_scores(acts, weights, bias, pooling):
+    """The head as a model computes it: pool, then dense (float64)."""
+    pooled = acts.astype(np.float64).sum(axis=(1, 2))
+    if pooling == "mean":
+        pooled = pooled / (acts.shape[1] * acts.shape[2])
+    return pooled @ weights.astype(np.float64) + bias.astype(np.float64)
+
+
+def softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def brute_force(acts, weights, bias, pooling, relevance):
+    """Remove each spatial element (zero f_k(l, m) for all k), re-run the head,
+    and score the change with ``relevance(full_scores, removed_scores) -> (N,)``."""
+    full = reference_scores(acts, weights, bias, pooling)
+    out = np.zeros(acts.shape[:3])
+    for row in range(acts.shape[1]):
+        for col in range(acts.shape[2]):
+            removed = acts.copy()
+            removed[:, row, col, :] = 0
+            out[:, row, col] = relevance(full, reference_scores(removed, weights, bias, pooling))
+    return out
+
+
+def crm_relevance(full, removed):
+    return ((full - removed) ** 2).sum(axis=-1)  # Eq. 7
+
+
+def output_relevance(full, removed):
+    target = np.eye(full.shape[1])[np.argmax(full, axis=1)]  # one-hot, predicted class
+    return ((target - softmax(removed)) ** 2).sum(-1) - ((target - softmax(full)) ** 2).sum(-1)
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    """Relative to each map's largest magnitude."""
+    scale = np.abs(expected).max(axis=(1, 2), keepdims=True)
+    assert np.all(np.abs(actual - expected) <= rtol * scale), np.abs(actual - expected).max()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+def test_crm_closed_form_equals_brute_force(head, pooling):
+    acts, weights, bias = head
+    expected = brute_force(acts, weights, bias, pooling, crm_relevance)
+    got = maps.crm(acts, weights, bias, pooling=pooling)
+    assert got.shape == (3, H, W) and got.dtype == np.float32
+    assert_close(got, expected)
+
+
+def test_crm_pooling_conventions_differ_by_constant(head):
+    acts, weights, bias = head
+    mean = maps.crm(acts, weights, bias, pooling="mean")
+    summed = maps.crm(acts, weights, None, pooling="sum")  # the authors' code: no bias
+    np.testing.assert_allclose(summed, mean * (H * W) ** 2, rtol=1e-5)
+    np.testing.assert_array_equal(maps.roi_mask(summed), maps.roi_mask(mean))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+def test_crm_output_closed_form_equals_brute_force(head, pooling):
+    acts, weights, bias = head
+    if pooling == "sum":
+        weights = weights / (H * W)  # keep the softmax away from saturation
+    expected = brute_force(acts, weights, bias, pooling, output_relevance)
+    got = maps.crm_output(acts, weights, bias, pooling=pooling)
+    assert got.shape == (3, H, W) and got.dtype == np.float32
+    assert np.abs(expected).max() > 1e-4  # the test is not vacuous
+    assert_close(got, expected)
+
+
+def test_crm_output_uses_given_class(head):
+    acts, weights, bias = head
+    predicted = np.argmax(reference_scores(acts, weights, bias, "mean"), axis=1)
+    other = (predicted + 1) % C
+    default = maps.crm_output(acts, weights, bias)
+    np.testing.assert_array_equal(default, maps.crm_output(acts, weights, bias, predicted))
+    assert not np.allclose(default, maps.crm_output(acts, weights, bias, other))
+
+
+def test_cam_sums_to_score_and_defaults_to_predicted_class(head):
+    acts, weights, bias = head
+    scores = reference_scores(acts, weights, bias, "mean")
+    predicted = np.argmax(scores, axis=1)
+    m = maps.cam(acts, weights, logits=scores)
+    assert m.shape == (3, H, W) and m.dtype == np.float32
+    # Eq. 1: the score is the pooled CAM plus the bias.
+    np.testing.assert_allclose(
+        m.mean(axis=(1, 2)) + bias[predicted], scores[np.arange(3), predicted], rtol=1e-5
+    )
+    np.testing.assert_array_equal(m, maps.cam(acts, weights, bias=bias))
+    np.testing.assert_array_equal(m, maps.cam(acts, weights, predicted))
+    for c in range(C):
+        expected = np.einsum("nhwk,k->nhw", acts.astype(np.float64), weights[:, c])
+        np.testing.assert_allclose(maps.cam(acts, weights, c), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcam_is_relu_of_cam_for_a_gap_head(head):
+    acts, weights, bias = head
+    c = [0, 3, 4]
+    cam = maps.cam(acts, weights, c)
+    np.testing.assert_array_equal(maps.gradcam(acts, weights, c), np.maximum(cam, 0))
+    assert_close(maps.gradcam(acts, weights, c, gradient="mean"), np.maximum(cam, 0) / (H * W))
+    assert_close(maps.gradcam(acts, weights, c, pooling="sum"), np.maximum(cam, 0) * (H * W))
+
+
+def test_cam_squared_is_cam_squared(head):
+    acts, weights, bias = head
+    cam = maps.cam(acts, weights, bias=bias)
+    np.testing.assert_allclose(maps.cam_squared(acts, weights, bias=bias), cam**2, rtol=1e-6)
+
+
+def test_compute_maps_shares_the_predicted_class(head):
+    acts, weights, bias = head
+    scores = reference_scores(acts, weights, bias, "mean")
+    out = maps.compute_maps(acts, weights, bias, logits=scores)
+    assert set(out) == set(maps.METHODS)
+    np.testing.assert_array_equal(out["cam"], maps.cam(acts, weights, logits=scores))
+    np.testing.assert_array_equal(out["crm"], maps.crm(acts, weights, bias))
+    with pytest.raises(ValueError, match="unknown map methods"):
+        maps.compute_maps(acts, weights, bias, methods=["nope"])
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match=r"\(N, H, W, K\)"):
+        maps.crm(np.zeros((4, 4, 8)), np.zeros((8, 2)))
+    with pytest.raises(ValueError, match="K=8"):
+        maps.crm(np.zeros((1, 4, 4, 8)), np.zeros((7, 2)))
+    with pytest.raises(ValueError, match="pooling"):
+        maps.crm(np.zeros((1, 4, 4, 8)), np.zeros((8, 2)), pooling="max")
+
+
+# -- thresholds and boxes ---------------------------------------------------
+
+
+def test_normalize_and_display_threshold():
+    m = np.array([[-5.0, 0.0, 1.0], [2.0, 10.0, 2.1]], dtype=np.float32)
+    norm = maps.normalize_255(m)
+    assert norm.max() == 255 and norm.min() == 0
+    np.testing.assert_allclose(norm[1, 0], 51.0)
+    # above 20% of the max: strictly greater, negatives never pass
+    np.testing.assert_array_equal(maps.roi_mask(m), [[False, False, False], [False, True, True]])
+    assert maps.roi_stats(m) == maps.RoiStats(pixels=2, ratio=2 / 6)
+    zero = np.zeros((4, 4))
+    assert not maps.roi_mask(zero).any()
+    assert maps.normalize_255(-np.ones((3, 3))).max() == 0
+    assert maps.roi_box(zero) is None and maps.component_boxes(zero) == []
+
+
+def test_roi_stats_counts_pixels_at_image_size():
+    m = np.zeros((18, 18), np.float32)
+    m[6:12, 6:12] = 1.0
+    stats = maps.roi_stats(m, (300, 300))
+    # the block covers a third of each side; bilinear edges add at most one cell
+    assert 100**2 <= stats.pixels <= (100 + 2 * 300 / 18) ** 2
+    assert stats.ratio == stats.pixels / 300**2
+
+
+def test_roi_box_and_components():
+    m = np.zeros((10, 12), np.float32)
+    m[2:4, 1:3] = 1.0  # strongest region
+    m[6:9, 8:11] = 0.8  # second region, above 70%
+    m[0, 11] = 0.5  # below 70%
+    assert maps.roi_box(m) == (1, 2, 11, 9)
+    assert maps.component_boxes(m) == [(1, 2, 3, 4), (8, 6, 11, 9)]
+    m[4:6, 3] = 0.9  # a bridge that touches the first region only diagonally
+    m[6, 3:8] = 0.9
+    assert len(maps.component_boxes(m)) == 1
+    assert len(maps.component_boxes(m, connectivity=4)) == 2
+    assert maps.roi_box(m, fraction=0.95) == (1, 2, 3, 4)
+
+
+def test_scale_box():
+    assert maps.scale_box((1, 2, 3, 4), (18, 18), (300, 450)) == (25, 33, 75, 67)
+    assert maps.scale_box((0, 0, 18, 18), (18, 18), (300, 450)) == (0, 0, 450, 300)
+
+
+def test_class_average_streams_the_mean_of_normalized_maps():
+    rng = np.random.default_rng(3)
+    batch = rng.gamma(1.0, size=(9, 18, 18)).astype(np.float32) * rng.uniform(
+        0.01, 1000, size=(9, 1, 1)
+    ).astype(np.float32)
+    avg = maps.ClassAverage()
+    avg.add(batch[0])
+    avg.add_batch(batch[1:5])
+    other = maps.ClassAverage()
+    other.add_batch(batch[5:])
+    avg.merge(other)
+    expected = np.mean([b / b.max() for b in batch], axis=0)
+    assert avg.count == 9
+    np.testing.assert_allclose(avg.mean(), expected, rtol=1e-6)
+    assert avg.mean().max() <= 1.0
+
+    raw = maps.ClassAverage(normalization="none")
+    raw.add_batch(batch)
+    np.testing.assert_allclose(raw.mean(), batch.mean(axis=0), rtol=1e-5)
+    with pytest.raises(ValueError, match="differs"):
+        avg.add(np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="no maps"):
+        maps.ClassAverage().mean()
+
+
+# -- geometry ---------------------------------------------------------------
+
+
+def test_upsample_matches_pil_bilinear():
+    rng = np.random.default_rng(1)
+    m = rng.random((6, 9)).astype(np.float32)
+    ours = maps.upsample(m, (61, 200))
+    pil = np.asarray(Image.fromarray(m, mode="F").resize((200, 61), Image.Resampling.BILINEAR))
+    np.testing.assert_allclose(ours, pil, atol=1e-5)
+    batch = maps.upsample(np.stack([m, 2 * m]), (61, 200))
+    assert batch.shape == (2, 61, 200)
+    np.testing.assert_allclose(batch[1], 2 * ours, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cell", [(1, 6), (4, 0), (0, 8)])
+def test_hot_spot_lands_on_matching_place_of_original(cell):
+    i, j = cell
+    h, w = 5, 9
+    orig_h, orig_w = 240, 700  # aspect ratio unlike the map's and the input's
+    m = np.zeros((h, w), np.float32)
+    m[i, j] = 1.0
+    up = maps.upsample_to_original(m, (orig_w, orig_h))
+    assert up.shape == (orig_h, orig_w)
+    y, x = np.unravel_index(np.argmax(up), up.shape)
+    assert i * orig_h / h <= y < (i + 1) * orig_h / h
+    assert j * orig_w / w <= x < (j + 1) * orig_w / w
+
+
+def test_overlay_geometry_follows_the_decoder_stretch():
+    # An original non-square image with a bright patch, stretched to a square
+    # input as decode does; a stride-8 "activation" of the input, taken back to
+    # the original size, must peak inside the patch.
+    orig = np.zeros((180, 420, 3), np.uint8)
+    orig[120:150, 300:360] = 255
+    pixels = resize_rgb(Image.fromarray(orig), (64, 64)).astype(np.float32).mean(axis=2)
+    activation = pixels.reshape(8, 8, 8, 8).mean(axis=(1, 3))
+    up = maps.upsample_to_original(activation, (420, 180))
+    y, x = np.unravel_index(np.argmax(up), up.shape)
+    assert 120 <= y < 150 and 300 <= x < 360
