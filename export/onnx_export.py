@@ -59,8 +59,9 @@ GAP_LAYER = "gap"
 HEAD_LAYER = "logits"
 
 REQUIRED_RUN_KEYS = ("class_names", "input_size", "mean", "std")
-# run.json keys that ModelInfo carries itself; the rest goes to extra["run"].
-_INFO_KEYS = frozenset({*REQUIRED_RUN_KEYS, "backbone", "cut_layer"})
+# run.json keys that ModelInfo carries itself; the rest goes to extra["run"], except
+# the training data's location: a model file is shared, the paths of its archive are not.
+_INFO_KEYS = frozenset({*REQUIRED_RUN_KEYS, "backbone", "cut_layer", "data_dir"})
 
 # The oldest opset at which all four backbones were seen to convert and pass
 # parity (below 9, tf2onnx lists the weights as graph inputs); tf2onnx caps the

@@ -28,11 +28,14 @@ class NamedQuery:
     description: str
 
     @property
+    def body(self) -> str:
+        """The statement without its comment lines (which may mention :parameters)."""
+        lines = [line for line in self.sql.splitlines() if not line.lstrip().startswith("--")]
+        return "\n".join(lines).strip().rstrip(";")
+
+    @property
     def parameters(self) -> list[str]:
-        body = "\n".join(
-            line for line in self.sql.splitlines() if not line.lstrip().startswith("--")
-        )
-        return sorted(set(_PARAM.findall(body)))
+        return sorted(set(_PARAM.findall(self.body)))
 
 
 def query_dir() -> Path:
@@ -56,9 +59,8 @@ def load_query(name_or_path: str) -> NamedQuery:
         known = ", ".join(p.stem for p in sorted(query_dir().glob("*.sql")))
         raise ModlabelError(f"no query named {name_or_path!r}; known: {known}")
     sql = path.read_text(encoding="utf-8")
-    description = " ".join(
-        line.lstrip("- ").strip() for line in sql.splitlines() if line.startswith("--")
-    )
+    comments = [line.lstrip("- ").strip() for line in sql.splitlines() if line.startswith("--")]
+    description = " ".join(c for c in comments if not c.startswith("Parameters:"))
     return NamedQuery(path.stem, sql, description)
 
 
@@ -72,7 +74,7 @@ def run_query(
             f"query {query.name!r} needs parameters: "
             + ", ".join(f"--param {m}=..." for m in missing)
         )
-    statement = sa.text(query.sql.strip().rstrip(";"))
+    statement = sa.text(query.body)
     with engine.connect() as conn:
         result = conn.execute(statement, {k: v for k, v in params.items() if k in query.parameters})
         return list(result.keys()), [tuple(r) for r in result]
