@@ -25,7 +25,7 @@ from .decode import open_rgb
 from .errors import ImageError
 
 HEATMAP_PX = 256
-EXAMPLE_PX = 224
+EXAMPLE_PX = 180
 
 
 @dataclass
