@@ -7,5 +7,5 @@ Modules follow the data: ``data`` (archive -> splits -> tf.data), ``augment``,
 
 import os
 
-# TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise for a user.
+# Most of TensorFlow's C++ start-up chatter (CPU features, ...) is noise for a user.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

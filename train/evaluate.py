@@ -1,0 +1,81 @@
+"""Evaluate a run's model on one split: the paper's Table 2 metrics (section 4.1).
+
+The images are decoded and normalized exactly as in training (no
+augmentation); class probabilities are the softmax of the model's logits; the
+numbers come from ``modlabel.metrics.classification_metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from modlabel.metrics import classification_metrics
+from modlabel.model import softmax
+
+from .data import SPLITS, make_dataset, read_split_csv
+from .errors import RunError
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "test",
+    *,
+    data_dir: str | Path | None = None,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Metrics of RUN/model.keras on ``split`` of RUN/split.csv.
+
+    Writes RUN/metrics.json for the test split (RUN/metrics_<split>.json for
+    another) and returns the same dict. ``data_dir`` overrides the archive's
+    location recorded in run.json (for an archive that has moved); batch_size
+    only changes speed (default 32).
+    """
+    run = Path(run_dir).expanduser()
+    if split not in SPLITS:
+        raise RunError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    for name in ("run.json", "model.keras", "split.csv"):
+        if not (run / name).exists():
+            raise RunError(f"{run}: not a finished training run (no {name})")
+    config = json.loads((run / "run.json").read_text())
+    root = Path(data_dir).expanduser() if data_dir else Path(config["data_dir"])
+    files = read_split_csv(run / "split.csv", root, config["class_names"])
+    paths, labels = files.paths_labels(split)
+    if not paths:
+        raise RunError(f"{run}: the {split} split has no images")
+    missing = [p for p in paths[:50] if not os.path.exists(p)]
+    if missing:
+        raise RunError(f"{missing[0]}: not found; pass the archive's new location as data_dir")
+
+    model = keras.saving.load_model(run / "model.keras", compile=False)
+    ds = make_dataset(
+        paths,
+        labels,
+        input_size=tuple(config["input_size"]),
+        mean=config["mean"],
+        std=config["std"],
+        batch_size=batch_size or 32,
+    )
+    y_true, logits, readable = [], [], []
+    for x, y, w in ds:
+        logits.append(np.asarray(model(x, training=False)))
+        y_true.append(np.asarray(y))
+        readable.append(np.asarray(w) > 0)  # weight 0: a file that could not be decoded
+    keep = np.concatenate(readable)
+    y = np.concatenate(y_true)[keep]
+    probs = softmax(np.concatenate(logits)[keep].astype(np.float64))
+    metrics = classification_metrics(y, probs, config["class_names"])
+    metrics.update(
+        split=split,
+        skipped=len(paths) - int(y.size),
+        run=str(run.resolve()),
+        backbone=config["backbone"],
+    )
+    name = "metrics.json" if split == "test" else f"metrics_{split}.json"
+    (run / name).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
