@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed
 DEMO ?= demo
 # Demo size: 7 classes x DEMO_PER_CLASS training images, DEMO_INPUT px model input.
 DEMO_PER_CLASS ?= 120
-DEMO_INPUT ?= 96
-DEMO_EPOCHS ?= 12
+DEMO_INPUT ?= 128
+DEMO_EPOCHS ?= 15
 
 .PHONY: venv demo test lint bench clean
 

@@ -89,8 +89,13 @@ def train(
         int, typer.Option("--input-size", min=32, help="Square input side in pixels.")
     ] = 300,
     epochs: Annotated[
-        int, typer.Option(min=1, help="Maximum epochs (early stopping may end sooner).")
-    ] = 20,
+        int | None,
+        typer.Option(
+            min=1,
+            help="Maximum epochs; early stopping may end sooner "
+            "(default 30; with --resume, the run's own).",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 10,
     seed: Annotated[
         int, typer.Option(help="Seed for the split, initialization and augmentation.")
@@ -106,6 +111,15 @@ def train(
         int,
         typer.Option(min=0, help="Randomized search trials before the final training (0: none)."),
     ] = 0,
+    search_epochs: Annotated[
+        int, typer.Option("--search-epochs", min=1, help="Epochs of each search trial.")
+    ] = 2,
+    head_filters: Annotated[
+        int | None,
+        typer.Option(
+            "--head-filters", min=1, help="Filters of the added conv (default 512; tiny 128)."
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the run's last checkpoint.")] = False,
 ) -> None:
     """Train the paper's conv/GAP/dense head on a backbone (TensorFlow).
@@ -129,6 +143,8 @@ def train(
             l2=l2,
             patience=patience,
             search=search,
+            search_epochs=search_epochs,
+            head_filters=head_filters,
             resume=resume,
             verbose=True,
         )

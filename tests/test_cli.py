@@ -73,8 +73,13 @@ def test_scan_with_postgresql_url(tiny_archive, tiny_onnx, postgres_url):
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)[0]["seen"] >= 1
     # Every named query runs unchanged on PostgreSQL too.
-    params = {"label": "chest_xray", "min_confidence": "0.0", "threshold": "0.99",
-              "model_a": "a", "model_b": "b"}
+    params = {
+        "label": "chest_xray",
+        "min_confidence": "0.0",
+        "threshold": "0.99",
+        "model_a": "a",
+        "model_b": "b",
+    }
     from modlabel.queries import list_queries
 
     for q in list_queries():
@@ -138,3 +143,33 @@ def test_scan_reads_paths_from_a_table_of_figures(tiny_archive, tiny_onnx, tmp_p
         "scan", "--table", "nope", "--table-db", catalogue, "--model", tiny_onnx, "--db", db
     )
     assert result.exit_code == 1 and "no table 'nope'" in result.output
+
+
+def test_train_evaluate_and_export_through_the_cli(tiny_archive, tmp_path):
+    run = tmp_path / "run"
+    result = invoke(
+        "train",
+        tiny_archive,
+        "--out",
+        run,
+        "--backbone",
+        "tiny",
+        "--input-size",
+        32,
+        "--epochs",
+        1,
+        "--batch-size",
+        8,
+        "--head-filters",
+        8,
+    )
+    assert result.exit_code == 0, result.output
+    assert (run / "model.keras").exists() and (run / "metrics.json").exists()
+    result = invoke("evaluate", run)
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and "MCC" in result.output
+    result = invoke("export", run, "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.output
+    assert "parity" in result.output and (tmp_path / "m.onnx").exists()
+    result = invoke("train", tiny_archive, "--out", tmp_path / "r2", "--backbone", "resnet")
+    assert result.exit_code == 1 and "resnet" in result.output and "Traceback" not in result.output
