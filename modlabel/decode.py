@@ -107,9 +107,10 @@ def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 
     pixels: (..., 3) uint8 or float in [0, 255]. Returns float32 of the same shape.
     """
-    mean_arr = np.asarray(mean, dtype=np.float32)
-    std_arr = np.asarray(std, dtype=np.float32)
-    return (pixels.astype(np.float32) - mean_arr) / std_arr
+    out = pixels.astype(np.float32)  # a new array: the in-place steps below never touch pixels
+    out -= np.asarray(mean, dtype=np.float32)
+    out /= np.asarray(std, dtype=np.float32)
+    return out
 
 
 def is_image_path(path: str | Path) -> bool:

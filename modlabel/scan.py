@@ -59,7 +59,7 @@ class _Work:
     entry: FileEntry
     known: store.KnownFile | None
     sha256: str | None = None
-    pixels: np.ndarray | None = None
+    inputs: np.ndarray | None = None  # (H, W, 3) float32, decoded and normalized
     original_size: tuple[int, int] | None = None
     error: str | None = None
     unchanged: bool = False
@@ -106,7 +106,7 @@ def scan_archive(
         ) as pool:
             prepared = _bounded_map(
                 pool,
-                lambda w: _prepare(w, info.input_size),
+                lambda w: _prepare(w, info.input_size, model.preprocess),
                 changed,
                 window=max(2 * batch_size, 4 * workers),
             )
@@ -180,8 +180,10 @@ def _changed_files(
         _tick(on_progress, skipped)
 
 
-def _prepare(work: _Work, input_size: Sequence[int]) -> _Work:
-    """Read, hash and decode one file (runs in a worker thread)."""
+def _prepare(
+    work: _Work, input_size: Sequence[int], preprocess: Callable[[np.ndarray], np.ndarray]
+) -> _Work:
+    """Read, hash, decode and normalize one file (runs in a worker thread)."""
     if work.error is not None:
         return work
     try:
@@ -194,9 +196,12 @@ def _prepare(work: _Work, input_size: Sequence[int]) -> _Work:
         work.unchanged = True  # touched, e.g. copied with a new mtime: same bytes, same label
         return work
     try:
-        work.pixels, work.original_size = load_pixels(data, input_size, name=work.entry.path)
+        pixels, work.original_size = load_pixels(data, input_size, name=work.entry.path)
     except ImageError as exc:
         work.error = exc.reason
+        return work
+    # Normalizing here, in the worker, keeps the model's thread free for inference.
+    work.inputs = preprocess(pixels)
     return work
 
 
@@ -236,8 +241,7 @@ def label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any]
     ok = [w for w in batch if w.error is None]
     rows: list[dict[str, Any]] = []
     if ok:
-        inputs = model.preprocess(np.stack([w.pixels for w in ok]))
-        logits, activations = model.run(inputs)
+        logits, activations = model.run(np.stack([w.inputs for w in ok]))
         probs = softmax(logits.astype(np.float64))
         info = model.info
         crms = maps.crm(activations, info.head_weights, info.head_bias, pooling=info.pooling)
