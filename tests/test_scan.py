@@ -180,3 +180,32 @@ def test_scan_writes_the_same_labels_to_postgresql_as_to_sqlite(
     assert again.labeled == 0 and again.unchanged == again.seen
     with pg_engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(store.class_maps)).scalar() > 0
+
+
+class InterruptedModel(OnnxModel):
+    """The real model, interrupted (as by Ctrl-C or a killed cron job) on its second batch."""
+
+    batches = 0
+
+    def run(self, batch):
+        self.batches += 1
+        if self.batches == 2:
+            raise KeyboardInterrupt
+        return super().run(batch)
+
+
+def test_an_interrupted_scan_keeps_what_it_finished(tiny_archive, tiny_onnx, tmp_path, sqlite_url):
+    archive = _archive_copy(tiny_archive, tmp_path)
+    engine = store.open_db(sqlite_url)
+    with pytest.raises(KeyboardInterrupt):
+        scan_archive([archive], InterruptedModel(tiny_onnx), engine, batch_size=5)
+    kept = _rows(sqlite_url)
+    assert len(kept) == 5 and all(r["label"] for r in kept.values())
+    with engine.connect() as conn:
+        finished = conn.execute(sa.select(store.scans.c.finished_at)).scalar()
+    assert finished is not None  # the scan row is closed even when interrupted
+
+    rest = CountingModel(tiny_onnx)
+    stats = scan_archive([archive], rest, engine, batch_size=5)
+    assert rest.images_run == first_count(archive) - 5
+    assert stats.unchanged == 5 and len(_rows(sqlite_url)) == first_count(archive)
