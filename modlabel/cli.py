@@ -2,7 +2,8 @@
 
 Each command turns its options into a call of a library function and prints
 the result. TensorFlow is imported only inside ``train``, ``evaluate`` and
-``export``; ``scan``, ``report``, ``query`` and ``explain`` never load it.
+``export``; ``scan``, ``report``, ``query``, ``explain`` and ``localize`` never
+load it.
 """
 
 from __future__ import annotations
@@ -421,6 +422,49 @@ def explain(
             typer.echo(f"{r.path}\t{r.label}\t{r.confidence:.3f}\t{r.figure}")
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def localize(
+    archive: Annotated[
+        Path, typer.Argument(help="Archive with a ground_truth.jsonl, as `modlabel synth` writes.")
+    ],
+    model: Annotated[
+        Path | None, typer.Option("--model", help=f"ONNX model (default: ${config.MODEL_ENV}).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="JSON file to write.")] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", min=1, help="Only the first N images of ground_truth.jsonl (file order)."
+        ),
+    ] = None,
+) -> None:
+    """Score CAM, Grad-CAM and CRM against the archive's ground-truth boxes.
+
+    Prints the paper's Table 3 (ROI pixels and ratio at 300x300, per class and
+    method), then the pointing game, ROI precision and recall and the ROI share
+    on distractors, over correctly classified images.
+
+    Example: modlabel localize demo/incoming --model demo/model.onnx --out localize.json
+    """
+    from .localize import evaluate_localization
+    from .model import OnnxModel
+
+    model_path = config.resolve_model_path(model)
+    if model_path is None:
+        raise _fail(ModlabelError(f"no model: pass --model or set ${config.MODEL_ENV}"))
+    try:
+        result = evaluate_localization(archive, OnnxModel(model_path), limit=limit)
+    except ModlabelError as exc:
+        raise _fail(exc) from None
+    typer.echo(result.format_table(), nl=False)
+    if out is not None:
+        try:
+            out.write_text(result.to_json() + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise _fail(ModlabelError(f"{out}: cannot write: {exc.strerror or exc}")) from None
+        typer.echo(f"wrote {out}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,659 @@
+"""Localize: how well each relevance map finds the class evidence, against ground truth.
+
+The paper measures localization by the size of the highlighted region alone
+(Table 3: the mean number and ratio of pixels of 300x300 images above 20% of
+the map's max). A synthetic archive (``modlabel synth``) also records where the
+class evidence really is: every image's structure boxes (the optic disc, the
+lungs, the axes of a graph, ...) and its distractors (text, scale bars,
+arrows). ``evaluate_localization`` reports both, per class and per method.
+
+Definitions, for one image, one method and the map upsampled (bilinear, the
+decoder's plain stretch, ``maps.upsample``) to ``size`` = (H, W) pixels:
+
+* ROI: the pixels whose value is above ``fraction`` (0.2) of the map's max,
+  negatives clipped (``maps.roi_mask``, the same set ``maps.roi_stats`` counts);
+  empty when the map has no positive value.
+* S: the union of the image's structure boxes, D: the union of its distractor
+  boxes other than ``border`` (whose box is the whole image). Boxes are given in
+  original-image pixels, ``[x0, y0, x1, y1]`` with x1, y1 exclusive, and are
+  stretched to (H, W) like the image (x by W / width, y by H / height), rounded
+  outward (``maps.scale_box``) and clipped to the grid.
+* ``roi_pixels`` = |ROI|, ``roi_ratio`` = 100 |ROI| / (H W) (percent): Table 3.
+* ``pointing``: 1 when the map's maximum lies in S (the pointing game, strict:
+  no tolerance margin; the first maximum in row-major order on ties), else 0;
+  a map with no positive value scores 0.
+* ``roi_precision`` = |ROI & S| / |ROI|: the share of the ROI on the structures;
+  undefined (left out) when the ROI is empty.
+* ``roi_recall`` = |ROI & S| / |S|: the share of the structures the ROI covers.
+* ``distractor_share`` = |ROI & D| / |ROI|: the share of the ROI on distractors;
+  defined only for images with a distractor and a non-empty ROI.
+
+Chance levels, per class: ``structure_area`` = |S| / (H W) is the pointing
+hit rate and the ROI precision of a point or region placed at random;
+``distractor_area`` = |D| / (H W) (over images with distractors) is the
+distractor share of a random ROI.
+
+The paper compares maps on correctly classified images, so every map
+statistic is the mean over the images whose predicted class is their
+ground-truth class (the map is drawn for that class); images a model gets
+wrong count only in the accuracy. A row of several classes (``overall``)
+weighs every image the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import maps
+from .decode import load_pixels
+from .errors import ImageError, ModlabelError
+from .model import OnnxModel
+from .synth import GROUND_TRUTH_NAME
+
+DEFAULT_METHODS: tuple[str, ...] = ("cam", "gradcam", "crm", "crm_output", "cam_squared")
+TABLE3_SIZE = (300, 300)  # the paper counts pixels of 300x300 images
+IGNORED_DISTRACTORS = frozenset({"border"})  # a frame's box is the whole image
+OVERALL = "all"
+
+Box = tuple[int, int, int, int]
+
+
+# --------------------------------------------------------------------------
+# Ground truth: boxes in original pixels, rasterized at the evaluation size.
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """One ``ground_truth.jsonl`` record: boxes in original-image pixels."""
+
+    path: str
+    class_name: str
+    width: int | None
+    height: int | None
+    boxes: tuple[Box, ...]
+    distractors: tuple[Box, ...]  # without the ignored labels (``border``)
+
+
+def scale_gt_box(box: Sequence[int], original_wh: Sequence[int], size_hw: Sequence[int]) -> Box:
+    """A box [x0, y0, x1, y1] of an original image (width, height) in the pixels of
+    the image stretched to ``size_hw`` = (height, width), rounded outward and
+    clipped to the grid."""
+    width, height = int(original_wh[0]), int(original_wh[1])
+    out_h, out_w = int(size_hw[0]), int(size_hw[1])
+    x0, y0, x1, y1 = maps.scale_box(tuple(box), (height, width), (out_h, out_w))
+    return (
+        min(max(x0, 0), out_w),
+        min(max(y0, 0), out_h),
+        min(max(x1, 0), out_w),
+        min(max(y1, 0), out_h),
+    )
+
+
+def box_mask(
+    boxes: Sequence[Sequence[int]], original_wh: Sequence[int], size_hw: Sequence[int]
+) -> np.ndarray:
+    """The union of ``boxes`` (original-image pixels) at ``size_hw``: (H, W) bool."""
+    mask = np.zeros((int(size_hw[0]), int(size_hw[1])), dtype=bool)
+    for box in boxes:
+        x0, y0, x1, y1 = scale_gt_box(box, original_wh, size_hw)
+        mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def _box(values: Sequence[Any]) -> Box:
+    x0, y0, x1, y1 = (int(v) for v in values)  # ValueError unless four numbers
+    return (x0, y0, x1, y1)
+
+
+def _parse_record(doc: Any, where: str) -> GroundTruth:
+    try:
+        width, height = doc.get("width"), doc.get("height")
+        return GroundTruth(
+            path=str(doc["path"]),
+            class_name=str(doc["class"]),
+            width=None if width is None else int(width),
+            height=None if height is None else int(height),
+            boxes=tuple(_box(b["box"]) for b in doc["boxes"]),
+            distractors=tuple(
+                _box(b["box"])
+                for b in doc.get("distractors", [])
+                if b.get("label") not in IGNORED_DISTRACTORS
+            ),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModlabelError(f"{where}: not a ground-truth record ({exc!r})") from None
+
+
+def read_records(path: Path, limit: int | None = None) -> Iterator[GroundTruth]:
+    """Stream the records of a ``ground_truth.jsonl``, at most ``limit`` of them."""
+    if limit is not None and limit <= 0:
+        return
+    count = 0
+    with Path(path).open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ModlabelError(f"{where}: invalid JSON ({exc.msg})") from None
+            yield _parse_record(doc, where)
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+
+# --------------------------------------------------------------------------
+# The metrics, per image, on maps already at the evaluation size.
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageScores:
+    """Per-image metrics of a batch of maps (see the module docstring); each (N,).
+
+    Undefined values are NaN: precision and distractor share of an empty ROI,
+    recall and pointing of an image without structure boxes, distractor share
+    of an image without distractors.
+    """
+
+    roi_pixels: np.ndarray  # int
+    roi_ratio: np.ndarray  # percent
+    pointing: np.ndarray  # 0.0 or 1.0
+    roi_precision: np.ndarray
+    roi_recall: np.ndarray
+    distractor_share: np.ndarray
+
+
+def localization_scores(
+    maps_at_size: np.ndarray,
+    structures: np.ndarray,
+    distractors: np.ndarray,
+    *,
+    fraction: float = maps.DISPLAY_FRACTION,
+) -> ImageScores:
+    """Score maps against box masks, all at the evaluation size.
+
+    maps_at_size: (N, H, W) float, already upsampled; structures, distractors:
+    (N, H, W) bool masks (``box_mask``).
+    """
+    values = np.asarray(maps_at_size, dtype=np.float32)
+    if values.ndim != 3:
+        raise ValueError(f"expected maps (N, H, W), got shape {values.shape}")
+    if structures.shape != values.shape or distractors.shape != values.shape:
+        raise ValueError(
+            f"masks {structures.shape} and {distractors.shape} differ from maps {values.shape}"
+        )
+    n = values.shape[0]
+    roi = maps.roi_mask(values, fraction).reshape(n, -1)
+    s = structures.reshape(n, -1)
+    d = distractors.reshape(n, -1)
+    roi_pixels = roi.sum(axis=1)
+    s_pixels = s.sum(axis=1)
+    d_pixels = d.sum(axis=1)
+    on_s = (roi & s).sum(axis=1)
+    on_d = (roi & d).sum(axis=1)
+
+    flat = values.reshape(n, -1)
+    peak_at = flat.argmax(axis=1)
+    peak = flat[np.arange(n), peak_at]
+    hit = (peak > 0) & s[np.arange(n), peak_at]
+
+    nan = np.float64(np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(roi_pixels > 0, on_s / roi_pixels, nan)
+        recall = np.where(s_pixels > 0, on_s / s_pixels, nan)
+        share = np.where((roi_pixels > 0) & (d_pixels > 0), on_d / roi_pixels, nan)
+    return ImageScores(
+        roi_pixels=roi_pixels,
+        roi_ratio=100.0 * roi_pixels / roi.shape[1],
+        pointing=np.where(s_pixels > 0, hit.astype(np.float64), nan),
+        roi_precision=precision,
+        roi_recall=recall,
+        distractor_share=share,
+    )
+
+
+# --------------------------------------------------------------------------
+# The report.
+# --------------------------------------------------------------------------
+
+METRICS = ("roi_pixels", "roi_ratio", "pointing", "roi_precision", "roi_recall", "distractor_share")
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """One method on one class (or ``"all"``): means over correctly classified images.
+
+    images: how many images the row averages over; distractor_images: those of
+    them with a distractor and a non-empty ROI (the distractor share's count).
+    A mean over no image is None.
+    """
+
+    class_name: str
+    method: str
+    images: int
+    roi_pixels: float | None
+    roi_ratio: float | None  # percent
+    pointing: float | None  # [0, 1]
+    roi_precision: float | None  # [0, 1]
+    roi_recall: float | None  # [0, 1]
+    distractor_share: float | None  # [0, 1]
+    distractor_images: int
+
+
+@dataclass(frozen=True)
+class ClassSummary:
+    """A class's accuracy and its chance levels (over its correctly classified images)."""
+
+    class_name: str
+    images: int  # read and labeled (unreadable files are left out)
+    correct: int
+    accuracy: float | None
+    structure_area: float | None  # mean |S| / (H W)
+    distractor_area: float | None  # mean |D| / (H W), over images with distractors
+
+
+@dataclass
+class LocalizationReport:
+    """Per class and per method localization, with the overall means (``OVERALL``)."""
+
+    archive: str
+    model: str
+    size: tuple[int, int]  # (height, width) the maps were scored at
+    fraction: float
+    methods: tuple[str, ...]
+    classes: list[ClassSummary]
+    rows: list[MethodRow]  # class-major, methods in ``methods`` order
+    overall: list[MethodRow]  # one per method, every correct image weighing the same
+    totals: ClassSummary  # all classes together (``"all"``)
+    unreadable: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+
+    @property
+    def images(self) -> int:
+        return self.totals.images
+
+    @property
+    def correct(self) -> int:
+        return self.totals.correct
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.totals.accuracy
+
+    def row(self, class_name: str, method: str) -> MethodRow:
+        """The row of one class (or ``"all"``) and method."""
+        for r in self.overall if class_name == OVERALL else self.rows:
+            if r.class_name == class_name and r.method == method:
+                return r
+        raise KeyError((class_name, method))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "archive": self.archive,
+            "model": self.model,
+            "size": list(self.size),
+            "fraction": self.fraction,
+            "methods": list(self.methods),
+            "maps_over": "correctly classified images",
+            "images": self.images,
+            "correct": self.correct,
+            "accuracy": self.accuracy,
+            "classes": [asdict(c) for c in self.classes],
+            "totals": asdict(self.totals),
+            "rows": [asdict(r) for r in self.rows],
+            "overall": [asdict(r) for r in self.overall],
+            "unreadable": list(self.unreadable),
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def format_table(self) -> str:
+        """Table 3 (rows: methods, columns: classes, cells "pixels (ratio%)"), then
+        the localization metrics against the ground-truth boxes in the same layout."""
+        return format_report(self)
+
+
+class _Sums:
+    """Running sums of one (class, method): NaN (undefined) values are left out."""
+
+    def __init__(self) -> None:
+        self.sum = dict.fromkeys(METRICS, 0.0)
+        self.count = dict.fromkeys(METRICS, 0)
+
+    def add(self, scores: ImageScores) -> None:
+        for name in METRICS:
+            values = np.asarray(getattr(scores, name), dtype=np.float64)
+            defined = ~np.isnan(values)
+            self.sum[name] += float(values[defined].sum())
+            self.count[name] += int(defined.sum())
+
+    def merge(self, other: _Sums) -> None:
+        for name in METRICS:
+            self.sum[name] += other.sum[name]
+            self.count[name] += other.count[name]
+
+    def row(self, class_name: str, method: str) -> MethodRow:
+        means = {
+            name: (self.sum[name] / self.count[name] if self.count[name] else None)
+            for name in METRICS
+        }
+        return MethodRow(
+            class_name=class_name,
+            method=method,
+            images=self.count["roi_pixels"],
+            distractor_images=self.count["distractor_share"],
+            **means,
+        )
+
+
+@dataclass
+class _ClassSums:
+    images: int = 0
+    correct: int = 0
+    structure_area: float = 0.0
+    with_structures: int = 0
+    distractor_area: float = 0.0
+    with_distractors: int = 0
+
+    def merge(self, other: _ClassSums) -> None:
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def summary(self, name: str) -> ClassSummary:
+        return ClassSummary(
+            class_name=name,
+            images=self.images,
+            correct=self.correct,
+            accuracy=self.correct / self.images if self.images else None,
+            structure_area=(
+                self.structure_area / self.with_structures if self.with_structures else None
+            ),
+            distractor_area=(
+                self.distractor_area / self.with_distractors if self.with_distractors else None
+            ),
+        )
+
+
+def evaluate_localization(
+    archive: Path,
+    model: OnnxModel,
+    *,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    fraction: float = maps.DISPLAY_FRACTION,
+    batch_size: int = 32,
+    size: tuple[int, int] = TABLE3_SIZE,
+    limit: int | None = None,
+) -> LocalizationReport:
+    """Label the images of ``archive/ground_truth.jsonl`` and score every method's map.
+
+    The records are streamed in batches of ``batch_size`` (at most ``limit`` of
+    them, in file order); each batch is labeled once and its maps computed once
+    (``maps.compute_maps``), upsampled to ``size`` = (height, width) and scored
+    against the boxes (see the module docstring for every definition). Files
+    that cannot be decoded are listed in ``unreadable`` and left out.
+    Raises ModlabelError when the archive has no ground truth or names a class
+    the model does not know.
+    """
+    archive = Path(archive)
+    unknown = [m for m in methods if m not in maps.METHODS]
+    if unknown:
+        raise ValueError(f"unknown map methods {unknown}; known: {sorted(maps.METHODS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    size_hw = (int(size[0]), int(size[1]))
+    if min(size_hw) < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    gt_path = archive / GROUND_TRUTH_NAME
+    if not gt_path.is_file():
+        raise ModlabelError(
+            f"{gt_path}: no ground truth; localization needs an archive with boxes, "
+            "as `modlabel synth` writes"
+        )
+
+    info = model.info
+    index_of = {name: i for i, name in enumerate(info.class_names)}
+    per_class: dict[str, _ClassSums] = {}
+    sums: dict[tuple[str, str], _Sums] = {}
+    unreadable: list[dict[str, str]] = []
+
+    batch: list[tuple[GroundTruth, np.ndarray, tuple[int, int]]] = []
+
+    def flush() -> None:
+        if batch:
+            _score_batch(batch, model, methods, fraction, size_hw, index_of, per_class, sums)
+            batch.clear()
+
+    for record in read_records(gt_path, limit):
+        if record.class_name not in index_of:
+            raise ModlabelError(
+                f"{gt_path}: class {record.class_name!r} of {record.path} is not one of "
+                f"the model's classes {info.class_names}"
+            )
+        try:
+            pixels, original = load_pixels(archive / record.path, info.input_size)
+        except ImageError as exc:
+            unreadable.append({"path": record.path, "reason": exc.reason})
+            continue
+        batch.append((record, pixels, original))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+
+    class_order = [name for name in info.class_names if name in per_class]
+    rows = []
+    overall = {m: _Sums() for m in methods}
+    totals = _ClassSums()
+    for name in class_order:
+        totals.merge(per_class[name])
+        for method in methods:
+            s = sums.get((name, method), _Sums())
+            rows.append(s.row(name, method))
+            overall[method].merge(s)
+    return LocalizationReport(
+        archive=str(archive),
+        model=model.identity,
+        size=size_hw,
+        fraction=float(fraction),
+        methods=tuple(methods),
+        classes=[per_class[name].summary(name) for name in class_order],
+        rows=rows,
+        overall=[overall[m].row(OVERALL, m) for m in methods],
+        totals=totals.summary(OVERALL),
+        unreadable=unreadable,
+    )
+
+
+def _score_batch(
+    batch: list[tuple[GroundTruth, np.ndarray, tuple[int, int]]],
+    model: OnnxModel,
+    methods: Sequence[str],
+    fraction: float,
+    size_hw: tuple[int, int],
+    index_of: dict[str, int],
+    per_class: dict[str, _ClassSums],
+    sums: dict[tuple[str, str], _Sums],
+) -> None:
+    info = model.info
+    logits, activations = model.run(model.preprocess(np.stack([p for _, p, _ in batch])))
+    truth = np.array([index_of[r.class_name] for r, _, _ in batch])
+    correct = np.argmax(logits, axis=-1) == truth
+    for (record, _, _), ok in zip(batch, correct, strict=True):
+        counts = per_class.setdefault(record.class_name, _ClassSums())
+        counts.images += 1
+        counts.correct += int(ok)
+    if not correct.any():
+        return
+
+    kept = [item for item, ok in zip(batch, correct, strict=True) if ok]
+    area = size_hw[0] * size_hw[1]
+    structures, distractors = [], []
+    for record, _, original in kept:
+        # Boxes are in the pixels of the recorded size (the decoded one if absent).
+        wh = (record.width or original[0], record.height or original[1])
+        structures.append(box_mask(record.boxes, wh, size_hw))
+        distractors.append(box_mask(record.distractors, wh, size_hw))
+        counts = per_class[record.class_name]
+        if record.boxes:
+            counts.structure_area += structures[-1].sum() / area
+            counts.with_structures += 1
+        if record.distractors:
+            counts.distractor_area += distractors[-1].sum() / area
+            counts.with_distractors += 1
+    s_masks, d_masks = np.stack(structures), np.stack(distractors)
+
+    maps_by_method = maps.compute_maps(
+        activations[correct],
+        info.head_weights,
+        info.head_bias,
+        methods=methods,
+        class_index=truth[correct],  # = the predicted class on these images
+        pooling=info.pooling,
+    )
+    names = [record.class_name for record, _, _ in kept]
+    for method, method_maps in maps_by_method.items():
+        scores = localization_scores(
+            maps.upsample(method_maps, size_hw), s_masks, d_masks, fraction=fraction
+        )
+        for name in set(names):
+            rows = np.array([n == name for n in names])
+            picked = ImageScores(**{k: getattr(scores, k)[rows] for k in METRICS})
+            sums.setdefault((name, method), _Sums()).add(picked)
+
+
+# --------------------------------------------------------------------------
+# Text tables.
+# --------------------------------------------------------------------------
+
+
+def _header_lines(name: str) -> list[str]:
+    return name.split("_")
+
+
+def _grid(columns: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
+    """A text grid: a first column of row labels, then ``columns`` (names wrapped
+    at underscores); a row with no cells is a section title."""
+    heads = [_header_lines(c) for c in columns]
+    depth = max(len(h) for h in heads)
+    label_w = max([len(label) for label, _ in rows if _] + [6])
+    widths = [
+        max([len(part) for part in h] + [len(cells[i]) for _, cells in rows if cells])
+        for i, h in enumerate(heads)
+    ]
+    lines = []
+    for level in range(depth):
+        parts = [h[level] if level < len(h) else "" for h in heads]
+        lines.append(
+            " " * label_w + "  " + "  ".join(p.rjust(w) for p, w in zip(parts, widths, strict=True))
+        )
+    lines.append("-" * (label_w + sum(w + 2 for w in widths)))
+    for label, cells in rows:
+        if not cells:
+            lines.append(label)
+            continue
+        lines.append(
+            label.ljust(label_w)
+            + "  "
+            + "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
+        )
+    return [line.rstrip() for line in lines]
+
+
+def _fmt_rate(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _fmt_roi(row: MethodRow) -> str:
+    if row.roi_pixels is None or row.roi_ratio is None:
+        return "-"
+    return f"{row.roi_pixels:,.0f} ({row.roi_ratio:.1f})"
+
+
+# (heading, MethodRow field, ClassSummary field of its chance level, decimals);
+# distractors cover about 1% of an image, hence three decimals.
+LOCALIZATION_SECTIONS = (
+    (
+        "pointing game: hit rate (the map's max inside a structure box)",
+        "pointing",
+        "structure_area",
+        2,
+    ),
+    (
+        "ROI precision: share of the ROI inside structure boxes",
+        "roi_precision",
+        "structure_area",
+        2,
+    ),
+    ("ROI recall: share of the structure-box pixels inside the ROI", "roi_recall", None, 2),
+    (
+        "distractor share: share of the ROI on text, scale bars, arrows",
+        "distractor_share",
+        "distractor_area",
+        3,
+    ),
+)
+
+
+def format_report(report: LocalizationReport) -> str:
+    """The text of ``LocalizationReport.format_table``."""
+    summaries = [*report.classes, report.totals]
+    columns = [c.class_name for c in summaries]
+    height, width = report.size
+
+    def cells(method: str, fmt: Callable[[MethodRow], str]) -> list[str]:
+        return [fmt(report.row(name, method)) for name in columns]
+
+    def title(method: str) -> str:
+        return maps.TITLES.get(method, method)
+
+    lines = [
+        f"{report.archive}: {report.images} images, {report.correct} correctly classified "
+        f"(accuracy {_fmt_rate(report.accuracy)}), model {report.model}",
+        f"Maps at {height}x{width} pixels; ROI = values above {report.fraction:.0%} of the "
+        "map's max. Map statistics are means over correctly classified images only.",
+        "",
+        "Table 3: mean ROI pixels (ratio %)",
+    ]
+    table3 = [("correct", [f"{c.correct}/{c.images}" for c in summaries])]
+    table3 += [(title(m), cells(m, _fmt_roi)) for m in report.methods]
+    lines += _grid(columns, table3)
+    cam = report.row(OVERALL, "cam").roi_pixels if "cam" in report.methods else None
+    if cam:
+        changes = [
+            f"{title(m)} {100 * (pixels / cam - 1):+.1f}%"
+            for m in report.methods
+            if m != "cam" and (pixels := report.row(OVERALL, m).roi_pixels) is not None
+        ]
+        lines.append("ROI size against CAM's (all images): " + ", ".join(changes))
+
+    localization: list[tuple[str, list[str]]] = []
+    for heading, metric, chance, digits in LOCALIZATION_SECTIONS:
+        localization.append((heading, []))
+        localization += [
+            (
+                "  " + title(m),
+                cells(m, lambda row, k=metric, d=digits: _fmt_rate(getattr(row, k), d)),
+            )
+            for m in report.methods
+        ]
+        if chance:
+            localization.append(
+                ("  chance (box area)", [_fmt_rate(getattr(c, chance), digits) for c in summaries])
+            )
+    lines += ["", "Localization against the ground-truth boxes"]
+    lines += _grid(columns, localization)
+    if report.unreadable:
+        lines.append(f"{len(report.unreadable)} unreadable files left out")
+    return "\n".join(lines) + "\n"
