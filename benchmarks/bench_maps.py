@@ -8,7 +8,9 @@ those maps (5 N blobs; a scan stores only the N CRMs). Both are timed on the
 same machine in the same run (best of ``--repeats`` after one warm-up, the same
 for both) and printed side by side with their ratio; the target is <= 2%. The
 "maps only" column leaves the codec out; "scan" is what a scan adds per batch:
-the CRM and its N blobs only.
+the CRM and its N blobs only. A second table splits "maps" into the shared head
+terms and each method (``maps.METHODS``), and gives the codec's cost per map, in
+microseconds, so a regression shows where it comes from.
 
 Models: ``--model FILE.onnx`` (any exported modlabel model), or built here with
 ``train.backbones`` (random weights, which do not change the timings) and
@@ -114,6 +116,13 @@ def all_maps(model: OnnxModel, logits: np.ndarray, activations: np.ndarray) -> d
     )
 
 
+def all_terms(model: OnnxModel, logits: np.ndarray, activations: np.ndarray) -> maps.HeadTerms:
+    info = model.info
+    return maps.head_terms(
+        activations, info.head_weights, info.head_bias, logits=logits, pooling=info.pooling
+    )
+
+
 def all_maps_and_blobs(model: OnnxModel, logits: np.ndarray, activations: np.ndarray) -> list:
     return [
         b
@@ -140,6 +149,13 @@ def bench(path: Path, batch: int, repeats: int, threads: int) -> dict[str, objec
     with_codec = best_seconds(lambda: all_maps_and_blobs(model, logits, activations), cheap)
     scan = best_seconds(lambda: scan_path(model, activations), cheap)
     blobs = all_maps_and_blobs(model, logits, activations)
+    terms = all_terms(model, logits, activations)
+    parts = {"head_terms": best_seconds(lambda: all_terms(model, logits, activations), cheap)}
+    for name, method in maps.METHODS.items():
+        parts[name] = best_seconds(lambda method=method: method(terms), cheap)
+    batches = list(all_maps(model, logits, activations).values())
+    encode = best_seconds(lambda: [codec.encode_maps(b) for b in batches], cheap)
+    parts["encode/map"] = encode / len(blobs)
     return {
         "model": f"{model.info.backbone}@{'x'.join(map(str, model.info.input_size))}",
         "acts": "x".join(map(str, activations.shape[1:])),
@@ -150,6 +166,7 @@ def bench(path: Path, batch: int, repeats: int, threads: int) -> dict[str, objec
         "maps_ratio": only_maps / infer,
         "scan_ratio": scan / infer,
         "bytes": sum(len(b) for b in blobs) / len(blobs),
+        "parts_us": {name: seconds * 1e6 for name, seconds in parts.items()},
     }
 
 
@@ -197,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{'model':<14} {'activations':<11} {'infer ms':>9} {'maps ms':>8} {'+codec ms':>9} "
         f"{'ratio':>6} {'maps only':>9} {'scan':>6} {'B/map':>6}  <= 2%"
     )
+    results = []
     for path in paths:
         r = bench(path, args.batch, args.repeats, args.threads)
+        results.append(r)
         verdict = "met" if r["ratio"] <= 0.02 else "not met"
         print(
             f"{r['model']:<14} {r['acts']:<11} {r['infer_ms']:>9.1f} {r['maps_ms']:>8.2f} "
@@ -209,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         "# maps = cam, gradcam, crm, crm_output, cam_squared (compute_maps); +codec = maps and "
         "encode_maps of all 5N maps; ratio = +codec / infer; maps only = maps / infer; "
         "scan = (crm + encode_maps of the N CRMs) / infer"
+    )
+    names = list(results[0]["parts_us"]) if results else []
+    print(f"{'µs per batch':<14} " + " ".join(f"{name:>11}" for name in names))
+    for r in results:
+        print(f"{r['model']:<14} " + " ".join(f"{us:>11.1f}" for us in r["parts_us"].values()))
+    print(
+        "# head_terms: the shared (N*H*W, K) x (K, C) product, scores and classes; each method "
+        "from those terms; encode/map: encode_maps of the 5 batches, per map"
     )
     return 0
 

@@ -57,28 +57,52 @@ def encode_maps(maps: np.ndarray) -> list[bytes]:
     arr = np.asarray(maps)
     if arr.ndim != 3 or arr.shape[1] < 1 or arr.shape[2] < 1:
         raise MapCodecError(f"expected non-empty (H, W) maps, got shape {arr.shape[1:]}")
-    _, height, width = arr.shape
+    n, height, width = arr.shape
     if height > 0xFFFF or width > 0xFFFF:
         raise MapCodecError(f"map of {height}x{width} cells is too large to encode")
-    values = arr.astype(np.float64)
-    finite = np.isfinite(values).all(axis=(1, 2))
-    if not finite.all():
-        raise MapCodecError(f"map {int(np.argmin(finite))} contains NaN or infinite values")
-    # The bounds are stored as float32; quantize against the stored values so the
-    # decoder reconstructs from exactly what the encoder used.
-    with np.errstate(over="ignore"):
-        low = np.minimum(values.min(axis=(1, 2)), 0.0).astype(np.float32)
-        high = np.maximum(values.max(axis=(1, 2)), 0.0).astype(np.float32)
-    if not (np.isfinite(low).all() and np.isfinite(high).all()):
-        raise MapCodecError("map values exceed the float32 range")
-    span = high.astype(np.float64) - low.astype(np.float64)
-    per_unit = np.divide(_LEVELS, span, out=np.zeros_like(span), where=span > 0)
-    codes = np.rint((values - low[:, None, None]) * per_unit[:, None, None])
-    codes = np.clip(codes, 0, _LEVELS).astype(np.uint8)  # all-zero maps: all zero codes
+    values = arr.reshape(n, height * width).astype(np.float64)  # a copy, quantized in place
+    bounds = _stored_bounds(values)
+    codes = _quantize(values, bounds)
+    # zlib reads each row of codes in place (buffer protocol): no tobytes copy.
     return [
-        _HEADER.pack(MAGIC, CODEC_VERSION, height, width, lo, hi) + zlib.compress(c.tobytes(), 9)
-        for lo, hi, c in zip(low.tolist(), high.tolist(), codes, strict=True)
+        _HEADER.pack(MAGIC, CODEC_VERSION, height, width, low, high) + zlib.compress(row, 9)
+        for (low, high), row in zip(bounds.T.tolist(), codes, strict=True)
     ]
+
+
+def _stored_bounds(values: np.ndarray) -> np.ndarray:
+    """(2, N) float32: low = min(0, min) and high = max(0, max) of each map (N, H*W).
+
+    The bounds are stored as float32; quantizing against the stored values lets
+    the decoder reconstruct from exactly what the encoder used.
+    """
+    bounds = np.empty((2, len(values)))
+    np.minimum(values.min(axis=1), 0.0, out=bounds[0])
+    np.maximum(values.max(axis=1), 0.0, out=bounds[1])
+    with np.errstate(over="ignore"):
+        stored = bounds.astype(np.float32)
+    # One check for the three failures (a NaN propagates through min and max, an
+    # infinity or a value beyond float32 makes a bound infinite); tell them
+    # apart only when one happened, sparing a pass over every value.
+    if not np.isfinite(stored).all():
+        finite = np.isfinite(values).all(axis=1)
+        if not finite.all():
+            raise MapCodecError(f"map {int(np.argmin(finite))} contains NaN or infinite values")
+        raise MapCodecError("map values exceed the float32 range")
+    return stored
+
+
+def _quantize(values: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Codes round(255 * (value - low) / (high - low)) of maps (N, H*W) float64,
+    overwritten; bounds (2, N) from ``_stored_bounds``. Returns (N, H*W) uint8."""
+    low, high = bounds.astype(np.float64)[:, :, None]
+    span = high - low
+    per_unit = np.divide(_LEVELS, span, out=np.zeros_like(span), where=span > 0)
+    values -= low
+    values *= per_unit  # all-zero maps: all zero codes
+    np.rint(values, out=values)
+    np.clip(values, 0, _LEVELS, out=values)
+    return values.astype(np.uint8)
 
 
 def decode_map(blob: bytes) -> np.ndarray:

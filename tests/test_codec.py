@@ -103,6 +103,27 @@ def test_batch_encoding_equals_one_by_one():
         codec.encode_maps(batch)
 
 
+def test_rejects_values_beyond_float32_after_nan():
+    batch = np.zeros((2, 3, 3))
+    batch[1, 0, 0] = 1e39  # finite in float64, not as a stored float32 bound
+    with pytest.raises(codec.MapCodecError, match="float32 range"):
+        codec.encode_maps(batch)
+    batch[0, 1, 1] = np.nan  # NaN or infinity is reported first, with its map
+    with pytest.raises(codec.MapCodecError, match="map 0 contains NaN"):
+        codec.encode_maps(batch)
+
+
+def test_version_1_layout_is_pinned():
+    # Existing databases hold version 1 blobs: the header fields, then zlib of
+    # the codes (any zlib stream decodes the same, so only the codes are pinned).
+    m = np.array([[0.0, 0.5, 1.0], [2.0, -1.0, 4.0]], np.float32)
+    blob = codec.encode_map(m)
+    assert blob[:15] == struct.pack("<2sBHHff", b"MM", 1, 2, 3, -1.0, 4.0)
+    assert zlib.decompress(blob[15:]) == bytes([51, 76, 102, 153, 0, 255])  # 76.5 -> 76, to even
+    stored = bytes.fromhex("4d4d0102000300000080bf0000804078da33f6499bc9f01f000716027e")
+    np.testing.assert_array_equal(codec.decode_map(stored), codec.decode_map(blob))
+
+
 def test_rejects_unknown_version_and_corruption():
     blob = codec.encode_map(np.ones((4, 4), np.float32))
     future = blob[:2] + bytes([codec.CODEC_VERSION + 1]) + blob[3:]

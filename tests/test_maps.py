@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -89,6 +91,30 @@ def test_crm_output_closed_form_equals_brute_force(head, pooling):
     assert got.shape == (3, H, W) and got.dtype == np.float32
     assert np.abs(expected).max() > 1e-4  # the test is not vacuous
     assert_close(got, expected)
+
+
+@pytest.mark.parametrize("shift", [1000.0, -1000.0])
+def test_crm_output_does_not_overflow_for_large_scores(head, shift):
+    # The softmax ignores a shift common to all classes, but exp(+-1000) does not:
+    # it must be taken of scores shifted by their max over classes.
+    acts, weights, bias = head
+    shifted = bias + np.float32(shift)
+    with np.errstate(over="raise", under="ignore", invalid="raise", divide="raise"):
+        got = maps.crm_output(acts, weights, shifted)
+    assert_close(got, brute_force(acts, weights, shifted, "mean", output_relevance))
+
+
+def test_methods_accept_terms_in_either_layout(head):
+    # head_terms keeps the class maps classes first in memory; terms built by
+    # hand with class-last (N, H, W, C) memory must give the same maps.
+    acts, weights, bias = head
+    terms = maps.head_terms(acts, weights, bias)
+    class_last = dataclasses.replace(terms, class_maps=np.ascontiguousarray(terms.class_maps))
+    assert class_last.class_maps.flags.c_contiguous and terms.by_class.flags.c_contiguous
+    for name, method in maps.METHODS.items():
+        got, expected = method(class_last), method(terms)
+        assert got.dtype == expected.dtype == np.float32, name
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0, err_msg=name)
 
 
 def test_crm_output_uses_given_class(head):
