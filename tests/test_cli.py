@@ -66,7 +66,7 @@ def test_scan_report_and_query(tiny_archive, tiny_onnx, tmp_path):
     assert result.output.splitlines()[0].startswith("path,confidence")
 
 
-def test_scan_with_postgresql_url(tiny_archive, tiny_onnx, postgres_url):
+def test_scan_with_postgresql_url(tiny_archive, tiny_onnx, postgres_url, tmp_path):
     result = invoke("scan", tiny_archive, "--model", tiny_onnx, "--db", postgres_url)
     assert result.exit_code == 0, result.output
     result = invoke("query", "scans", "--db", postgres_url, "--format", "json")
@@ -88,6 +88,9 @@ def test_scan_with_postgresql_url(tiny_archive, tiny_onnx, postgres_url):
         assert result.exit_code == 0, (q.name, result.output)
     result = invoke("query", "class-counts", "--db", postgres_url, "--format", "json")
     assert sum(r["images"] for r in json.loads(result.output)) >= 56
+    result = invoke("report", "--db", postgres_url, "--out", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    assert "data:image/png;base64," in (tmp_path / "report" / "report.html").read_text()
 
 
 def test_scan_errors_are_clean_messages(tmp_path, tiny_archive):
