@@ -116,7 +116,7 @@ def scan_archive(
                 stats.unchanged += len(pending_touch)
                 _tick(on_progress, len(pending_touch))
                 pending_touch.clear()
-                rows = label_batch(batch, model)
+                rows = _label_batch(batch, model)
                 store.write_image_rows(engine, model_id, rows)
                 for work in batch:
                     if work.error is None:
@@ -235,7 +235,7 @@ def _batches(
         yield batch
 
 
-def label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any]]:
+def _label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any]]:
     """Run the model on the decoded files of a batch; one row per file, errors included."""
     now = store.utcnow()
     ok = [w for w in batch if w.error is None]

@@ -17,7 +17,6 @@ Tables:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -321,6 +320,16 @@ def error_rows(engine: Engine, model_id: int, limit: int = 100) -> list[tuple[st
         return [(p, e) for p, e in conn.execute(query)]
 
 
+def count_errors(engine: Engine, model_id: int) -> int:
+    query = (
+        sa.select(sa.func.count())
+        .select_from(images)
+        .where(images.c.model_id == model_id, images.c.error.is_not(None))
+    )
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar() or 0)
+
+
 def example_rows(
     engine: Engine, model_id: int, class_name: str, limit: int
 ) -> list[dict[str, Any]]:
@@ -404,17 +413,3 @@ def finish_scan(
                 finished_at=utcnow(), seen=seen, labeled=labeled, unchanged=unchanged, errors=errors
             )
         )
-
-
-def to_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
-def count_errors(engine: Engine, model_id: int) -> int:
-    query = (
-        sa.select(sa.func.count())
-        .select_from(images)
-        .where(images.c.model_id == model_id, images.c.error.is_not(None))
-    )
-    with engine.connect() as conn:
-        return int(conn.execute(query).scalar() or 0)
