@@ -228,6 +228,12 @@ def scan(
         Path | None,
         typer.Option("--base-dir", help="Folder that relative paths of --table are relative to."),
     ] = None,
+    retry_errors: Annotated[
+        bool,
+        typer.Option(
+            "--retry-errors", help="Try files stored with an error again, even if unchanged."
+        ),
+    ] = False,
 ) -> None:
     """Label every new or changed image under PATHS and store labels and CRMs.
 
@@ -272,6 +278,7 @@ def scan(
                 onnx_model,
                 engine,
                 entries=entries,
+                retry_errors=retry_errors,
                 batch_size=batch_size,
                 workers=workers,
                 on_progress=bar.update if bar else None,

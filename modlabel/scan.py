@@ -75,12 +75,15 @@ def scan_archive(
     on_progress: Callable[[int], None] | None = None,
     aggregate: bool = True,
     entries: Iterable[FileEntry | tuple[str, str]] | None = None,
+    retry_errors: bool = False,
 ) -> ScanStats:
     """Label every image under ``roots`` that the database lacks for ``model``.
 
     ``entries`` replaces the walk of ``roots`` by another source (for example
     ``source.table_files``); ``roots`` then only names the source in the
-    ``scans`` table. Returns the counts; per-file errors are stored as rows and
+    ``scans`` table. Files stored with an error are skipped while unchanged,
+    unless ``retry_errors`` (for errors that may have been passing: a file
+    being written, a permission since fixed). Returns the counts; per-file errors are stored as rows and
     also listed in ``ScanStats.error_paths`` (at most 1000 of them).
     """
     info = model.info
@@ -99,7 +102,12 @@ def scan_archive(
     started = time.perf_counter()
     try:
         changed = _changed_files(
-            walk_files(roots) if entries is None else entries, engine, model_id, stats, on_progress
+            walk_files(roots) if entries is None else entries,
+            engine,
+            model_id,
+            stats,
+            on_progress,
+            retry_errors=retry_errors,
         )
         with ThreadPoolExecutor(
             max_workers=max(1, workers), thread_name_prefix="modlabel-decode"
@@ -158,6 +166,8 @@ def _changed_files(
     model_id: int,
     stats: ScanStats,
     on_progress: Callable[[int], None] | None,
+    *,
+    retry_errors: bool = False,
 ) -> Iterator[_Work]:
     """The files whose stat differs from the database's, looked up a chunk at a time."""
     iterator = iter(entries)
@@ -172,6 +182,9 @@ def _changed_files(
                 yield _Work(FileEntry(path, 0, 0.0), known.get(path), error=reason)
                 continue
             old = known.get(item.path)
+            if old is not None and old.failed and retry_errors:
+                yield _Work(item, None)  # no hash shortcut: the same bytes are tried again
+                continue
             if old is not None and old.size_bytes == item.size_bytes and old.mtime == item.mtime:
                 skipped += 1
                 continue

@@ -232,6 +232,7 @@ class KnownFile:
     size_bytes: int
     mtime: float
     sha256: str | None
+    failed: bool = False  # the stored row is an error, not a label
 
 
 def known_files(engine: Engine, model_id: int, paths: Sequence[str]) -> dict[str, KnownFile]:
@@ -241,11 +242,15 @@ def known_files(engine: Engine, model_id: int, paths: Sequence[str]) -> dict[str
     for start in range(0, len(paths), 500):
         chunk = list(paths[start : start + 500])
         query = sa.select(
-            images.c.path, images.c.size_bytes, images.c.mtime, images.c.sha256
+            images.c.path,
+            images.c.size_bytes,
+            images.c.mtime,
+            images.c.sha256,
+            images.c.error.is_not(None),
         ).where(images.c.model_id == model_id, images.c.path.in_(chunk))
         with engine.connect() as conn:
-            for path, size, mtime, digest in conn.execute(query):
-                found[path] = KnownFile(int(size), float(mtime), digest)
+            for path, size, mtime, digest, failed in conn.execute(query):
+                found[path] = KnownFile(int(size), float(mtime), digest, bool(failed))
     return found
 
 

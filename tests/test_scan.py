@@ -209,3 +209,29 @@ def test_an_interrupted_scan_keeps_what_it_finished(tiny_archive, tiny_onnx, tmp
     stats = scan_archive([archive], rest, engine, batch_size=5)
     assert rest.images_run == first_count(archive) - 5
     assert stats.unchanged == 5 and len(_rows(sqlite_url)) == first_count(archive)
+
+
+def test_errors_are_skipped_while_unchanged_and_retried_on_request(
+    tiny_archive, tiny_onnx, tmp_path, sqlite_url
+):
+    archive = _archive_copy(tiny_archive, tmp_path)
+    locked = sorted(archive.rglob("*.jpg"))[0]
+    good_bytes = locked.read_bytes()
+    # A file still being copied when the scan ran: its final size, but only a header yet.
+    locked.write_bytes(good_bytes[:100] + bytes(len(good_bytes) - 100))
+    stat = os.stat(locked)
+    engine = store.open_db(sqlite_url)
+    assert scan_archive([archive], CountingModel(tiny_onnx), engine).errors == 1
+
+    # The copy finishes within the file system's mtime resolution: same size, same mtime.
+    # Without retry_errors it stays an error; with it, it is labeled.
+    locked.write_bytes(good_bytes)
+    os.utime(locked, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    rows = _rows(sqlite_url)
+    assert rows[str(locked)]["error"]
+    again = scan_archive([archive], CountingModel(tiny_onnx), engine)
+    assert again.labeled == 0 and again.errors == 0
+    retried = CountingModel(tiny_onnx)
+    stats = scan_archive([archive], retried, engine, retry_errors=True)
+    assert retried.images_run == 1 and stats.labeled == 1 and stats.errors == 0
+    assert _rows(sqlite_url)[str(locked)]["label"] is not None
