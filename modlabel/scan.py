@@ -83,8 +83,9 @@ def scan_archive(
     ``source.table_files``); ``roots`` then only names the source in the
     ``scans`` table. Files stored with an error are skipped while unchanged,
     unless ``retry_errors`` (for errors that may have been passing: a file
-    being written, a permission since fixed). Returns the counts; per-file errors are stored as rows and
-    also listed in ``ScanStats.error_paths`` (at most 1000 of them).
+    being written, a permission since fixed). Returns the counts; per-file
+    errors are stored as rows and also listed in ``ScanStats.error_paths`` (at
+    most 1000 of them).
     """
     info = model.info
     model_id = store.ensure_model(
