@@ -176,3 +176,10 @@ def test_train_evaluate_and_export_through_the_cli(tiny_archive, tmp_path):
     assert "parity" in result.output and (tmp_path / "m.onnx").exists()
     result = invoke("train", tiny_archive, "--out", tmp_path / "r2", "--backbone", "resnet")
     assert result.exit_code == 1 and "resnet" in result.output and "Traceback" not in result.output
+
+
+def test_version():
+    from modlabel import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"modlabel {__version__}"
