@@ -88,3 +88,17 @@ def test_walk_is_sorted_skips_hidden_and_non_images_and_reports_missing_roots(tm
     paths = [e.path for e in found if isinstance(e, FileEntry)]
     assert paths == [str(tmp_path / p) for p in ["a/x.tif", "b/1.PNG", "b/2.jpg"]]
     assert found[-1] == (str(tmp_path / "missing"), "no such file or directory")
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale_with_their_own_size_reported(tmp_path):
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 255, (30, 40, 3), np.uint8)
+    big = Image.fromarray(base).resize((1200, 900), Image.Resampling.BILINEAR)
+    big.save(tmp_path / "big.jpg", quality=92)
+    pixels, original = decode.load_pixels(tmp_path / "big.jpg", (60, 80))
+    assert original == (1200, 900)
+    full = decode.resize_rgb(decode.open_rgb(tmp_path / "big.jpg"), (60, 80))
+    assert pixels.shape == full.shape == (60, 80, 3)
+    # The DCT-scaled decode sees nearly the same picture as the full decode, even for
+    # this worst case of colour noise (natural images differ far less).
+    assert np.abs(pixels.astype(float) - full.astype(float)).mean() < 6.0
