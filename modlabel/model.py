@@ -151,6 +151,9 @@ class OnnxModel:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # onnxruntime's threads busy-wait between runs by default; in a scan the
+        # decoding threads need those cores while the next batch is prepared.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 data, sess_options=options, providers=providers or default_providers()
