@@ -301,7 +301,7 @@ def scan(
                 retry_errors=retry_errors,
                 batch_size=batch_size,
                 workers=workers,
-                on_progress=bar.update if bar else None,
+                on_progress=bar.update if bar is not None else None,
             )
         finally:
             if bar is not None:

@@ -183,3 +183,13 @@ def test_version():
 
     result = invoke("--version")
     assert result.exit_code == 0 and result.output.strip() == f"modlabel {__version__}"
+
+
+def test_scan_on_a_terminal_shows_progress_and_a_summary(
+    tiny_archive, tiny_onnx, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("modlabel.cli._interactive", lambda: True)
+    result = invoke("scan", tiny_archive, "--model", tiny_onnx, "--db", tmp_path / "t.db")
+    assert result.exit_code == 0, result.output
+    total = len(list(Path(tiny_archive).rglob("*.jpg")))
+    assert f"{total} files: {total} labeled, 0 unchanged, 0 errors" in result.output
