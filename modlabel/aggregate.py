@@ -13,7 +13,6 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from . import codec, maps, store
-from .config import DEFAULT_ROI_FRACTION
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ def class_average(
     class_name: str,
     *,
     min_confidence: float = 0.0,
-    roi_fraction: float = DEFAULT_ROI_FRACTION,
+    roi_fraction: float = maps.CLASS_ROI_FRACTION,
 ) -> ClassMap | None:
     """The average CRM over the images labeled ``class_name``; None when there are none."""
     accumulator = maps.ClassAverage()
@@ -61,6 +60,7 @@ def update_class_maps(
     for name in class_names:
         class_map = class_average(engine, model_id, name, min_confidence=min_confidence)
         if class_map is None:
+            store.delete_class_map(engine, model_id, name)  # no images left in the class
             continue
         store.save_class_map(
             engine,

@@ -179,7 +179,7 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder written by `modlabel train`.")],
     split: Annotated[str, typer.Option(help="Which split to evaluate on.")] = "test",
 ) -> None:
-    """Compute the paper's Table 2 metrics on a run's test split (TensorFlow).
+    """Compute the paper's Table 2 metrics on a run's test split, or --split val (TensorFlow).
 
     Example: modlabel evaluate demo/run
     """
@@ -310,6 +310,9 @@ def scan(
         raise _fail(exc) from None
     for path, reason in stats.error_paths:
         typer.echo(f"modlabel: {path}: {reason}", err=True)
+    if stats.errors > len(stats.error_paths):
+        more = stats.errors - len(stats.error_paths)
+        typer.echo(f"modlabel: ... and {more} more errors (see images.error)", err=True)
     if show:
         typer.echo(
             f"{stats.seen} files: {stats.labeled} labeled, {stats.unchanged} unchanged, "

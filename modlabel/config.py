@@ -9,8 +9,6 @@ DB_ENV = "MODLABEL_DB"
 MODEL_ENV = "MODLABEL_MODEL"
 DEFAULT_DB_FILE = "modlabel.db"
 DEFAULT_BATCH_SIZE = 32
-DEFAULT_ROI_FRACTION = 0.7  # class-level ROI: area above 70% of the max (paper, Figure 9)
-DEFAULT_DISPLAY_FRACTION = 0.2  # heatmap display: values above 20% of the max (paper, 4.2)
 
 
 def sqlite_url(path: str | Path) -> str:

@@ -25,6 +25,10 @@ from .errors import ImageError
 # Decompression bombs are refused, not decoded: a nightly scan must not be taken
 # down by one hostile file. 100 megapixels is far above any figure or slice.
 MAX_PIXELS = 100_000_000
+# The limit above is modlabel's own, checked before decoding; Pillow's warning at
+# its lower default limit would only repeat it. (Changing the warnings filters per
+# call is not thread-safe, and decoding runs in threads.)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
@@ -50,17 +54,15 @@ def _open_rgb(
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            fp = io.BytesIO(source) if isinstance(source, bytes) else source
-            with Image.open(fp) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise ImageError(label, f"image too large ({img.width}x{img.height} pixels)")
-                original = img.size
-                if at_least is not None and img.format == "JPEG":
-                    img.draft("RGB", (int(at_least[1]), int(at_least[0])))
-                img.load()
-                return _to_rgb(img), original
+        fp = io.BytesIO(source) if isinstance(source, bytes) else source
+        with Image.open(fp) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(label, f"image too large ({img.width}x{img.height} pixels)")
+            original = img.size
+            if at_least is not None and img.format == "JPEG":
+                img.draft("RGB", (int(at_least[1]), int(at_least[0])))
+            img.load()
+            return _to_rgb(img), original
     except ImageError:
         raise
     except FileNotFoundError:
@@ -71,7 +73,7 @@ def _open_rgb(
         raise ImageError(label, "permission denied") from None
     except UnidentifiedImageError:
         raise ImageError(label, "not a recognized image format") from None
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageError(label, f"refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         # Truncated and corrupt files surface here from PIL's decoders.
@@ -81,8 +83,8 @@ def _open_rgb(
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img.copy()
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: stretch the used range to 8 bits rather than clip.
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit, 32-bit and float grayscale: stretch the used range to 8 bits rather than clip.
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from . import maps, overlay
-from .decode import open_rgb, resize_rgb
+from .decode import load_pixels, open_rgb
 from .errors import ImageError
 from .model import OnnxModel, softmax
 
@@ -98,9 +98,8 @@ def explain_images(
 
 
 def _load(path: str, input_size: tuple[int, int], index: int) -> _Loaded:
-    img = open_rgb(path)
-    pixels = resize_rgb(img, input_size)  # exactly what scan feeds the model
-    display = img.copy()
+    pixels, _ = load_pixels(path, input_size)  # exactly what scan feeds the model
+    display = open_rgb(path)
     display.thumbnail((DISPLAY_PX, DISPLAY_PX), Image.Resampling.BILINEAR)
     return _Loaded(index, pixels, np.asarray(display, dtype=np.uint8))
 

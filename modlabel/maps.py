@@ -132,17 +132,6 @@ def head_terms(
     return HeadTerms(class_maps=m, scale=s, scores=scores, classes=classes)
 
 
-def head_scores(
-    activations: np.ndarray,
-    weights: np.ndarray,
-    bias: np.ndarray | None = None,
-    *,
-    pooling: Pooling = "mean",
-) -> np.ndarray:
-    """S_c = (1/s) sum_xy M_c(x, y) + b_c (Eq. 1): the logits, (N, C) float64."""
-    return head_terms(activations, weights, bias, pooling=pooling).scores
-
-
 def _class_map(terms: HeadTerms) -> np.ndarray:
     """M_c for each image's class: (N, H, W), a new array."""
     return terms.by_class[terms.classes, np.arange(terms.classes.size)]

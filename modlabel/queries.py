@@ -75,6 +75,11 @@ def run_query(
             + ", ".join(f"--param {m}=..." for m in missing)
         )
     statement = sa.text(query.body)
-    with engine.connect() as conn:
-        result = conn.execute(statement, {k: v for k, v in params.items() if k in query.parameters})
-        return list(result.keys()), [tuple(r) for r in result]
+    try:
+        with engine.connect() as conn:
+            result = conn.execute(
+                statement, {k: v for k, v in params.items() if k in query.parameters}
+            )
+            return list(result.keys()), [tuple(r) for r in result]
+    except sa.exc.DBAPIError as exc:
+        raise ModlabelError(f"query {query.name!r} failed: {exc.orig}") from None

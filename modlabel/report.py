@@ -15,12 +15,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from sqlalchemy.engine import Engine
 
 from . import __version__, codec, maps, overlay, store
 from .aggregate import update_class_maps
-from .config import DEFAULT_DISPLAY_FRACTION, DEFAULT_ROI_FRACTION
 from .decode import open_rgb
 from .errors import ImageError
 
@@ -62,32 +61,17 @@ def _png_b64(pixels: np.ndarray | Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _scale_box(
-    box: tuple[int, int, int, int], map_shape: tuple[int, int], size: tuple[int, int]
-) -> tuple[int, int, int, int]:
-    """A box in map cells to pixels of an image of ``size`` = (width, height)."""
-    h, w = map_shape
-    sx, sy = size[0] / w, size[1] / h
-    x0, y0, x1, y1 = box
-    return (round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy))
-
-
-def class_heatmap_png(average: np.ndarray, roi_box: tuple[int, int, int, int] | None) -> str:
-    """The average CRM as a jet heatmap with the class-level ROI box drawn in white."""
-    up = maps.upsample(average, (HEATMAP_PX, HEATMAP_PX))
-    img = Image.fromarray(overlay.heatmap_rgb(up))
-    if roi_box is not None:
-        draw = ImageDraw.Draw(img)
-        x0, y0, x1, y1 = _scale_box(roi_box, average.shape, img.size)
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(255, 255, 255), width=3)
-    return _png_b64(img)
+def class_heatmap_png(average: np.ndarray) -> str:
+    """The average CRM as Figure 9 draws it: a heatmap with the class-level ROI box
+    in white (and a black box per region where several pass)."""
+    return _png_b64(overlay.class_overlay(average, (HEATMAP_PX, HEATMAP_PX)))
 
 
 def example_png(path: str, crm_map: np.ndarray) -> str:
     """An archive image, shrunk for the page, with its CRM overlaid."""
     img = open_rgb(path)
     img.thumbnail((EXAMPLE_PX, EXAMPLE_PX))
-    blended = overlay.overlay(np.asarray(img), crm_map, threshold=DEFAULT_DISPLAY_FRACTION)
+    blended = overlay.overlay(np.asarray(img), crm_map, threshold=maps.DISPLAY_FRACTION)
     return _png_b64(blended)
 
 
@@ -119,11 +103,11 @@ def build_report(
             name=name,
             count=counts.get(name, 0),
             roi_box=box,
-            roi_box_pixels=_scale_box(box, average.shape, tuple(model_row.input_size[::-1]))
+            roi_box_pixels=maps.scale_box(box, average.shape, model_row.input_size)
             if box
             else None,
             map_shape=average.shape,
-            heatmap_png=class_heatmap_png(average, box),
+            heatmap_png=class_heatmap_png(average),
         )
         for ex in store.example_rows(engine, model_row.id, name, examples_per_class):
             try:
@@ -143,8 +127,8 @@ def build_report(
         errors=errors,
         error_count=error_count,
         total=sum(counts.get(n, 0) for n in model_row.class_names),
-        roi_percent=round(DEFAULT_ROI_FRACTION * 100),
-        display_percent=round(DEFAULT_DISPLAY_FRACTION * 100),
+        roi_percent=round(maps.CLASS_ROI_FRACTION * 100),
+        display_percent=round(maps.DISPLAY_FRACTION * 100),
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         version=__version__,
         db_label=db_label,

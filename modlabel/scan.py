@@ -177,12 +177,20 @@ def _changed_files(
         paths = [e.path if isinstance(e, FileEntry) else e[0] for e in chunk]
         known = store.known_files(engine, model_id, paths)
         skipped = 0
+        in_chunk: set[str] = set()  # a path listed twice (a table, overlapping roots) once
         for item in chunk:
-            if isinstance(item, tuple):
-                path, reason = item
-                yield _Work(FileEntry(path, 0, 0.0), known.get(path), error=reason)
+            path = item.path if isinstance(item, FileEntry) else item[0]
+            if path in in_chunk:
+                skipped += 1
                 continue
-            old = known.get(item.path)
+            in_chunk.add(path)
+            old = known.get(path)
+            if isinstance(item, tuple):
+                if old is not None and old.failed and not retry_errors:
+                    skipped += 1  # still missing: the stored error stands
+                    continue
+                yield _Work(FileEntry(path, 0, 0.0), old, error=item[1])
+                continue
             if old is not None and old.failed and retry_errors:
                 yield _Work(item, None)  # no hash shortcut: the same bytes are tried again
                 continue

@@ -31,17 +31,33 @@ def walk_files(
 
     A root or directory that cannot be read yields ``(path, reason)`` instead,
     so that the caller can record it and go on. Hidden files and directories
-    (names starting with '.') are skipped.
+    (names starting with '.') are skipped; a root inside another root is
+    walked once. A file's stat is its target's for a symbolic link (the
+    bytes labeled are the target's); ``follow_symlinks`` decides only whether
+    linked directories are descended into.
     """
-    for root in roots:
-        root_path = Path(root).expanduser().absolute()
+    for root_path in _distinct_roots(roots):
         if root_path.is_file():
-            entry = _entry(str(root_path), follow_symlinks)
+            entry = _entry(str(root_path), True)
             yield entry if entry is not None else (str(root_path), "cannot stat file")
         elif root_path.is_dir():
             yield from _walk_dir(str(root_path), follow_symlinks)
         else:
             yield (str(root_path), "no such file or directory")
+
+
+def _distinct_roots(roots: Iterable[str | Path]) -> list[Path]:
+    """The roots as absolute paths, without repeats or roots inside another root."""
+    paths = [Path(os.path.normpath(Path(r).expanduser().absolute())) for r in roots]
+    dirs = [p for p in paths if p.is_dir()]
+    distinct: list[Path] = []
+    for p in paths:
+        # An existing path under a directory root is walked with it; a missing one is
+        # still reported.
+        nested = p.exists() and any(d != p and d in p.parents for d in dirs)
+        if p not in distinct and not nested:
+            distinct.append(p)
+    return distinct
 
 
 def _walk_dir(top: str, follow_symlinks: bool) -> Iterator[FileEntry | tuple[str, str]]:
@@ -60,7 +76,7 @@ def _walk_dir(top: str, follow_symlinks: bool) -> Iterator[FileEntry | tuple[str
         if is_dir:
             yield from _walk_dir(path, follow_symlinks)
         elif is_image_path(name):
-            entry = _entry(path, follow_symlinks)
+            entry = _entry(path, True)
             yield entry if entry is not None else (path, "cannot stat file (broken link?)")
 
 
@@ -91,7 +107,10 @@ def table_files(
 
     from .errors import DatabaseError
 
-    engine = sa.create_engine(url)
+    try:
+        engine = sa.create_engine(url)
+    except sa.exc.ArgumentError as exc:  # also a URL whose driver is not installed
+        raise DatabaseError(f"not a usable database URL: {url!r} ({exc})") from None
     try:
         meta = sa.MetaData()
         try:
@@ -117,5 +136,7 @@ def table_files(
                 path_str = str(path.absolute())
                 entry = _entry(path_str, True)
                 yield entry if entry is not None else (path_str, "no such file")
+    except sa.exc.DBAPIError as exc:
+        raise DatabaseError(f"cannot read table {table!r} of {url!r}: {exc.orig}") from None
     finally:
         engine.dispose()

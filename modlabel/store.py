@@ -272,6 +272,7 @@ def write_image_rows(engine: Engine, model_id: int, rows: Sequence[dict[str, Any
     """Insert or replace image rows (one transaction: a batch lands whole or not at all)."""
     if not rows:
         return
+    rows = list({r["path"]: r for r in rows}.values())  # one row per path: the last wins
     paths = [r["path"] for r in rows]
     with engine.begin() as conn:
         conn.execute(images.delete().where(images.c.model_id == model_id, images.c.path.in_(paths)))
@@ -360,11 +361,7 @@ def save_class_map(
     roi_box: Sequence[int] | None,
 ) -> None:
     with engine.begin() as conn:
-        conn.execute(
-            class_maps.delete().where(
-                class_maps.c.model_id == model_id, class_maps.c.class_name == class_name
-            )
-        )
+        _delete_class_map(conn, model_id, class_name)
         conn.execute(
             class_maps.insert().values(
                 model_id=model_id,
@@ -375,6 +372,19 @@ def save_class_map(
                 updated_at=utcnow(),
             )
         )
+
+
+def delete_class_map(engine: Engine, model_id: int, class_name: str) -> None:
+    with engine.begin() as conn:
+        _delete_class_map(conn, model_id, class_name)
+
+
+def _delete_class_map(conn: sa.Connection, model_id: int, class_name: str) -> None:
+    conn.execute(
+        class_maps.delete().where(
+            class_maps.c.model_id == model_id, class_maps.c.class_name == class_name
+        )
+    )
 
 
 def load_class_maps(engine: Engine, model_id: int) -> list[dict[str, Any]]:

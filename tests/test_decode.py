@@ -102,3 +102,35 @@ def test_large_jpegs_are_decoded_at_a_reduced_scale_with_their_own_size_reported
     # The DCT-scaled decode sees nearly the same picture as the full decode, even for
     # this worst case of colour noise (natural images differ far less).
     assert np.abs(pixels.astype(float) - full.astype(float)).mean() < 6.0
+
+
+def test_float_images_are_stretched_not_clipped_to_black(tmp_path):
+    arr = np.linspace(0.0, 1.0, 32 * 32, dtype=np.float32).reshape(32, 32)
+    Image.fromarray(arr, "F").save(tmp_path / "float.tif")
+    pixels, _ = decode.load_pixels(tmp_path / "float.tif", (32, 32))
+    assert pixels.min() == 0 and pixels.max() == 255
+
+
+def test_images_just_above_pillows_default_limit_are_decoded(tmp_path, monkeypatch):
+    # Pillow warns above its MAX_IMAGE_PIXELS; modlabel's own limit is what refuses.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.new("L", (12, 12)).save(tmp_path / "a.png")
+    pixels, original = decode.load_pixels(tmp_path / "a.png", (4, 4))
+    assert original == (12, 12) and pixels.shape == (4, 4, 3)
+
+
+def test_overlapping_roots_are_walked_once(tmp_path):
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    for rel in ["a/1.jpg", "a/sub/2.jpg"]:
+        (tmp_path / rel).write_bytes(b"x")
+    roots = [tmp_path / "a", tmp_path / "a" / "sub", tmp_path / "a" / "1.jpg", tmp_path / "a"]
+    paths = [e.path for e in walk_files(roots)]
+    assert paths == [str(tmp_path / "a/1.jpg"), str(tmp_path / "a/sub/2.jpg")]
+
+
+def test_a_linked_file_is_statted_through_its_link(tmp_path):
+    (tmp_path / "real.jpg").write_bytes(b"x" * 10)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "link.jpg").symlink_to(tmp_path / "real.jpg")
+    (entry,) = walk_files([tmp_path / "dir"])
+    assert entry.size_bytes == 10  # the target's size, so a changed target is seen

@@ -235,3 +235,46 @@ def test_errors_are_skipped_while_unchanged_and_retried_on_request(
     stats = scan_archive([archive], retried, engine, retry_errors=True)
     assert retried.images_run == 1 and stats.labeled == 1 and stats.errors == 0
     assert _rows(sqlite_url)[str(locked)]["label"] is not None
+
+
+def test_a_path_listed_twice_is_labeled_once(tiny_archive, tiny_onnx, tmp_path, sqlite_url):
+    from modlabel.source import FileEntry
+
+    archive = _archive_copy(tiny_archive, tmp_path)
+    first = sorted(archive.rglob("*.jpg"))[0]
+    stat = os.stat(first)
+    entry = FileEntry(str(first), stat.st_size, stat.st_mtime)
+    model = CountingModel(tiny_onnx)
+    # As a table that lists a figure twice delivers it: adjacent, in one batch.
+    stats = scan_archive(["table"], model, store.open_db(sqlite_url), entries=[entry, entry])
+    assert model.images_run == 1 and stats.labeled == 1 and len(_rows(sqlite_url)) == 1
+    # Overlapping roots are walked once.
+    stats = scan_archive(
+        [archive, archive / "chest_xray", archive],
+        CountingModel(tiny_onnx),
+        store.open_db(sqlite_url),
+    )
+    assert stats.seen == first_count(archive) and stats.errors == 0
+
+
+def test_a_missing_root_is_recorded_once_not_rewritten_every_night(tiny_onnx, tmp_path, sqlite_url):
+    engine = store.open_db(sqlite_url)
+    missing = tmp_path / "unmounted"
+    assert scan_archive([missing], CountingModel(tiny_onnx), engine).errors == 1
+    again = scan_archive([missing], CountingModel(tiny_onnx), engine)
+    assert again.errors == 0 and again.unchanged == 1
+    assert _rows(sqlite_url)[str(missing)]["error"] == "no such file or directory"
+
+
+def test_a_class_left_without_images_loses_its_average_map(
+    tiny_archive, tiny_onnx, tmp_path, sqlite_url
+):
+    archive = _archive_copy(tiny_archive, tmp_path)
+    engine = store.open_db(sqlite_url)
+    scan_archive([archive], OnnxModel(tiny_onnx), engine)
+    model_id = store.pick_model(engine).id
+    before = {r["class_name"] for r in store.load_class_maps(engine, model_id)}
+    for path in archive.rglob("*.jpg"):
+        path.write_bytes(b"no longer an image")
+    scan_archive([archive], OnnxModel(tiny_onnx), engine)
+    assert before and store.load_class_maps(engine, model_id) == []

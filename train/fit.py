@@ -390,7 +390,10 @@ class RunCheckpoint(keras.callbacks.Callback):
         best = self.state["best"]
         if math.isfinite(score) and (best is None or score < best):
             self.state.update(best=score, best_epoch=epoch + 1, wait=0)
-            self.model.save_weights(ckpt / "best.weights.h5")
+            # Written aside and renamed: an interrupt never leaves a torn file to resume from.
+            tmp = ckpt / "best.tmp.weights.h5"
+            self.model.save_weights(tmp)
+            os.replace(tmp, ckpt / "best.weights.h5")
         else:
             self.state["wait"] += 1
         self.state["epoch"] = epoch + 1
