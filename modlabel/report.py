@@ -81,13 +81,20 @@ def build_report(
     *,
     model_identity: str | None = None,
     examples_per_class: int = 4,
-    refresh: bool = True,
+    refresh: bool | None = None,
     db_label: str = "",
 ) -> ReportResult:
-    """Write ``out_dir/report.html`` for one model (the newest by default)."""
+    """Write ``out_dir/report.html`` for one model (the newest by default).
+
+    refresh: recompute the class-level averages first; None (the default) does
+    so only when images were labeled after they were last computed (a scan
+    keeps them current, and recomputing reads every stored map).
+    """
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     model_row = store.pick_model(engine, model_identity)
+    if refresh is None:
+        refresh = store.class_maps_stale(engine, model_row.id)
     if refresh:
         update_class_maps(engine, model_row.id, model_row.class_names)
     counts = store.class_counts(engine, model_row.id)

@@ -387,6 +387,25 @@ def _delete_class_map(conn: sa.Connection, model_id: int, class_name: str) -> No
     )
 
 
+def class_maps_stale(engine: Engine, model_id: int) -> bool:
+    """True when an image row is newer than the oldest class-level map (or none exists)."""
+    newest_row = sa.select(sa.func.max(images.c.labeled_at)).where(images.c.model_id == model_id)
+    oldest_map = sa.select(sa.func.min(class_maps.c.updated_at)).where(
+        class_maps.c.model_id == model_id
+    )
+    with engine.connect() as conn:
+        row_time = conn.execute(newest_row).scalar()
+        map_time = conn.execute(oldest_map).scalar()
+    if row_time is None:
+        return False
+    return map_time is None or _aware(row_time) > _aware(map_time)
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands timestamps back without their zone; modlabel writes UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
 def load_class_maps(engine: Engine, model_id: int) -> list[dict[str, Any]]:
     query = (
         sa.select(class_maps)

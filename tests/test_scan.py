@@ -278,3 +278,23 @@ def test_a_class_left_without_images_loses_its_average_map(
         path.write_bytes(b"no longer an image")
     scan_archive([archive], OnnxModel(tiny_onnx), engine)
     assert before and store.load_class_maps(engine, model_id) == []
+
+
+def test_class_maps_are_stale_only_after_new_labels(
+    tiny_archive, tiny_onnx, tmp_path, sqlite_url, postgres_url
+):
+    archive = _archive_copy(tiny_archive, tmp_path)
+    for url in (sqlite_url, postgres_url):
+        engine = store.open_db(url)
+        model = OnnxModel(tiny_onnx)
+        scan_archive([archive], model, engine, aggregate=False)
+        model_id = store.pick_model(engine, model.identity).id
+        assert store.class_maps_stale(engine, model_id)  # labeled, never aggregated
+        from modlabel.aggregate import update_class_maps
+
+        update_class_maps(engine, model_id, model.info.class_names)
+        assert not store.class_maps_stale(engine, model_id)
+        shutil.copyfile(sorted(archive.rglob("*.jpg"))[0], archive / "new.jpg")
+        scan_archive([archive], model, engine, aggregate=False)
+        assert store.class_maps_stale(engine, model_id)
+        (archive / "new.jpg").unlink()
