@@ -91,7 +91,7 @@ def synth(
     summary = render_archive(
         out, per_class=per_class, size=size, seed=seed, progress=_interactive()
     )
-    total = sum(summary.counts.values())
+    total = summary.total
     typer.echo(f"wrote {total} images in {len(summary.counts)} classes to {out}")
     typer.echo(f"ground truth: {summary.ground_truth}")
 
