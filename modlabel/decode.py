@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -39,14 +40,26 @@ def open_rgb(source: str | Path | bytes, *, name: str | None = None) -> Image.Im
     Grayscale, palette, 16-bit and alpha images are converted; alpha is
     composited on black. Raises ``ImageError`` naming the file and the reason.
     """
-    return _open_rgb(source, name=name)[0]
+    # The file's own image dies with the file: keep a copy of it, not of a conversion.
+    return _decode(source, name=name, finish=lambda rgb, own: rgb.copy() if own else rgb)[0]
 
 
-def _open_rgb(
-    source: str | Path | bytes, *, name: str | None = None, at_least: Sequence[int] | None = None
-) -> tuple[Image.Image, tuple[int, int]]:
-    """``open_rgb``, and the image's own (width, height).
+_T = TypeVar("_T")
 
+
+def _decode(
+    source: str | Path | bytes,
+    *,
+    finish: Callable[[Image.Image, bool], _T],
+    name: str | None = None,
+    at_least: Sequence[int] | None = None,
+) -> tuple[_T, tuple[int, int]]:
+    """Decode to RGB and apply ``finish`` while the file is open; also the image's
+    own (width, height).
+
+    finish(rgb, own): ``own`` is True when ``rgb`` is the file's own image,
+    which is released when the file closes (so resampling inside ``finish``
+    spares a full-resolution copy).
     at_least: (height, width). A JPEG is then decoded at the smallest of its
     DCT scales (1/2, 1/4, 1/8) that is still at least this size: two to four
     times faster for archive images much larger than the model's input, and
@@ -62,7 +75,8 @@ def _open_rgb(
             if at_least is not None and img.format == "JPEG":
                 img.draft("RGB", (int(at_least[1]), int(at_least[0])))
             img.load()
-            return _to_rgb(img), original
+            rgb = _to_rgb(img)
+            return finish(rgb, rgb is img), original
     except ImageError:
         raise
     except FileNotFoundError:
@@ -81,8 +95,9 @@ def _open_rgb(
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` itself when it is RGB already, else a converted new image."""
     if img.mode == "RGB":
-        return img.copy()
+        return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit, 32-bit and float grayscale: stretch the used range to 8 bits rather than clip.
         arr = np.asarray(img, dtype=np.float64)
@@ -115,8 +130,7 @@ def load_pixels(
     Returns ((height, width, 3) uint8 pixels at the model's size,
     (original_width, original_height)).
     """
-    img, original = _open_rgb(source, name=name, at_least=size)
-    return resize_rgb(img, size), original
+    return _decode(source, name=name, at_least=size, finish=lambda rgb, _: resize_rgb(rgb, size))
 
 
 def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

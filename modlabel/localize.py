@@ -62,7 +62,7 @@ TABLE3_SIZE = (300, 300)  # the paper counts pixels of 300x300 images
 IGNORED_DISTRACTORS = frozenset({"border"})  # a frame's box is the whole image
 OVERALL = "all"
 
-Box = tuple[int, int, int, int]
+Box = maps.Box
 
 
 # --------------------------------------------------------------------------
