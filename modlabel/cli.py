@@ -8,7 +8,10 @@ load it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,7 +19,7 @@ from typing import Annotated
 import typer
 
 from . import config
-from .errors import ModlabelError
+from .errors import ExitCode, Interrupted, ModlabelError
 
 app = typer.Typer(
     name="modlabel",
@@ -216,7 +219,14 @@ def export(
     )
 
 
-@app.command()
+SCAN_EXIT_CODES = """Exit codes: 0 done (files that could not be labeled are rows with
+their error, not a failure); 2 bad command line; 3 a root or table does not
+exist; 4 the model cannot be loaded; 5 the database cannot be reached,
+opened or written; 6 another scan of this model holds the database's lock;
+7 interrupted by a signal; 1 any other error."""
+
+
+@app.command(epilog=SCAN_EXIT_CODES)
 def scan(
     paths: Annotated[list[Path] | None, typer.Argument(help="Files or folders to label.")] = None,
     model: Annotated[
@@ -254,12 +264,42 @@ def scan(
             "--retry-errors", help="Try files stored with an error again, even if unchanged."
         ),
     ] = False,
+    follow_symlinks: Annotated[
+        bool,
+        typer.Option(
+            "--follow-symlinks",
+            help="Descend into linked folders (each folder is walked once, loops included).",
+        ),
+    ] = False,
+    max_file_size: Annotated[
+        str,
+        typer.Option(
+            "--max-file-size",
+            help="Refuse larger files before reading them (a row with the reason): e.g. 256M, 2G.",
+        ),
+    ] = "256M",
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait", help="If another scan of this model is running, wait for it (else exit 6)."
+        ),
+    ] = False,
+    db_retry: Annotated[
+        float,
+        typer.Option(
+            "--db-retry",
+            min=0,
+            help="Seconds to keep retrying when the database is unreachable (a restart, a "
+            "failover) before giving up with exit code 5.",
+        ),
+    ] = config.DEFAULT_DB_RETRY_SECONDS,
 ) -> None:
     """Label every new or changed image under PATHS and store labels and CRMs.
 
     Unchanged files (same size and mtime, or same content) are skipped, so a
-    nightly cron job only pays for what is new. Unreadable images become rows
-    with an error; the scan goes on.
+    nightly cron job only pays for what is new. Unreadable images, FIFOs,
+    devices and files over --max-file-size become rows with an error; the
+    scan goes on. One scan per model and database runs at a time.
 
     Example: modlabel scan /archive --model model.onnx --db sqlite:///labels.db
 
@@ -267,11 +307,12 @@ def scan(
     modlabel scan --table figures --path-column file --base-dir /figures --model model.onnx
     """
     from .model import OnnxModel
+    from .paths import display_fs_path
     from .scan import scan_archive
-    from .source import table_files
+    from .source import parse_size, table_files
     from .store import open_db
 
-    logging.basicConfig(level=logging.ERROR, format="modlabel: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="modlabel: %(message)s")
     show = _interactive() and not quiet
     model_path = config.resolve_model_path(model)
     if model_path is None:
@@ -279,46 +320,80 @@ def scan(
     if not paths and table is None:
         raise _fail(ModlabelError("nothing to scan: give PATHS or --table"))
     try:
-        onnx_model = OnnxModel(model_path)
-        url = config.resolve_db_url(db)
-        engine = open_db(url)
-        entries, roots = None, [str(p) for p in paths or []]
-        if table is not None:
-            source_url = config.resolve_db_url(table_db) if table_db else url
-            entries = table_files(source_url, table, path_column, base_dir=base_dir)
-            roots = [f"table:{table}.{path_column}"]
-        bar = None
-        if show:
-            from tqdm import tqdm
+        max_bytes = parse_size(max_file_size)
+    except ValueError as exc:
+        raise _fail(ModlabelError(f"--max-file-size: {exc}")) from None
+    try:
+        with _signals_interrupt():
+            onnx_model = OnnxModel(model_path)
+            url = config.resolve_db_url(db)
+            engine = open_db(url, retry_seconds=db_retry)
+            entries, roots = None, [str(p) for p in paths or []]
+            if table is not None:
+                source_url = config.resolve_db_url(table_db) if table_db else url
+                entries = table_files(
+                    source_url, table, path_column, base_dir=base_dir, max_bytes=max_bytes
+                )
+                roots = [f"table:{table}.{path_column}"]
+            bar = None
+            if show:
+                from tqdm import tqdm
 
-            bar = tqdm(unit="img", desc="scan", dynamic_ncols=True)
-        try:
-            stats = scan_archive(
-                roots,
-                onnx_model,
-                engine,
-                entries=entries,
-                retry_errors=retry_errors,
-                batch_size=batch_size,
-                workers=workers,
-                on_progress=bar.update if bar is not None else None,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
+                bar = tqdm(unit="img", desc="scan", dynamic_ncols=True)
+            try:
+                stats = scan_archive(
+                    roots,
+                    onnx_model,
+                    engine,
+                    entries=entries,
+                    retry_errors=retry_errors,
+                    batch_size=batch_size,
+                    workers=workers,
+                    on_progress=bar.update if bar is not None else None,
+                    follow_symlinks=follow_symlinks,
+                    max_file_bytes=max_bytes,
+                    wait=wait,
+                    db_retry=db_retry,
+                )
+            finally:
+                if bar is not None:
+                    bar.close()
     except ModlabelError as exc:
         raise _fail(exc) from None
     for path, reason in stats.error_paths:
-        typer.echo(f"modlabel: {path}: {reason}", err=True)
+        typer.echo(f"modlabel: {display_fs_path(path)}: {reason}", err=True)
     if stats.errors > len(stats.error_paths):
         more = stats.errors - len(stats.error_paths)
         typer.echo(f"modlabel: ... and {more} more errors (see images.error)", err=True)
     if show:
+        if stats.interrupted_before:
+            typer.echo(f"{stats.interrupted_before} earlier run(s) had died; marked interrupted")
         typer.echo(
-            f"{stats.seen} files: {stats.labeled} labeled, {stats.unchanged} unchanged, "
-            f"{stats.errors} errors in {stats.seconds:.1f} s "
+            f"scan #{stats.scan_id}: {stats.seen} files: {stats.labeled} labeled, "
+            f"{stats.unchanged} unchanged, {stats.errors} errors in {stats.seconds:.1f} s "
             f"({stats.images_per_second:.1f} images/s)"
         )
+
+
+class _signals_interrupt:
+    """SIGTERM (cron's or systemd's stop) and SIGINT raise ``Interrupted`` in the main thread,
+    so the scan records itself as interrupted and exits 7."""
+
+    def __enter__(self) -> _signals_interrupt:
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # Not in the main thread (an embedding application), signals stay as they are.
+            with contextlib.suppress(ValueError):
+                self.previous[sig] = signal.signal(sig, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum: int, _frame: object) -> None:
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 @app.command()
@@ -338,12 +413,16 @@ def report(
     Example: modlabel report --db labels.db --out report/
     """
     from .report import build_report
-    from .store import open_db
+    from .store import open_db, safe_url
 
     try:
         url = config.resolve_db_url(db)
         result = build_report(
-            open_db(url), out, model_identity=model, examples_per_class=examples, db_label=url
+            open_db(url),
+            out,
+            model_identity=model,
+            examples_per_class=examples,
+            db_label=safe_url(url),
         )
     except ModlabelError as exc:
         raise _fail(exc) from None
@@ -410,7 +489,10 @@ def _format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
         writer.writerow(columns)
         writer.writerows(rows)
         return buf.getvalue()
-    cells = [[("" if v is None else str(v)) for v in r] for r in rows]
+    from .paths import display_path
+
+    # One row, one line: newlines and other control characters in a cell are escaped.
+    cells = [[("" if v is None else display_path(str(v))) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
@@ -497,5 +579,29 @@ def localize(
         typer.echo(f"wrote {out}")
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:
+    """The console entry point: ``app`` with no traceback for a user, whatever happens.
+
+    Errors of modlabel's own are handled in each command. What reaches here
+    is a closed pipe (``modlabel query ... | head``), Ctrl-C outside a scan,
+    or a bug: one line and an exit code; MODLABEL_DEBUG=1 shows the traceback.
+    """
+    try:
+        app(standalone_mode=True)
+    except BrokenPipeError:
+        # The reader went away; say nothing, like other Unix tools.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(ExitCode.ERROR)
+    except KeyboardInterrupt:
+        typer.echo("modlabel: interrupted", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
+    except Exception as exc:
+        if os.environ.get("MODLABEL_DEBUG"):
+            raise
+        typer.echo(
+            f"modlabel: internal error: {type(exc).__name__}: {exc} "
+            "(MODLABEL_DEBUG=1 shows the traceback; please report it)",
+            err=True,
+        )
+        sys.exit(ExitCode.INTERNAL)

@@ -9,6 +9,8 @@ DB_ENV = "MODLABEL_DB"
 MODEL_ENV = "MODLABEL_MODEL"
 DEFAULT_DB_FILE = "modlabel.db"
 DEFAULT_BATCH_SIZE = 32
+# How long a scan waits out an unreachable database (a restart, a failover), in seconds.
+DEFAULT_DB_RETRY_SECONDS = 60.0
 
 
 def sqlite_url(path: str | Path) -> str:

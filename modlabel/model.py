@@ -18,6 +18,7 @@ reads them without TensorFlow.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -99,23 +100,57 @@ class ModelInfo:
 
     @classmethod
     def from_json(cls, text: str) -> ModelInfo:
-        doc = json.loads(text)
+        """Parse the metadata; ``ModelError`` says what is wrong with it."""
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"modlabel metadata is not JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise ModelError("modlabel metadata is not a JSON object")
         if doc.get("format") != METADATA_FORMAT:
             raise ModelError(f"unsupported modlabel metadata format {doc.get('format')!r}")
-        pre = doc["preprocessing"]
-        return cls(
-            class_names=list(doc["class_names"]),
-            input_size=(int(doc["input_size"][0]), int(doc["input_size"][1])),
-            mean=tuple(float(v) for v in pre["mean"]),
-            std=tuple(float(v) for v in pre["std"]),
-            head_weights=decode_array(doc["head"]["weights"]).astype(np.float32),
-            head_bias=decode_array(doc["head"]["bias"]).astype(np.float32),
-            backbone=doc.get("backbone", "unknown"),
-            cut_layer=doc.get("cut_layer", ""),
-            activation_shape=tuple(int(v) for v in doc.get("activation_shape", (0, 0, 0))),
-            pooling=doc["head"].get("pooling", "mean"),
-            extra=doc.get("extra", {}),
-        )
+        try:
+            pre = doc["preprocessing"]
+            info = cls(
+                class_names=[str(n) for n in doc["class_names"]],
+                input_size=(int(doc["input_size"][0]), int(doc["input_size"][1])),
+                mean=tuple(float(v) for v in pre["mean"]),
+                std=tuple(float(v) for v in pre["std"]),
+                head_weights=decode_array(doc["head"]["weights"]).astype(np.float32),
+                head_bias=decode_array(doc["head"]["bias"]).astype(np.float32),
+                backbone=str(doc.get("backbone", "unknown")),
+                cut_layer=str(doc.get("cut_layer", "")),
+                activation_shape=tuple(int(v) for v in doc.get("activation_shape", (0, 0, 0))),
+                pooling=doc["head"].get("pooling", "mean"),
+                extra=doc.get("extra", {}),
+            )
+        except KeyError as exc:
+            raise ModelError(f"modlabel metadata lacks {exc.args[0]!r}") from None
+        except (TypeError, ValueError, IndexError, binascii.Error) as exc:
+            raise ModelError(f"modlabel metadata is malformed ({exc})") from None
+        info.check()
+        return info
+
+    def check(self) -> None:
+        """Raise ``ModelError`` when the metadata contradicts itself."""
+        n = len(self.class_names)
+        if n < 2 or len(set(self.class_names)) != n:
+            raise ModelError(f"metadata names {n} classes; a model needs 2 or more, all distinct")
+        if self.head_weights.ndim != 2 or self.head_weights.shape[1] != n:
+            raise ModelError(
+                f"metadata names {n} classes but the head's weights have shape "
+                f"{tuple(self.head_weights.shape)} (expected (K, {n}))"
+            )
+        if self.head_bias.shape != (n,):
+            raise ModelError(
+                f"the head's bias has shape {tuple(self.head_bias.shape)}, expected ({n},)"
+            )
+        if min(self.input_size) < 1 or len(self.mean) != 3 or len(self.std) != 3:
+            raise ModelError("metadata needs a positive input size and 3 means and 3 stds")
+        if any(v == 0 for v in self.std):
+            raise ModelError("metadata has a zero std")
+        if self.pooling not in ("mean", "sum"):
+            raise ModelError(f"unknown pooling {self.pooling!r} (mean or sum)")
 
 
 def default_providers() -> list[str]:
@@ -166,13 +201,33 @@ class OnnxModel:
                 f"{self.path}: ONNX file has no '{METADATA_KEY}' metadata; "
                 "export it with `modlabel export`"
             )
-        self.info = ModelInfo.from_json(meta[METADATA_KEY])
-        outputs = {o.name for o in self.session.get_outputs()}
-        if not {LOGITS, ACTIVATIONS} <= outputs:
+        try:
+            self.info = ModelInfo.from_json(meta[METADATA_KEY])
+        except ModelError as exc:
+            raise ModelError(f"{self.path}: {exc}") from None
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if not {LOGITS, ACTIVATIONS} <= set(outputs):
             raise ModelError(
                 f"{self.path}: outputs {sorted(outputs)} lack '{LOGITS}' and '{ACTIVATIONS}'"
             )
+        self._check_graph(outputs[LOGITS].shape, outputs[ACTIVATIONS].shape)
         self.input_name = self.session.get_inputs()[0].name
+
+    def _check_graph(self, logits_shape: list, activations_shape: list) -> None:
+        """The graph's static output sizes must agree with the metadata's head."""
+        k, c = self.info.head_weights.shape
+        if len(logits_shape) != 2 or len(activations_shape) != 4:
+            raise ModelError(f"{self.path}: logits must be (N, C) and activations (N, h, w, K)")
+        if isinstance(logits_shape[-1], int) and logits_shape[-1] != c:
+            raise ModelError(
+                f"{self.path}: the graph has {logits_shape[-1]} logits but the metadata "
+                f"names {c} classes"
+            )
+        if isinstance(activations_shape[-1], int) and activations_shape[-1] != k:
+            raise ModelError(
+                f"{self.path}: the activations have {activations_shape[-1]} channels but the "
+                f"head's weights expect {k}"
+            )
 
     @cached_property
     def identity(self) -> str:

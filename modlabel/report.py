@@ -22,6 +22,8 @@ from . import __version__, codec, maps, overlay, store
 from .aggregate import update_class_maps
 from .decode import open_rgb
 from .errors import ImageError
+from .paths import display_path, from_db
+from .source import read_file
 
 HEATMAP_PX = 256
 EXAMPLE_PX = 180
@@ -29,7 +31,7 @@ EXAMPLE_PX = 180
 
 @dataclass
 class ExampleView:
-    path: str
+    path: str  # for display (modlabel.paths.display_path)
     confidence: float
     png: str | None  # base64 PNG, None when the file can no longer be read
     note: str = ""
@@ -69,7 +71,7 @@ def class_heatmap_png(average: np.ndarray) -> str:
 
 def example_png(path: str, crm_map: np.ndarray) -> str:
     """An archive image, shrunk for the page, with its CRM overlaid."""
-    img = open_rgb(path)
+    img = open_rgb(read_file(path), name=path)  # regular files only, bounded
     img.thumbnail((EXAMPLE_PX, EXAMPLE_PX))
     blended = overlay.overlay(np.asarray(img), crm_map, threshold=maps.DISPLAY_FRACTION)
     return _png_b64(blended)
@@ -118,12 +120,14 @@ def build_report(
         )
         for ex in store.example_rows(engine, model_row.id, name, examples_per_class):
             try:
-                png, note = example_png(ex["path"], codec.decode_map(ex["crm"])), ""
+                png, note = example_png(from_db(ex["path"]), codec.decode_map(ex["crm"])), ""
             except ImageError as exc:
                 png, note = None, exc.reason
-            view.examples.append(ExampleView(ex["path"], float(ex["confidence"]), png, note))
+            view.examples.append(
+                ExampleView(display_path(ex["path"]), float(ex["confidence"]), png, note)
+            )
         classes.append(view)
-    errors = store.error_rows(engine, model_row.id)
+    errors = [(display_path(p), e) for p, e in store.error_rows(engine, model_row.id)]
     error_count = store.count_errors(engine, model_row.id)
     env = Environment(
         loader=PackageLoader("modlabel", "templates"), autoescape=select_autoescape(["html", "j2"])

@@ -7,6 +7,14 @@ thread pool while the model runs, labeled in batches, and each batch is
 written in its own transaction, so an interrupted scan keeps everything it
 finished. A file that cannot be read becomes a row with an error, and the scan
 goes on.
+
+The nightly job around it: a scan first takes the lock of its (database,
+model) (``modlabel.lock``), marks runs that died without a word as
+interrupted, and records itself in ``scans`` with a heartbeat. Every
+database call is retried through a restart of the server (``store.DbRetry``);
+since each batch is one transaction of upserts, a retried batch is written
+exactly once. However it ends, its ``scans`` row says how, where the
+database can still be reached.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,9 +36,18 @@ from sqlalchemy.engine import Engine
 
 from . import codec, maps, store
 from .decode import load_pixels
-from .errors import ImageError
+from .errors import DatabaseError, ImageError, Interrupted
+from .lock import acquire_scan_lock
 from .model import OnnxModel, softmax
-from .source import FileEntry, walk_files
+from .paths import display_fs_path, to_db
+from .source import (
+    DEFAULT_MAX_FILE_BYTES,
+    FileEntry,
+    Unreadable,
+    check_roots,
+    read_file,
+    walk_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +63,9 @@ class ScanStats:
     unchanged: int = 0
     errors: int = 0
     seconds: float = 0.0
-    error_paths: list[tuple[str, str]] = field(default_factory=list)
+    error_paths: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    scan_id: int | None = None
+    interrupted_before: int = 0  # earlier runs found dead and marked interrupted
 
     @property
     def images_per_second(self) -> float:
@@ -57,6 +77,7 @@ class _Work:
     """One file on its way through the pipeline."""
 
     entry: FileEntry
+    key: str  # the stored path (modlabel.paths)
     known: store.KnownFile | None
     sha256: str | None = None
     inputs: np.ndarray | None = None  # (H, W, 3) float32, decoded and normalized
@@ -74,8 +95,12 @@ def scan_archive(
     workers: int = 2,
     on_progress: Callable[[int], None] | None = None,
     aggregate: bool = True,
-    entries: Iterable[FileEntry | tuple[str, str]] | None = None,
+    entries: Iterable[FileEntry | Unreadable] | None = None,
     retry_errors: bool = False,
+    follow_symlinks: bool = False,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    wait: bool = False,
+    db_retry: float = store.DEFAULT_RETRY_SECONDS,
 ) -> ScanStats:
     """Label every image under ``roots`` that the database lacks for ``model``.
 
@@ -86,9 +111,20 @@ def scan_archive(
     being written, a permission since fixed). Returns the counts; per-file
     errors are stored as rows and also listed in ``ScanStats.error_paths`` (at
     most 1000 of them).
+
+    Raises ``InputError`` when a root does not exist (before anything is
+    written), ``LockedError`` when another scan of the model runs on the
+    database (``wait``: wait for it instead), ``DatabaseError`` when the
+    database stays unreachable past ``db_retry`` seconds or refuses a write,
+    and ``Interrupted`` (or ``KeyboardInterrupt``) when stopped by a signal;
+    what was committed stays, and the next run goes on from there.
     """
+    if entries is None:
+        check_roots(roots)
     info = model.info
-    model_id = store.ensure_model(
+    retry = store.DbRetry(db_retry)
+    model_id = retry(
+        store.ensure_model,
         engine,
         identity=model.identity,
         sha256=model.sha256,
@@ -98,62 +134,158 @@ def scan_archive(
         activation_shape=info.activation_shape,
         path=str(model.path),
     )
-    scan_id = store.start_scan(engine, model_id, [str(r) for r in roots])
+    scan_lock = retry(acquire_scan_lock, engine, model_id, wait=wait)
+    retry.on_recovered = scan_lock.reacquire
     stats = ScanStats()
-    started = time.perf_counter()
     try:
-        changed = _changed_files(
-            walk_files(roots) if entries is None else entries,
-            engine,
-            model_id,
-            stats,
-            on_progress,
-            retry_errors=retry_errors,
-        )
-        with ThreadPoolExecutor(
-            max_workers=max(1, workers), thread_name_prefix="modlabel-decode"
-        ) as pool:
-            prepared = _bounded_map(
-                pool,
-                lambda w: _prepare(w, info.input_size, model.preprocess),
-                changed,
-                window=max(2 * batch_size, 4 * workers),
-            )
-            pending_touch: list[tuple[str, int, float]] = []
-            for batch in _batches(prepared, pending_touch, batch_size):
-                store.touch_files(engine, model_id, pending_touch)
-                stats.unchanged += len(pending_touch)
-                _tick(on_progress, len(pending_touch))
-                pending_touch.clear()
-                rows = _label_batch(batch, model)
-                store.write_image_rows(engine, model_id, rows)
-                for work in batch:
-                    if work.error is None:
-                        stats.labeled += 1
-                    else:
-                        stats.errors += 1
-                        if len(stats.error_paths) < 1000:
-                            stats.error_paths.append((work.entry.path, work.error))
-                        log.warning("%s: %s", work.entry.path, work.error)
-                _tick(on_progress, len(batch))
-            store.touch_files(engine, model_id, pending_touch)
-            stats.unchanged += len(pending_touch)
-            _tick(on_progress, len(pending_touch))
+        stats.interrupted_before = retry(store.interrupt_stale_scans, engine, model_id)
+        scan_id = retry(store.start_scan, engine, model_id, [to_db(str(r)) for r in roots])
+        stats.scan_id = scan_id
+        progress = store.ScanProgress(scan_id)
+        started = time.perf_counter()
+        with _Heartbeat(engine, scan_id):
+            try:
+                _run_pipeline(
+                    walk_files(roots, follow_symlinks=follow_symlinks, max_bytes=max_file_bytes)
+                    if entries is None
+                    else entries,
+                    model,
+                    engine,
+                    model_id,
+                    stats,
+                    progress,
+                    retry,
+                    batch_size=batch_size,
+                    workers=workers,
+                    on_progress=on_progress,
+                    retry_errors=retry_errors,
+                    max_file_bytes=max_file_bytes,
+                )
+                stats.seconds = time.perf_counter() - started
+                if aggregate and (stats.labeled or stats.errors):
+                    from .aggregate import update_class_maps
+
+                    retry(update_class_maps, engine, model_id, info.class_names)
+                retry(
+                    store.finish_scan,
+                    engine,
+                    scan_id,
+                    seen=stats.seen,
+                    unchanged=stats.unchanged,
+                )
+            except BaseException as exc:
+                stats.seconds = time.perf_counter() - started
+                _record_end(engine, scan_id, stats, exc)
+                raise
     finally:
-        stats.seconds = time.perf_counter() - started
-        store.finish_scan(
+        scan_lock.release()
+    return stats
+
+
+def _run_pipeline(
+    entries: Iterable[FileEntry | Unreadable],
+    model: OnnxModel,
+    engine: Engine,
+    model_id: int,
+    stats: ScanStats,
+    progress: store.ScanProgress,
+    retry: store.DbRetry,
+    *,
+    batch_size: int,
+    workers: int,
+    on_progress: Callable[[int], None] | None,
+    retry_errors: bool,
+    max_file_bytes: int,
+) -> None:
+    info = model.info
+    changed = _changed_files(
+        entries, engine, model_id, stats, on_progress, retry, retry_errors=retry_errors
+    )
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="modlabel-decode")
+    try:
+        prepared = _bounded_map(
+            pool,
+            lambda w: _prepare(w, info.input_size, model.preprocess, max_file_bytes),
+            changed,
+            window=max(2 * batch_size, 4 * workers),
+        )
+        pending_touch: list[tuple[str, int, float]] = []
+
+        def flush_touched() -> None:
+            stats.unchanged += len(pending_touch)
+            progress.seen, progress.unchanged = stats.seen, stats.unchanged
+            retry(store.touch_files, engine, model_id, pending_touch, progress)
+            _tick(on_progress, len(pending_touch))
+            pending_touch.clear()
+
+        for batch in _batches(prepared, pending_touch, batch_size):
+            if pending_touch:
+                flush_touched()
+            rows = _label_batch(batch, model)
+            batch_errors = [w for w in batch if w.error is not None]
+            progress.seen, progress.unchanged = stats.seen, stats.unchanged
+            retry(store.write_image_rows, engine, model_id, rows, progress)
+            stats.labeled += len(batch) - len(batch_errors)
+            stats.errors += len(batch_errors)
+            for work in batch_errors:
+                if len(stats.error_paths) < 1000:
+                    stats.error_paths.append((work.entry.path, work.error))
+                log.info("%s: %s", display_fs_path(work.entry.path), work.error)
+            _tick(on_progress, len(batch))
+        flush_touched()
+    finally:
+        # On an error or a signal, queued decodes are dropped rather than run.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _record_end(engine: Engine, scan_id: int, stats: ScanStats, exc: BaseException) -> None:
+    """Write how a scan ended badly to its row, if the database can still be reached."""
+    if isinstance(exc, KeyboardInterrupt):
+        status, reason = store.INTERRUPTED, "interrupted (SIGINT)"
+    elif isinstance(exc, Interrupted):
+        status, reason = store.INTERRUPTED, str(exc)
+    elif isinstance(exc, Exception) and hasattr(exc, "exit_code"):
+        status, reason = store.FAILED, str(exc)
+    else:
+        status, reason = store.FAILED, f"{type(exc).__name__}: {exc}"
+    try:
+        store.DbRetry(0)(
+            store.finish_scan,
             engine,
             scan_id,
+            status=status,
+            reason=reason,
             seen=stats.seen,
-            labeled=stats.labeled,
             unchanged=stats.unchanged,
-            errors=stats.errors,
         )
-    if aggregate and (stats.labeled or stats.errors):
-        from .aggregate import update_class_maps
+    except DatabaseError as unrecorded:
+        # The row stays "running" until its heartbeat lapses, then shows as interrupted.
+        log.debug("could not record the end of scan #%s: %s", scan_id, unrecorded)
 
-        update_class_maps(engine, model_id, info.class_names)
-    return stats
+
+class _Heartbeat:
+    """Renews the scan's ``alive_until`` from a thread while the scan runs."""
+
+    def __init__(self, engine: Engine, scan_id: int) -> None:
+        self.engine = engine
+        self.scan_id = scan_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="modlabel-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(store.HEARTBEAT_SECONDS):
+            try:
+                store.heartbeat(self.engine, self.scan_id)
+            except Exception as exc:  # the main thread's retries deal with outages
+                log.debug("heartbeat of scan #%s failed: %s", self.scan_id, exc)
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def _tick(on_progress: Callable[[int], None] | None, n: int) -> None:
@@ -162,11 +294,12 @@ def _tick(on_progress: Callable[[int], None] | None, n: int) -> None:
 
 
 def _changed_files(
-    entries: Iterable[FileEntry | tuple[str, str]],
+    entries: Iterable[FileEntry | Unreadable],
     engine: Engine,
     model_id: int,
     stats: ScanStats,
     on_progress: Callable[[int], None] | None,
+    retry: store.DbRetry,
     *,
     retry_errors: bool = False,
 ) -> Iterator[_Work]:
@@ -174,44 +307,46 @@ def _changed_files(
     iterator = iter(entries)
     while chunk := list(itertools.islice(iterator, LOOKUP_CHUNK)):
         stats.seen += len(chunk)
-        paths = [e.path if isinstance(e, FileEntry) else e[0] for e in chunk]
-        known = store.known_files(engine, model_id, paths)
+        keys = [to_db(e.path if isinstance(e, FileEntry) else e[0]) for e in chunk]
+        known = retry(store.known_files, engine, model_id, keys)
         skipped = 0
         in_chunk: set[str] = set()  # a path listed twice (a table, overlapping roots) once
-        for item in chunk:
-            path = item.path if isinstance(item, FileEntry) else item[0]
-            if path in in_chunk:
+        for item, key in zip(chunk, keys, strict=True):
+            if key in in_chunk:
                 skipped += 1
                 continue
-            in_chunk.add(path)
-            old = known.get(path)
+            in_chunk.add(key)
+            old = known.get(key)
             if isinstance(item, tuple):
                 if old is not None and old.failed and not retry_errors:
-                    skipped += 1  # still missing: the stored error stands
+                    skipped += 1  # still unreadable: the stored error stands
                     continue
-                yield _Work(FileEntry(path, 0, 0.0), old, error=item[1])
+                yield _Work(FileEntry(item[0], 0, 0.0), key, old, error=item[1])
                 continue
             if old is not None and old.failed and retry_errors:
-                yield _Work(item, None)  # no hash shortcut: the same bytes are tried again
+                yield _Work(item, key, None)  # no hash shortcut: the same bytes are tried again
                 continue
             if old is not None and old.size_bytes == item.size_bytes and old.mtime == item.mtime:
                 skipped += 1
                 continue
-            yield _Work(item, old)
+            yield _Work(item, key, old)
         stats.unchanged += skipped
         _tick(on_progress, skipped)
 
 
 def _prepare(
-    work: _Work, input_size: Sequence[int], preprocess: Callable[[np.ndarray], np.ndarray]
+    work: _Work,
+    input_size: Sequence[int],
+    preprocess: Callable[[np.ndarray], np.ndarray],
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> _Work:
     """Read, hash, decode and normalize one file (runs in a worker thread)."""
     if work.error is not None:
         return work
     try:
-        data = Path(work.entry.path).read_bytes()
-    except OSError as exc:
-        work.error = f"cannot read file: {exc.strerror or exc}"
+        data = read_file(work.entry.path, max_file_bytes)
+    except ImageError as exc:
+        work.error = exc.reason
         return work
     work.sha256 = hashlib.sha256(data).hexdigest()
     if work.known is not None and work.known.sha256 == work.sha256:
@@ -247,7 +382,7 @@ def _batches(
     batch: list[_Work] = []
     for work in prepared:
         if work.unchanged:
-            touched.append((work.entry.path, work.entry.size_bytes, work.entry.mtime))
+            touched.append((work.key, work.entry.size_bytes, work.entry.mtime))
             continue
         batch.append(work)
         if len(batch) >= batch_size:
@@ -273,7 +408,7 @@ def _label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any
             top = int(np.argmax(p))
             rows.append(
                 {
-                    "path": work.entry.path,
+                    "path": work.key,
                     "size_bytes": work.entry.size_bytes,
                     "mtime": work.entry.mtime,
                     "sha256": work.sha256,
@@ -291,7 +426,7 @@ def _label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any
         if work.error is not None:
             rows.append(
                 {
-                    "path": work.entry.path,
+                    "path": work.key,
                     "size_bytes": work.entry.size_bytes,
                     "mtime": work.entry.mtime,
                     "sha256": work.sha256,

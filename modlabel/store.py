@@ -12,21 +12,35 @@ Tables:
   confidence, every class probability, the compressed CRM, or the error that
   kept the file from being labeled.
 * ``class_maps``: the class-level average CRM (paper Eq. 8) per (model, class).
-* ``scans``: one row per scan run, for auditing nightly jobs.
+* ``scans``: one row per scan run, for auditing nightly jobs: its status
+  (running, finished, failed, interrupted), host and pid, and the counts of
+  what it committed.
+
+Paths are stored as text through ``modlabel.paths`` (any byte string a file
+system allows). Every write is an upsert (``INSERT ... ON CONFLICT``), so
+scans that overlap never fail on each other's rows, and a batch lands whole
+or not at all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from .config import DEFAULT_DB_RETRY_SECONDS as DEFAULT_RETRY_SECONDS
 from .errors import DatabaseError
+
+log = logging.getLogger(__name__)
 
 metadata = sa.MetaData()
 
@@ -89,7 +103,20 @@ scans = sa.Table(
     sa.Column("labeled", sa.Integer, nullable=False, default=0),
     sa.Column("unchanged", sa.Integer, nullable=False, default=0),
     sa.Column("errors", sa.Integer, nullable=False, default=0),
+    sa.Column("status", sa.String(16), nullable=False, default="running"),
+    sa.Column("reason", sa.Text),
+    sa.Column("host", sa.String(255)),
+    sa.Column("pid", sa.Integer),
+    sa.Column("alive_until", sa.DateTime(timezone=True)),
 )
+sa.Index("ix_scans_model_status", scans.c.model_id, scans.c.status)
+
+# Scan statuses. A "running" row whose heartbeat (``alive_until``) has lapsed, or whose
+# process is gone, is shown as interrupted.
+RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
+# A running scan renews ``alive_until`` every HEARTBEAT_SECONDS, to now + ALIVE_SECONDS.
+HEARTBEAT_SECONDS = 30.0
+ALIVE_SECONDS = 120.0
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -98,54 +125,190 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def open_db(url: str, *, migrate: bool = True) -> Engine:
-    """An engine for ``url`` with the schema upgraded to the newest version."""
-    kwargs: dict[str, Any] = {}
+def open_db(url: str, *, migrate: bool = True, retry_seconds: float = 0.0) -> Engine:
+    """An engine for ``url`` with the schema upgraded to the newest version.
+
+    Connections are pre-pinged, so a connection that died with a server restart
+    is replaced instead of failing the next statement. ``retry_seconds``: how
+    long a database that cannot be reached yet is waited for (0: fail at once).
+    """
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         # Waiting on a lock beats failing when two jobs touch the same file.
         kwargs["connect_args"] = {"timeout": 60}
+    elif url.startswith("postgresql"):
+        kwargs["connect_args"] = {"connect_timeout": 10}
     try:
         engine = sa.create_engine(url, **kwargs)
-        if url.startswith("sqlite"):
-            sa.event.listen(engine, "connect", _sqlite_pragmas)
-        with engine.connect():
-            pass
     except sa.exc.ArgumentError as exc:
-        raise DatabaseError(f"not a database URL: {url!r} ({exc})") from None
-    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-        raise DatabaseError(f"cannot open database {_safe(url)}: {exc.orig}") from None
+        raise DatabaseError(f"not a database URL: {safe_url(url)} ({exc})") from None
     except ModuleNotFoundError as exc:
-        raise DatabaseError(f"no driver for {_safe(url)}: {exc}") from None
+        raise DatabaseError(f"no driver for {safe_url(url)}: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_connect)
+        sa.event.listen(engine, "begin", _sqlite_begin)
+    retry = DbRetry(retry_seconds, what=f"database {safe_url(url)}")
+    retry(_ping, engine)
     if migrate:
-        upgrade_schema(engine)
+        retry(upgrade_schema, engine)
     return engine
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _ping(engine: Engine) -> None:
+    with engine.connect():
+        pass
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # modlabel emits BEGIN itself (see _sqlite_begin), as SQLAlchemy's pysqlite docs advise,
+    # so that DDL is transactional and a writer can take the lock up front.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
 
-def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
+def _sqlite_begin(conn: sa.Connection) -> None:
+    immediate = conn.get_execution_options().get("sqlite_immediate", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def safe_url(url: str | sa.engine.URL) -> str:
+    """The URL without its password, for every message, log line and record."""
     try:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return url
+    except (sa.exc.ArgumentError, ValueError, TypeError):
+        return "<unparsable database URL>"
 
 
 def upgrade_schema(engine: Engine) -> None:
-    """Run Alembic's migrations up to head on ``engine``."""
+    """Run Alembic's migrations up to head on ``engine``.
+
+    Safe when several processes open a new database at once: the upgrade runs
+    under a lock (an advisory lock on PostgreSQL, a write transaction taken
+    up front on SQLite), and the second process finds the schema at head.
+    A database already at head is only read (a read-only database opens).
+    """
     from alembic import command
     from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    with engine.connect() as conn:
+        if MigrationContext.configure(conn).get_current_revision() == head:
+            return
+    with engine.connect().execution_options(sqlite_immediate=True) as conn, conn.begin():
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+# Advisory lock keys of modlabel on PostgreSQL ('mlab' as an int4 namespace).
+LOCK_NAMESPACE = 0x6D6C6162
+MIGRATION_LOCK_KEY = LOCK_NAMESPACE << 16
+
+
+# -- transient errors --------------------------------------------------------
+
+_T = TypeVar("_T")
+
+# PostgreSQL error classes worth waiting out: connection exceptions (08), the server
+# shutting down or starting (57P01-57P03), too many connections, serialization and
+# deadlock failures.
+_TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300", "40001", "40P01")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for database errors that a retry can outlive (a restart, a lock, a failover)."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig
+    state = getattr(exc, "sqlstate", None)
+    module = type(exc).__module__
+    if module.startswith("psycopg"):
+        import psycopg
+
+        if isinstance(exc, psycopg.OperationalError) and state is None:
+            return True  # no answer at all: refused, reset, closed
+        return state is not None and state.startswith(_TRANSIENT_SQLSTATES)
+    if module == "sqlite3":
+        message = str(exc).lower()
+        return "database is locked" in message or "database table is locked" in message
+    return False
+
+
+def describe_db_error(exc: BaseException) -> str:
+    """One line on what went wrong, without the SQL or a password."""
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    text = " ".join(str(orig).split()) or type(orig).__name__
+    if "readonly database" in text or "read-only transaction" in text:
+        return f"the database is read-only ({text})"
+    if "file is not a database" in text:
+        return "not a SQLite database file (file is not a database)"
+    return text
+
+
+class DbRetry:
+    """Call a database function, retrying transient errors with backoff for ``seconds``.
+
+    The budget starts at the first failure and is renewed by every success.
+    Past it, or on an error that no retry can mend, ``DatabaseError`` is
+    raised with one line saying what failed. ``on_recovered`` runs after a
+    call succeeds that needed retries (to take a lost lock back, say).
+    """
+
+    def __init__(
+        self,
+        seconds: float = DEFAULT_RETRY_SECONDS,
+        *,
+        what: str = "database",
+        on_recovered: Callable[[], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.seconds = max(0.0, seconds)
+        self.what = what
+        self.on_recovered = on_recovered
+        self.sleep = sleep
+        self.retries = 0
+
+    def __call__(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        deadline: float | None = None
+        delay = 0.25
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except sa.exc.DBAPIError as exc:
+                reason = describe_db_error(exc)
+                if not is_transient(exc):
+                    raise DatabaseError(f"{self.what}: {reason}") from None
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.seconds
+                    if self.seconds > 0:
+                        log.warning(
+                            "%s unavailable (%s); retrying for up to %.0f s",
+                            self.what,
+                            reason,
+                            self.seconds,
+                        )
+                if now >= deadline:
+                    waited = f" for {self.seconds:.0f} s" if self.seconds > 0 else ""
+                    raise DatabaseError(f"{self.what} unavailable{waited}: {reason}") from None
+                self.retries += 1
+                self.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 5.0)
+                continue
+            if deadline is not None:
+                log.warning("%s is back", self.what)
+                if self.on_recovered is not None:
+                    self.on_recovered()
+            return result
 
 
 # -- models ----------------------------------------------------------------
@@ -162,26 +325,36 @@ def ensure_model(
     activation_shape: Sequence[int],
     path: str,
 ) -> int:
-    """The id of the model row for ``identity``, inserted on first use."""
+    """The id of the model row for ``identity``, inserted on first use (race-free)."""
     with engine.begin() as conn:
-        found = conn.execute(sa.select(models.c.id).where(models.c.identity == identity)).scalar()
-        if found is not None:
-            conn.execute(models.update().where(models.c.id == found).values(path=path))
-            return int(found)
-        return int(
-            conn.execute(
-                models.insert().values(
-                    identity=identity,
-                    sha256=sha256,
-                    backbone=backbone,
-                    class_names=list(class_names),
-                    input_size=list(input_size),
-                    activation_shape=list(activation_shape),
-                    path=path,
-                    created_at=utcnow(),
-                )
-            ).inserted_primary_key[0]
+        conn.execute(
+            _insert(conn)(models)
+            .values(
+                identity=identity,
+                sha256=sha256,
+                backbone=backbone,
+                class_names=list(class_names),
+                input_size=list(input_size),
+                activation_shape=list(activation_shape),
+                path=path,
+                created_at=utcnow(),
+            )
+            .on_conflict_do_update(index_elements=[models.c.identity], set_={"path": path})
         )
+        return int(
+            conn.execute(sa.select(models.c.id).where(models.c.identity == identity)).scalar_one()
+        )
+
+
+def _insert(conn: sa.Connection) -> Callable[[sa.Table], Any]:
+    """The dialect's INSERT with ``on_conflict_do_*`` (PostgreSQL and SQLite have both)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - modlabel supports SQLite and PostgreSQL
+        raise DatabaseError(f"unsupported database dialect {conn.dialect.name!r}")
+    return insert
 
 
 @dataclass(frozen=True)
@@ -254,8 +427,25 @@ def known_files(engine: Engine, model_id: int, paths: Sequence[str]) -> dict[str
     return found
 
 
-def touch_files(engine: Engine, model_id: int, stats: Iterable[tuple[str, int, float]]) -> None:
-    """Record a new stat for files whose content hash did not change."""
+@dataclass
+class ScanProgress:
+    """What a scan has done so far; written to its ``scans`` row with every batch."""
+
+    scan_id: int
+    seen: int = 0
+    unchanged: int = 0
+
+
+def touch_files(
+    engine: Engine,
+    model_id: int,
+    stats: Iterable[tuple[str, int, float]],
+    progress: ScanProgress | None = None,
+) -> None:
+    """Record a new stat for files whose content hash did not change.
+
+    stats: (stored path, size, mtime) per file.
+    """
     stats = list(stats)
     if not stats:
         return
@@ -266,17 +456,54 @@ def touch_files(engine: Engine, model_id: int, stats: Iterable[tuple[str, int, f
             .values(size_bytes=sa.bindparam("s"), mtime=sa.bindparam("m")),
             [{"p": p, "s": s, "m": m} for p, s, m in stats],
         )
+        if progress is not None:
+            _record_progress(conn, progress, labeled=0, errors=0)
 
 
-def write_image_rows(engine: Engine, model_id: int, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert or replace image rows (one transaction: a batch lands whole or not at all)."""
+_IMAGE_COLUMNS = tuple(c.name for c in images.columns if c.name not in ("id", "model_id", "path"))
+
+
+def write_image_rows(
+    engine: Engine,
+    model_id: int,
+    rows: Sequence[dict[str, Any]],
+    progress: ScanProgress | None = None,
+) -> None:
+    """Insert or update image rows, keyed by (model, stored path), in one transaction.
+
+    A batch lands whole or not at all, and with it the scan's counts, so the
+    ``scans`` row never counts more than was committed. An upsert: a second
+    scan writing the same paths at the same moment updates, never fails.
+    """
     if not rows:
         return
     rows = list({r["path"]: r for r in rows}.values())  # one row per path: the last wins
-    paths = [r["path"] for r in rows]
     with engine.begin() as conn:
-        conn.execute(images.delete().where(images.c.model_id == model_id, images.c.path.in_(paths)))
-        conn.execute(images.insert(), [{**r, "model_id": model_id} for r in rows])
+        stmt = _insert(conn)(images)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[images.c.model_id, images.c.path],
+            set_={name: stmt.excluded[name] for name in _IMAGE_COLUMNS},
+        )
+        conn.execute(stmt, [{**r, "model_id": model_id} for r in rows])
+        if progress is not None:
+            errors = sum(1 for r in rows if r["error"] is not None)
+            _record_progress(conn, progress, labeled=len(rows) - errors, errors=errors)
+
+
+def _record_progress(
+    conn: sa.Connection, progress: ScanProgress, *, labeled: int, errors: int
+) -> None:
+    conn.execute(
+        scans.update()
+        .where(scans.c.id == progress.scan_id)
+        .values(
+            seen=progress.seen,
+            unchanged=progress.unchanged,
+            labeled=scans.c.labeled + labeled,
+            errors=scans.c.errors + errors,
+            alive_until=_alive_until(),
+        )
+    )
 
 
 def iter_class_maps(
@@ -360,16 +587,18 @@ def save_class_map(
     crm_blob: bytes,
     roi_box: Sequence[int] | None,
 ) -> None:
+    values = {
+        "image_count": image_count,
+        "crm": crm_blob,
+        "roi_box": list(roi_box) if roi_box is not None else [],
+        "updated_at": utcnow(),
+    }
     with engine.begin() as conn:
-        _delete_class_map(conn, model_id, class_name)
         conn.execute(
-            class_maps.insert().values(
-                model_id=model_id,
-                class_name=class_name,
-                image_count=image_count,
-                crm=crm_blob,
-                roi_box=list(roi_box) if roi_box is not None else [],
-                updated_at=utcnow(),
+            _insert(conn)(class_maps)
+            .values(model_id=model_id, class_name=class_name, **values)
+            .on_conflict_do_update(
+                index_elements=[class_maps.c.model_id, class_maps.c.class_name], set_=values
             )
         )
 
@@ -419,7 +648,12 @@ def load_class_maps(engine: Engine, model_id: int) -> list[dict[str, Any]]:
 # -- scans -----------------------------------------------------------------
 
 
+def _alive_until() -> datetime:
+    return utcnow() + timedelta(seconds=ALIVE_SECONDS)
+
+
 def start_scan(engine: Engine, model_id: int, roots: Sequence[str]) -> int:
+    """Insert the ``scans`` row of a starting scan (status running) and return its id."""
     with engine.begin() as conn:
         return int(
             conn.execute(
@@ -431,19 +665,150 @@ def start_scan(engine: Engine, model_id: int, roots: Sequence[str]) -> int:
                     labeled=0,
                     unchanged=0,
                     errors=0,
+                    status=RUNNING,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    alive_until=_alive_until(),
                 )
             ).inserted_primary_key[0]
         )
 
 
+def heartbeat(engine: Engine, scan_id: int) -> None:
+    """Renew a running scan's ``alive_until``."""
+    with engine.begin() as conn:
+        conn.execute(
+            scans.update()
+            .where(scans.c.id == scan_id, scans.c.status == RUNNING)
+            .values(alive_until=_alive_until())
+        )
+
+
 def finish_scan(
-    engine: Engine, scan_id: int, *, seen: int, labeled: int, unchanged: int, errors: int
+    engine: Engine,
+    scan_id: int,
+    *,
+    status: str = FINISHED,
+    reason: str | None = None,
+    seen: int,
+    unchanged: int,
 ) -> None:
+    """Close a scan's row: its final status and the counts not already committed.
+
+    ``labeled`` and ``errors`` are not passed: they were counted with each
+    committed batch.
+    """
     with engine.begin() as conn:
         conn.execute(
             scans.update()
             .where(scans.c.id == scan_id)
             .values(
-                finished_at=utcnow(), seen=seen, labeled=labeled, unchanged=unchanged, errors=errors
+                status=status,
+                reason=reason,
+                finished_at=utcnow(),
+                seen=seen,
+                unchanged=unchanged,
+                alive_until=None,
             )
         )
+
+
+def interrupt_stale_scans(engine: Engine, model_id: int) -> int:
+    """Mark the model's scans still shown as running as interrupted; returns how many.
+
+    Called by a scan that holds the model's lock: no other scan of the model
+    can be running then, so those rows belong to processes that died.
+    """
+    with engine.begin() as conn:
+        result = conn.execute(
+            scans.update()
+            .where(scans.c.model_id == model_id, scans.c.status == RUNNING)
+            .values(
+                status=INTERRUPTED,
+                reason="the process ended without finishing (killed, or its machine stopped)",
+                alive_until=None,
+            )
+        )
+        return int(result.rowcount or 0)
+
+
+@dataclass(frozen=True)
+class ScanRow:
+    id: int
+    model_id: int
+    roots: list[str]
+    started_at: datetime
+    finished_at: datetime | None
+    status: str
+    reason: str | None
+    host: str | None
+    pid: int | None
+    seen: int
+    labeled: int
+    unchanged: int
+    errors: int
+
+    def describe(self) -> str:
+        """'scan #12 on host h, pid 345, since 2026-11-25 02:15 UTC'"""
+        since = _aware(self.started_at).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f"scan #{self.id} on host {self.host}, pid {self.pid}, since {since}"
+
+
+def effective_status(row: dict[str, Any], *, now: datetime | None = None) -> str:
+    """A row's status as it truly is: a running scan whose process is gone is interrupted.
+
+    Gone: on this host, its pid no longer exists; anywhere, its heartbeat lapsed.
+    """
+    if row["status"] != RUNNING:
+        return row["status"]
+    alive_until = row.get("alive_until")
+    if alive_until is not None and _aware(alive_until) < (now or utcnow()):
+        return INTERRUPTED
+    if row.get("host") == socket.gethostname() and row.get("pid") and not _pid_alive(row["pid"]):
+        return INTERRUPTED
+    return RUNNING
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def list_scans(engine: Engine, model_id: int | None = None, *, limit: int = 20) -> list[ScanRow]:
+    """The latest scans, newest first, with their effective status."""
+    query = sa.select(scans).order_by(scans.c.id.desc()).limit(limit)
+    if model_id is not None:
+        query = query.where(scans.c.model_id == model_id)
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(query).mappings()]
+    return [
+        ScanRow(
+            id=r["id"],
+            model_id=r["model_id"],
+            roots=list(r["roots"] or []),
+            started_at=r["started_at"],
+            finished_at=r["finished_at"],
+            status=effective_status(r),
+            reason=r["reason"],
+            host=r["host"],
+            pid=r["pid"],
+            seen=r["seen"],
+            labeled=r["labeled"],
+            unchanged=r["unchanged"],
+            errors=r["errors"],
+        )
+        for r in rows
+    ]
+
+
+def running_scan(engine: Engine, model_id: int) -> ScanRow | None:
+    """The newest scan of the model shown as running, if any (to name a lock's holder)."""
+    for row in list_scans(engine, model_id, limit=5):
+        if row.status == RUNNING:
+            return row
+    return None

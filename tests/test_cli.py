@@ -9,6 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from modlabel.cli import app
+from modlabel.errors import ExitCode
 
 runner = CliRunner()
 
@@ -97,10 +98,10 @@ def test_scan_errors_are_clean_messages(tmp_path, tiny_archive):
     bogus = tmp_path / "model.onnx"
     bogus.write_bytes(b"not onnx")
     result = invoke("scan", tiny_archive, "--model", bogus, "--db", tmp_path / "x.db")
-    assert result.exit_code == 1
+    assert result.exit_code == ExitCode.MODEL
     assert "not a loadable ONNX model" in result.output and "Traceback" not in result.output
     result = invoke("scan", tiny_archive, "--model", tmp_path / "missing.onnx")
-    assert result.exit_code == 1 and "cannot read model" in result.output
+    assert result.exit_code == ExitCode.MODEL and "cannot read model" in result.output
 
 
 def test_explain_writes_figures(tiny_archive, tiny_onnx, tmp_path):
@@ -145,7 +146,7 @@ def test_scan_reads_paths_from_a_table_of_figures(tiny_archive, tiny_onnx, tmp_p
     result = invoke(
         "scan", "--table", "nope", "--table-db", catalogue, "--model", tiny_onnx, "--db", db
     )
-    assert result.exit_code == 1 and "no table 'nope'" in result.output
+    assert result.exit_code == ExitCode.NO_INPUT and "no table 'nope'" in result.output
 
 
 def test_train_evaluate_and_export_through_the_cli(tiny_archive, tmp_path):

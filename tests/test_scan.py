@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from modlabel import codec, store
 from modlabel.decode import load_pixels
+from modlabel.errors import InputError
 from modlabel.model import OnnxModel, softmax
 from modlabel.scan import scan_archive
 
@@ -257,13 +258,17 @@ def test_a_path_listed_twice_is_labeled_once(tiny_archive, tiny_onnx, tmp_path, 
     assert stats.seen == first_count(archive) and stats.errors == 0
 
 
-def test_a_missing_root_is_recorded_once_not_rewritten_every_night(tiny_onnx, tmp_path, sqlite_url):
+def test_a_missing_root_stops_the_scan_before_anything_is_written(
+    tiny_archive, tiny_onnx, tmp_path, sqlite_url
+):
+    # An unmounted archive must not look like an empty one to a nightly job.
     engine = store.open_db(sqlite_url)
     missing = tmp_path / "unmounted"
-    assert scan_archive([missing], CountingModel(tiny_onnx), engine).errors == 1
-    again = scan_archive([missing], CountingModel(tiny_onnx), engine)
-    assert again.errors == 0 and again.unchanged == 1
-    assert _rows(sqlite_url)[str(missing)]["error"] == "no such file or directory"
+    with pytest.raises(InputError, match="unmounted.*no such file or directory"):
+        scan_archive([tiny_archive, missing], CountingModel(tiny_onnx), engine)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(store.images)).scalar() == 0
+        assert conn.execute(sa.select(sa.func.count()).select_from(store.scans)).scalar() == 0
 
 
 def test_a_class_left_without_images_loses_its_average_map(

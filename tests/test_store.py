@@ -71,7 +71,7 @@ def test_unreachable_database_is_a_clear_error():
 
     from modlabel.errors import DatabaseError
 
-    with pytest.raises(DatabaseError, match="cannot open database"):
+    with pytest.raises(DatabaseError, match="nobody@127.0.0.1:1/none unavailable: connection failed"):
         store.open_db("postgresql+psycopg://nobody@127.0.0.1:1/none")
     with pytest.raises(DatabaseError, match="not a database URL"):
         store.open_db("::::")
