@@ -67,6 +67,17 @@ def _fail(exc: ModlabelError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
+def _log_to_stderr() -> None:
+    """modlabel's own warnings (a database retried, a lock waited for) on stderr, one line
+    each; the libraries' (psycopg's notes on a lost connection) only when they are errors."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("modlabel: %(message)s"))
+    handler.addFilter(
+        lambda r: r.levelno >= (logging.WARNING if r.name.startswith("modlabel") else logging.ERROR)
+    )
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
 def _interactive() -> bool:
     return sys.stderr.isatty()
 
@@ -312,7 +323,7 @@ def scan(
     from .source import parse_size, table_files
     from .store import open_db
 
-    logging.basicConfig(level=logging.WARNING, format="modlabel: %(message)s")
+    _log_to_stderr()
     show = _interactive() and not quiet
     model_path = config.resolve_model_path(model)
     if model_path is None:
@@ -418,7 +429,7 @@ def report(
     try:
         url = config.resolve_db_url(db)
         result = build_report(
-            open_db(url),
+            open_db(url, create=False),
             out,
             model_identity=model,
             examples_per_class=examples,
@@ -467,7 +478,9 @@ def query(
     if fmt not in ("table", "csv", "json"):
         raise _fail(ModlabelError(f"--format must be table, csv or json, not {fmt!r}"))
     try:
-        columns, rows = run_query(open_db(config.resolve_db_url(db)), load_query(name), params)
+        columns, rows = run_query(
+            open_db(config.resolve_db_url(db), create=False), load_query(name), params
+        )
     except ModlabelError as exc:
         raise _fail(exc) from None
     typer.echo(_format_rows(columns, rows, fmt), nl=False)

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from . import __version__, codec, maps, overlay, store
 from .aggregate import update_class_maps
 from .decode import open_rgb
-from .errors import ImageError
+from .errors import ImageError, ModlabelError
 from .paths import display_path, from_db
 from .source import read_file
 
@@ -144,9 +144,12 @@ def build_report(
         version=__version__,
         db_label=db_label,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.html"
     tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(html, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        raise ModlabelError(f"{out_dir}: cannot write the report: {exc.strerror or exc}") from None
     return ReportResult(path, classes, sum(v.count for v in classes), error_count)

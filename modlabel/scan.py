@@ -122,7 +122,7 @@ def scan_archive(
     if entries is None:
         check_roots(roots)
     info = model.info
-    retry = store.DbRetry(db_retry)
+    retry = store.DbRetry(db_retry, what=f"database {store.safe_url(engine.url)}")
     model_id = retry(
         store.ensure_model,
         engine,

@@ -125,13 +125,19 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def open_db(url: str, *, migrate: bool = True, retry_seconds: float = 0.0) -> Engine:
+def open_db(
+    url: str, *, migrate: bool = True, retry_seconds: float = 0.0, create: bool = True
+) -> Engine:
     """An engine for ``url`` with the schema upgraded to the newest version.
 
     Connections are pre-pinged, so a connection that died with a server restart
     is replaced instead of failing the next statement. ``retry_seconds``: how
     long a database that cannot be reached yet is waited for (0: fail at once).
+    ``create=False`` (for commands that only read) refuses a SQLite file that
+    does not exist instead of creating an empty one.
     """
+    if not create:
+        _require_sqlite_file(url)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         # Waiting on a lock beats failing when two jobs touch the same file.
@@ -152,6 +158,20 @@ def open_db(url: str, *, migrate: bool = True, retry_seconds: float = 0.0) -> En
     if migrate:
         retry(upgrade_schema, engine)
     return engine
+
+
+def _require_sqlite_file(url: str) -> None:
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return  # open_db says what is wrong with it
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return
+    if database.startswith("file:"):
+        database = database[len("file:") :].split("?", 1)[0]
+    if not Path(database).exists():
+        raise DatabaseError(f"no database at {database}: run `modlabel scan` first, or check --db")
 
 
 def _ping(engine: Engine) -> None:
@@ -248,7 +268,7 @@ def describe_db_error(exc: BaseException) -> str:
     orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
     text = " ".join(str(orig).split()) or type(orig).__name__
     if "readonly database" in text or "read-only transaction" in text:
-        return f"the database is read-only ({text})"
+        return f"it is read-only ({text})"
     if "file is not a database" in text:
         return "not a SQLite database file (file is not a database)"
     return text

@@ -1,7 +1,11 @@
--- The most recent scans: when they ran and what they did (for checking the nightly job).
+-- The most recent scans: when they ran, how they ended and what they did (for checking the
+-- nightly job). A scan still marked running whose heartbeat has lapsed is shown as interrupted.
 -- Parameters: none.
-SELECT s.id, m.identity AS model, s.started_at, s.finished_at,
-       s.seen, s.labeled, s.unchanged, s.errors
+SELECT s.id, m.identity AS model,
+       CASE WHEN s.status = 'running' AND s.alive_until < CURRENT_TIMESTAMP
+            THEN 'interrupted' ELSE s.status END AS status,
+       s.started_at, s.finished_at, s.host, s.pid,
+       s.seen, s.labeled, s.unchanged, s.errors, s.reason
 FROM scans s
 JOIN models m ON m.id = s.model_id
 ORDER BY s.id DESC

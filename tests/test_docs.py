@@ -43,3 +43,14 @@ def test_readme_starts_with_the_two_setup_commands():
 @pytest.mark.parametrize("query", [q.name for q in list_queries()])
 def test_readme_lists_every_named_query(query):
     assert query in README.read_text()
+
+
+def test_the_exit_codes_are_documented_in_readme_and_scan_help():
+    from modlabel.errors import ExitCode
+
+    readme = README.read_text()
+    help_text = " ".join(CliRunner().invoke(app, ["scan", "-h"]).output.split())
+    for code in ExitCode:
+        assert f"\n| {int(code)} |" in readme, code
+        if code not in (ExitCode.OK, ExitCode.INTERNAL):
+            assert f"{int(code)} " in help_text, code
