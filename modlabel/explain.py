@@ -20,6 +20,7 @@ from . import maps, overlay
 from .decode import load_pixels, open_rgb
 from .errors import ImageError
 from .model import OnnxModel, softmax
+from .source import read_file
 
 DEFAULT_METHODS = ("cam", "gradcam", "crm")
 BATCH_SIZE = 16
@@ -98,8 +99,9 @@ def explain_images(
 
 
 def _load(path: str, input_size: tuple[int, int], index: int) -> _Loaded:
-    pixels, _ = load_pixels(path, input_size)  # exactly what scan feeds the model
-    display = open_rgb(path)
+    data = read_file(path)  # regular files only, bounded, as scan reads them
+    pixels, _ = load_pixels(data, input_size, name=path)  # exactly what scan feeds the model
+    display = open_rgb(data, name=path)
     display.thumbnail((DISPLAY_PX, DISPLAY_PX), Image.Resampling.BILINEAR)
     return _Loaded(index, pixels, np.asarray(display, dtype=np.uint8))
 

@@ -55,6 +55,7 @@ from . import maps
 from .decode import load_pixels
 from .errors import ImageError, ModlabelError
 from .model import OnnxModel
+from .source import read_file
 from .synth import GROUND_TRUTH_NAME
 
 DEFAULT_METHODS: tuple[str, ...] = ("cam", "gradcam", "crm", "crm_output", "cam_squared")
@@ -443,7 +444,8 @@ def evaluate_localization(
                 f"the model's classes {info.class_names}"
             )
         try:
-            pixels, original = load_pixels(archive / record.path, info.input_size)
+            image_path = str(archive / record.path)
+            pixels, original = load_pixels(read_file(image_path), info.input_size, name=image_path)
         except ImageError as exc:
             unreadable.append({"path": record.path, "reason": exc.reason})
             continue

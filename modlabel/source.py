@@ -206,7 +206,9 @@ def read_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        raise ImageError(path, f"cannot open file: {_stat_reason(exc)}") from None
+        known = exc.errno in (errno.ENOENT, errno.ELOOP, errno.EACCES)
+        reason = _stat_reason(exc) if known else f"cannot open file: {exc.strerror or exc}"
+        raise ImageError(path, reason) from None
     with os.fdopen(fd, "rb", buffering=0) as handle:
         try:
             st = os.fstat(fd)

@@ -105,7 +105,7 @@ def test_explain_writes_one_figure_per_readable_image(model, images, tmp_path):
 
     broken, missing = results[1], results[3]
     assert broken.figure is None and broken.label is None and "cannot decode" in broken.error
-    assert missing.error == "file not found"
+    assert missing.error == "no such file or directory"
     assert sorted(p.name for p in out.iterdir()) == [
         "gray.explain.png",
         "wide-2.explain.png",

@@ -244,6 +244,23 @@ def test_two_scans_started_at_once(tiny_archive, tiny_onnx, tmp_path, db_url, ex
     assert sum(r.labeled for r in runs) == files  # the inference ran once, not twice
 
 
+def test_four_processes_creating_one_new_database_at_once_all_succeed(db_url):
+    import sys
+
+    code = "import sys; from modlabel.store import open_db; open_db(sys.argv[1]).dispose()"
+    opening = [
+        subprocess.Popen([sys.executable, "-c", code, sa_url(db_url)], stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    for process in opening:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0, text(err)
+    engine = store.open_db(sa_url(db_url))
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).all() == [("0002",)]
+    engine.dispose()
+
+
 # -- killed, stopped, interrupted -----------------------------------------------
 
 
