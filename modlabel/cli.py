@@ -9,17 +9,19 @@ load it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from . import config
-from .errors import ExitCode, Interrupted, ModlabelError
+from .errors import ExitCode, ModlabelError
 
 app = typer.Typer(
     name="modlabel",
@@ -261,6 +263,20 @@ def scan(
     path_column: Annotated[
         str, typer.Option("--path-column", help="The --table column holding paths.")
     ] = "path",
+    id_column: Annotated[
+        str | None,
+        typer.Option(
+            "--id-column",
+            help="The --table column of figure ids, stored with each label (images.source_id).",
+        ),
+    ] = None,
+    blob_column: Annotated[
+        str | None,
+        typer.Option(
+            "--blob-column",
+            help="The --table column holding the image bytes themselves (needs --id-column).",
+        ),
+    ] = None,
     table_db: Annotated[
         str | None,
         typer.Option("--table-db", help="Database of --table (default: the --db database)."),
@@ -282,6 +298,27 @@ def scan(
             help="Descend into linked folders (each folder is walked once, loops included).",
         ),
     ] = False,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--include",
+            help="Glob of file names that are images (repeatable; default: the image "
+            "suffixes). A glob with '/' matches the whole path.",
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", help="Glob of file names to pass over (repeatable)."),
+    ] = None,
+    class_min_confidence: Annotated[
+        float,
+        typer.Option(
+            "--class-min-confidence",
+            min=0,
+            max=1,
+            help="Confidence an image needs to count in its class's average map (Eq. 8).",
+        ),
+    ] = config.DEFAULT_CLASS_MIN_CONFIDENCE,
     max_file_size: Annotated[
         str,
         typer.Option(
@@ -320,7 +357,7 @@ def scan(
     from .model import OnnxModel
     from .paths import display_fs_path
     from .scan import scan_archive
-    from .source import parse_size, table_files
+    from .source import ImageFilter, parse_size, table_files
     from .store import open_db
 
     _log_to_stderr()
@@ -343,9 +380,15 @@ def scan(
             if table is not None:
                 source_url = config.resolve_db_url(table_db) if table_db else url
                 entries = table_files(
-                    source_url, table, path_column, base_dir=base_dir, max_bytes=max_bytes
+                    source_url,
+                    table,
+                    path_column,
+                    id_column=id_column,
+                    blob_column=blob_column,
+                    base_dir=base_dir,
+                    max_bytes=max_bytes,
                 )
-                roots = [f"table:{table}.{path_column}"]
+                roots = [f"table:{table}.{blob_column or path_column}"]
             bar = None
             if show:
                 from tqdm import tqdm
@@ -363,6 +406,8 @@ def scan(
                     on_progress=bar.update if bar is not None else None,
                     follow_symlinks=follow_symlinks,
                     max_file_bytes=max_bytes,
+                    image_filter=ImageFilter(tuple(include or ()), tuple(exclude or ())),
+                    class_min_confidence=class_min_confidence,
                     wait=wait,
                     db_retry=db_retry,
                 )
@@ -381,26 +426,33 @@ def scan(
             typer.echo(f"{stats.interrupted_before} earlier run(s) had died; marked interrupted")
         typer.echo(
             f"scan #{stats.scan_id}: {stats.seen} files: {stats.labeled} labeled, "
-            f"{stats.unchanged} unchanged, {stats.errors} errors in {stats.seconds:.1f} s "
+            f"{stats.unchanged} unchanged, {stats.errors} errors, {stats.skipped} skipped "
+            f"as not images, {stats.missing} found gone, in {stats.seconds:.1f} s "
             f"({stats.images_per_second:.1f} images/s)"
         )
 
 
 class _signals_interrupt:
-    """SIGTERM (cron's or systemd's stop) and SIGINT raise ``Interrupted`` in the main thread,
-    so the scan records itself as interrupted and exits 7."""
+    """SIGTERM (cron's or systemd's stop) and SIGINT stop the scan at its next safe point
+    (``modlabel.stopping``), so it records itself as interrupted and exits 7; a second
+    signal stops at once."""
 
     def __enter__(self) -> _signals_interrupt:
+        from . import stopping
+
+        stopping.reset()
         self.previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             # Not in the main thread (an embedding application), signals stay as they are.
             with contextlib.suppress(ValueError):
-                self.previous[sig] = signal.signal(sig, self._raise)
+                self.previous[sig] = signal.signal(sig, self._request_stop)
         return self
 
     @staticmethod
-    def _raise(signum: int, _frame: object) -> None:
-        raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+    def _request_stop(signum: int, _frame: object) -> None:
+        from . import stopping
+
+        stopping.request(f"interrupted by {signal.Signals(signum).name}")
 
     def __exit__(self, *_exc: object) -> None:
         for sig, handler in self.previous.items():
@@ -418,6 +470,16 @@ def report(
         ),
     ] = None,
     examples: Annotated[int, typer.Option(min=0, help="Example images per class.")] = 4,
+    min_confidence: Annotated[
+        float | None,
+        typer.Option(
+            "--min-confidence",
+            min=0,
+            max=1,
+            help="Confidence an image needs to count in its class's average map "
+            "(default: the threshold the scans keep the averages for).",
+        ),
+    ] = None,
 ) -> None:
     """Write an HTML report: per class, the count, average CRM with its ROI box, examples.
 
@@ -433,6 +495,7 @@ def report(
             out,
             model_identity=model,
             examples_per_class=examples,
+            min_confidence=min_confidence,
             db_label=safe_url(url),
         )
     except ModlabelError as exc:
@@ -441,6 +504,49 @@ def report(
         f"report: {result.path} ({result.total_images} images, "
         f"{len(result.classes)} classes, {result.errors} errors)"
     )
+
+
+@app.command()
+def prune(
+    db: DbOption = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Model identity (or prefix); default: the newest."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the rows that would go; delete nothing.")
+    ] = False,
+) -> None:
+    """Delete the rows of files that scans found gone (images.missing_since).
+
+    Missing files already leave counts, class averages, the report and the
+    named queries; prune removes their rows for good. It takes the scan lock,
+    so it never runs beside a scan of the same model.
+
+    Example: modlabel prune --db labels.db --dry-run
+    """
+    from .lock import acquire_scan_lock
+    from .paths import display_path
+    from .store import iter_missing, open_db, pick_model, prune_missing
+
+    try:
+        engine = open_db(config.resolve_db_url(db), create=False)
+        model_row = pick_model(engine, model)
+        if dry_run:
+            count = 0
+            for path, since in iter_missing(engine, model_row.id):
+                typer.echo(f"{display_path(path)}\tmissing since {since:%Y-%m-%d %H:%M}")
+                count += 1
+            typer.echo(f"{count} missing files would be pruned (dry run)", err=True)
+            return
+        lock = acquire_scan_lock(engine, model_row.id)
+        try:
+            count = prune_missing(engine, model_row.id)
+        finally:
+            lock.release()
+    except ModlabelError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"pruned {count} rows of missing files")
 
 
 @app.command()
@@ -461,7 +567,7 @@ def query(
 
     Example: modlabel query by-label -p label=chest_xray -p min_confidence=0.9 --db labels.db
     """
-    from .queries import list_queries, load_query, run_query
+    from .queries import list_queries, load_query, open_query
     from .store import open_db
 
     if name is None:
@@ -478,42 +584,60 @@ def query(
     if fmt not in ("table", "csv", "json"):
         raise _fail(ModlabelError(f"--format must be table, csv or json, not {fmt!r}"))
     try:
-        columns, rows = run_query(
-            open_db(config.resolve_db_url(db), create=False), load_query(name), params
-        )
+        engine = open_db(config.resolve_db_url(db), create=False)
+        with open_query(engine, load_query(name), params) as result:
+            for chunk in _format_rows(result.columns, result.rows, fmt):
+                sys.stdout.write(chunk)
     except ModlabelError as exc:
         raise _fail(exc) from None
-    typer.echo(_format_rows(columns, rows, fmt), nl=False)
 
 
-def _format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
+# The table format sizes its columns on the first rows, then streams the rest.
+TABLE_SIZING_ROWS = 200
+
+
+def _format_rows(columns: list[str], rows: Iterator[tuple], fmt: str) -> Iterator[str]:
+    """The rows as text in ``fmt`` (table, csv or json), streamed a line at a time."""
     import csv
     import io
     import json
 
+    from .paths import display_path
+
     if fmt == "json":
-        return (
-            json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=1)
-            + "\n"
-        )
+        yield "["
+        for i, row in enumerate(rows):
+            item = json.dumps(dict(zip(columns, row, strict=True)), default=str)
+            yield ("\n " if i == 0 else ",\n ") + item
+        yield "\n]\n"
+        return
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(columns)
-        writer.writerows(rows)
-        return buf.getvalue()
-    from .paths import display_path
+        for row in itertools.chain([columns], rows):
+            writer.writerow(row)
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+        return
 
     # One row, one line: newlines and other control characters in a cell are escaped.
-    cells = [[("" if v is None else display_path(str(v))) for v in r] for r in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
-        "  ".join("-" * w for w in widths),
-    ]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    lines.append(f"({len(rows)} rows)")
-    return "\n".join(lines) + "\n"
+    def cells(row: tuple) -> list[str]:
+        return ["" if v is None else display_path(str(v)) for v in row]
+
+    head = [cells(r) for r in itertools.islice(rows, TABLE_SIZING_ROWS)]
+    widths = [max([len(c)] + [len(r[i]) for r in head]) for i, c in enumerate(columns)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip() + "\n"
+
+    yield line(list(columns))
+    yield line(["-" * w for w in widths])
+    count = 0
+    for row in itertools.chain(head, (cells(r) for r in rows)):
+        yield line(row)
+        count += 1
+    yield f"({count} rows)\n"
 
 
 @app.command()

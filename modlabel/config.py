@@ -11,6 +11,9 @@ DEFAULT_DB_FILE = "modlabel.db"
 DEFAULT_BATCH_SIZE = 32
 # How long a scan waits out an unreachable database (a restart, a failover), in seconds.
 DEFAULT_DB_RETRY_SECONDS = 60.0
+# An image counts in its class's average map (Eq. 8) when labeled with at least this
+# confidence: without ground truth, the stand-in for "classified correctly".
+DEFAULT_CLASS_MIN_CONFIDENCE = 0.9
 
 
 def sqlite_url(path: str | Path) -> str:

@@ -7,7 +7,9 @@ pixels it labels: no train/serve skew.
 The geometry is a plain stretch: the whole image is resampled (bilinear) to the
 model's input size, whatever its aspect ratio, as in the paper (section 2.1).
 A map at the model's resolution therefore lines up with the original image by
-stretching it back to the original width and height.
+stretching it back to the original width and height. An EXIF orientation
+(photos of screens and prints taken with a phone) is applied first, so "original"
+means upright, as a person sees the image.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
@@ -71,11 +73,15 @@ def _decode(
         with Image.open(fp) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(label, f"image too large ({img.width}x{img.height} pixels)")
-            original = img.size
+            orientation = _exif_orientation(img)
+            turned = orientation in _QUARTER_TURNS
+            original = (img.height, img.width) if turned else img.size  # as shown: upright
             if at_least is not None and img.format == "JPEG":
-                img.draft("RGB", (int(at_least[1]), int(at_least[0])))
+                high, wide = (at_least[1], at_least[0]) if turned else (at_least[0], at_least[1])
+                img.draft("RGB", (int(wide), int(high)))
             img.load()
-            rgb = _to_rgb(img)
+            upright = ImageOps.exif_transpose(img) if orientation != 1 else img
+            rgb = _to_rgb(upright)
             return finish(rgb, rgb is img), original
     except ImageError:
         raise
@@ -92,6 +98,23 @@ def _decode(
     except (OSError, SyntaxError, ValueError) as exc:
         # Truncated and corrupt files surface here from PIL's decoders.
         raise ImageError(label, f"cannot decode image: {exc}") from None
+
+
+# EXIF orientations (tag 0x0112) that turn the image a quarter: width and height swap.
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1 = upright, 2-8 = mirrored and/or turned); 1 when absent.
+
+    Cameras and phones store a photo as the sensor saw it and say in EXIF how
+    to turn it; the pixels a model sees must be upright, as a person sees them.
+    """
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except Exception:  # a malformed EXIF block must not make the image unreadable
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import store
+from . import stopping, store
 from .errors import DatabaseError, LockedError
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ def acquire_scan_lock(engine: Engine, model_id: int, *, wait: bool = False) -> S
         if not announced:
             log.warning("waiting for %s to finish", who)
             announced = True
-        time.sleep(POLL_SECONDS)
+        stopping.sleep(POLL_SECONDS)
     return lock
 
 

@@ -8,6 +8,8 @@ it; the same files can be pasted into psql or sqlite3 as they are.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -64,10 +66,30 @@ def load_query(name_or_path: str) -> NamedQuery:
     return NamedQuery(path.stem, sql, description)
 
 
-def run_query(
-    engine: Engine, query: NamedQuery, params: dict[str, Any]
-) -> tuple[list[str], list[tuple]]:
-    """Run ``query`` with ``params``; returns (column names, rows)."""
+# Parameters that name a model take an identity or a prefix of one, and default to the newest.
+MODEL_PARAMETERS = ("model", "model_a", "model_b")
+
+
+@dataclass
+class QueryResult:
+    """An open query: its column names and its rows, streamed from the database."""
+
+    columns: list[str]
+    rows: Iterator[tuple]
+
+
+@contextmanager
+def open_query(
+    engine: Engine, query: NamedQuery, params: dict[str, Any], *, chunk: int = 1000
+) -> Iterator[QueryResult]:
+    """Run ``query`` with ``params`` and stream its rows, ``chunk`` at a time.
+
+    Memory stays flat whatever the number of rows: the rows come from a
+    server-side cursor on PostgreSQL and are stepped through on SQLite. A
+    ``model`` parameter left out means the newest model; a prefix of an
+    identity is enough.
+    """
+    params = _with_models(engine, query, dict(params))
     missing = [p for p in query.parameters if p not in params]
     if missing:
         raise ModlabelError(
@@ -75,11 +97,41 @@ def run_query(
             + ", ".join(f"--param {m}=..." for m in missing)
         )
     statement = sa.text(query.body)
+    bound = {k: v for k, v in params.items() if k in query.parameters}
     try:
         with engine.connect() as conn:
-            result = conn.execute(
-                statement, {k: v for k, v in params.items() if k in query.parameters}
+            result = conn.execution_options(stream_results=True, yield_per=chunk).execute(
+                statement, bound
             )
-            return list(result.keys()), [tuple(r) for r in result]
+            yield QueryResult(list(result.keys()), _rows(result, query.name))
     except sa.exc.DBAPIError as exc:
         raise ModlabelError(f"query {query.name!r} failed: {exc.orig}") from None
+
+
+def _rows(result: sa.CursorResult, name: str) -> Iterator[tuple]:
+    try:
+        for row in result:
+            yield tuple(row)
+    except sa.exc.DBAPIError as exc:
+        raise ModlabelError(f"query {name!r} failed: {exc.orig}") from None
+
+
+def _with_models(engine: Engine, query: NamedQuery, params: dict[str, Any]) -> dict[str, Any]:
+    from .store import pick_model
+
+    for name in MODEL_PARAMETERS:
+        if name not in query.parameters:
+            continue
+        if name in params:
+            params[name] = pick_model(engine, str(params[name])).identity
+        elif name == "model":
+            params[name] = pick_model(engine).identity
+    return params
+
+
+def run_query(
+    engine: Engine, query: NamedQuery, params: dict[str, Any]
+) -> tuple[list[str], list[tuple]]:
+    """Run ``query`` with ``params``; returns (column names, all rows) for small results."""
+    with open_query(engine, query, params) as result:
+        return result.columns, list(result.rows)

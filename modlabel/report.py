@@ -18,8 +18,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy.engine import Engine
 
-from . import __version__, codec, maps, overlay, store
-from .aggregate import update_class_maps
+from . import __version__, aggregate, codec, config, maps, overlay, store
 from .decode import open_rgb
 from .errors import ImageError, ModlabelError
 from .paths import display_path, from_db
@@ -40,7 +39,8 @@ class ExampleView:
 @dataclass
 class ClassView:
     name: str
-    count: int
+    count: int  # images labeled with the class
+    averaged: int  # of them, those in the class-level average (Eq. 8)
     roi_box: tuple[int, int, int, int] | None
     roi_box_pixels: tuple[int, int, int, int] | None
     map_shape: tuple[int, int]
@@ -54,6 +54,7 @@ class ReportResult:
     classes: list[ClassView]
     total_images: int
     errors: int
+    min_confidence: float  # the confidence an image needed to count in its class's average
 
 
 def _png_b64(pixels: np.ndarray | Image.Image) -> str:
@@ -83,34 +84,38 @@ def build_report(
     *,
     model_identity: str | None = None,
     examples_per_class: int = 4,
-    refresh: bool | None = None,
+    min_confidence: float | None = None,
     db_label: str = "",
 ) -> ReportResult:
     """Write ``out_dir/report.html`` for one model (the newest by default).
 
-    refresh: recompute the class-level averages first; None (the default) does
-    so only when images were labeled after they were last computed (a scan
-    keeps them current, and recomputing reads every stored map).
+    The class-level averages are those the scans keep current, over the
+    images of at least the model's threshold (``models.class_min_confidence``);
+    ``min_confidence`` asks for another threshold, and the averages are then
+    computed from the stored maps for the page (reading every map of the model).
     """
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     model_row = store.pick_model(engine, model_identity)
-    if refresh is None:
-        refresh = store.class_maps_stale(engine, model_row.id)
-    if refresh:
-        update_class_maps(engine, model_row.id, model_row.class_names)
+    stored_threshold = store.model_class_min_confidence(engine, model_row.id)
+    if stored_threshold is None:  # a database from before running sums: build them once
+        stored_threshold = (
+            min_confidence if min_confidence is not None else (config.DEFAULT_CLASS_MIN_CONFIDENCE)
+        )
+        aggregate.rebuild_class_maps(engine, model_row.id, model_row.class_names, stored_threshold)
+    threshold = stored_threshold if min_confidence is None else min_confidence
     counts = store.class_counts(engine, model_row.id)
-    stored = {r["class_name"]: r for r in store.load_class_maps(engine, model_row.id)}
+    averages = _class_maps(engine, model_row, threshold, stored_threshold)
     classes: list[ClassView] = []
     for name in model_row.class_names:
-        row = stored.get(name)
-        if row is None:
+        class_map = averages.get(name)
+        if class_map is None:
             continue
-        average = codec.decode_map(row["crm"])
-        box = tuple(row["roi_box"]) if row["roi_box"] else None
+        average, box = class_map.average, class_map.roi_box
         view = ClassView(
             name=name,
             count=counts.get(name, 0),
+            averaged=class_map.image_count,
             roi_box=box,
             roi_box_pixels=maps.scale_box(box, average.shape, model_row.input_size)
             if box
@@ -139,6 +144,7 @@ def build_report(
         error_count=error_count,
         total=sum(counts.get(n, 0) for n in model_row.class_names),
         roi_percent=round(maps.CLASS_ROI_FRACTION * 100),
+        threshold=threshold,
         display_percent=round(maps.DISPLAY_FRACTION * 100),
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         version=__version__,
@@ -152,4 +158,25 @@ def build_report(
         tmp.replace(path)
     except OSError as exc:
         raise ModlabelError(f"{out_dir}: cannot write the report: {exc.strerror or exc}") from None
-    return ReportResult(path, classes, sum(v.count for v in classes), error_count)
+    return ReportResult(path, classes, sum(v.count for v in classes), error_count, threshold)
+
+
+def _class_maps(
+    engine: Engine, model_row: store.ModelRow, threshold: float, stored_threshold: float
+) -> dict[str, aggregate.ClassMap]:
+    """Each class's average map at ``threshold``: the stored one, or computed for the page."""
+    if threshold == stored_threshold:
+        result = {}
+        for row in store.load_class_maps(engine, model_row.id):
+            average = codec.decode_map(row["crm"])
+            box = tuple(row["roi_box"]) if row["roi_box"] else None
+            result[row["class_name"]] = aggregate.ClassMap(
+                row["class_name"], row["image_count"], average, box
+            )
+        return result
+    computed = {}
+    for name in model_row.class_names:
+        class_map = aggregate.class_average(engine, model_row.id, name, min_confidence=threshold)
+        if class_map is not None:
+            computed[name] = class_map
+    return computed

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from . import codec, maps, store
+from . import aggregate, codec, config, maps, stopping, store
 from .decode import load_pixels
 from .errors import DatabaseError, ImageError, Interrupted
 from .lock import acquire_scan_lock
@@ -42,16 +42,20 @@ from .model import OnnxModel, softmax
 from .paths import display_fs_path, to_db
 from .source import (
     DEFAULT_MAX_FILE_BYTES,
+    GONE,
     FileEntry,
+    ImageFilter,
     Unreadable,
+    WalkCounts,
     check_roots,
-    read_file,
-    walk_files,
+    distinct_roots,
+    walk_root,
 )
 
 log = logging.getLogger(__name__)
 
 LOOKUP_CHUNK = 256
+STORED_PAGE = 2000
 
 
 @dataclass
@@ -62,6 +66,9 @@ class ScanStats:
     labeled: int = 0
     unchanged: int = 0
     errors: int = 0
+    skipped: int = 0  # files passed over as not images (by name, or --exclude)
+    missing: int = 0  # stored files found gone, marked missing_since
+    returned: int = 0  # files marked missing before, found back unchanged
     seconds: float = 0.0
     error_paths: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     scan_id: int | None = None
@@ -94,11 +101,12 @@ def scan_archive(
     batch_size: int = 32,
     workers: int = 2,
     on_progress: Callable[[int], None] | None = None,
-    aggregate: bool = True,
     entries: Iterable[FileEntry | Unreadable] | None = None,
     retry_errors: bool = False,
     follow_symlinks: bool = False,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    image_filter: ImageFilter | None = None,
+    class_min_confidence: float = config.DEFAULT_CLASS_MIN_CONFIDENCE,
     wait: bool = False,
     db_retry: float = store.DEFAULT_RETRY_SECONDS,
 ) -> ScanStats:
@@ -108,9 +116,15 @@ def scan_archive(
     ``source.table_files``); ``roots`` then only names the source in the
     ``scans`` table. Files stored with an error are skipped while unchanged,
     unless ``retry_errors`` (for errors that may have been passing: a file
-    being written, a permission since fixed). Returns the counts; per-file
-    errors are stored as rows and also listed in ``ScanStats.error_paths`` (at
-    most 1000 of them).
+    being written, a permission since fixed). Stored files under a folder
+    root that the walk no longer finds are marked missing (``missing_since``),
+    and marked back when they return. Returns the counts; per-file errors are
+    stored as rows and also listed in ``ScanStats.error_paths`` (at most 1000
+    of them).
+
+    The class-level average maps are kept current as the rows change
+    (``modlabel.aggregate``), counting images of at least
+    ``class_min_confidence``.
 
     Raises ``InputError`` when a root does not exist (before anything is
     written), ``LockedError`` when another scan of the model runs on the
@@ -139,16 +153,31 @@ def scan_archive(
     stats = ScanStats()
     try:
         stats.interrupted_before = retry(store.interrupt_stale_scans, engine, model_id)
+        retry(aggregate.ensure_class_maps, engine, model_id, info.class_names, class_min_confidence)
         scan_id = retry(store.start_scan, engine, model_id, [to_db(str(r)) for r in roots])
         stats.scan_id = scan_id
         progress = store.ScanProgress(scan_id)
         started = time.perf_counter()
+        lookup = _Lookup(engine, model_id, stats, progress, retry, on_progress, retry_errors)
+        if entries is None:
+            counts = WalkCounts()
+            changed = lookup.folders(
+                distinct_roots(roots),
+                lambda root: walk_root(
+                    root,
+                    follow_symlinks=follow_symlinks,
+                    max_bytes=max_file_bytes,
+                    image_filter=image_filter,
+                    counts=counts,
+                ),
+                counts,
+            )
+        else:
+            changed = lookup.entries(entries)
         with _Heartbeat(engine, scan_id):
             try:
                 _run_pipeline(
-                    walk_files(roots, follow_symlinks=follow_symlinks, max_bytes=max_file_bytes)
-                    if entries is None
-                    else entries,
+                    changed,
                     model,
                     engine,
                     model_id,
@@ -158,20 +187,17 @@ def scan_archive(
                     batch_size=batch_size,
                     workers=workers,
                     on_progress=on_progress,
-                    retry_errors=retry_errors,
                     max_file_bytes=max_file_bytes,
                 )
                 stats.seconds = time.perf_counter() - started
-                if aggregate and (stats.labeled or stats.errors):
-                    from .aggregate import update_class_maps
-
-                    retry(update_class_maps, engine, model_id, info.class_names)
                 retry(
                     store.finish_scan,
                     engine,
                     scan_id,
                     seen=stats.seen,
                     unchanged=stats.unchanged,
+                    skipped=stats.skipped,
+                    missing=stats.missing,
                 )
             except BaseException as exc:
                 stats.seconds = time.perf_counter() - started
@@ -183,7 +209,7 @@ def scan_archive(
 
 
 def _run_pipeline(
-    entries: Iterable[FileEntry | Unreadable],
+    changed: Iterable[_Work],
     model: OnnxModel,
     engine: Engine,
     model_id: int,
@@ -194,13 +220,9 @@ def _run_pipeline(
     batch_size: int,
     workers: int,
     on_progress: Callable[[int], None] | None,
-    retry_errors: bool,
     max_file_bytes: int,
 ) -> None:
     info = model.info
-    changed = _changed_files(
-        entries, engine, model_id, stats, on_progress, retry, retry_errors=retry_errors
-    )
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="modlabel-decode")
     try:
         prepared = _bounded_map(
@@ -213,17 +235,18 @@ def _run_pipeline(
 
         def flush_touched() -> None:
             stats.unchanged += len(pending_touch)
-            progress.seen, progress.unchanged = stats.seen, stats.unchanged
+            _sync(progress, stats)
             retry(store.touch_files, engine, model_id, pending_touch, progress)
             _tick(on_progress, len(pending_touch))
             pending_touch.clear()
 
         for batch in _batches(prepared, pending_touch, batch_size):
+            stopping.check()
             if pending_touch:
                 flush_touched()
             rows = _label_batch(batch, model)
             batch_errors = [w for w in batch if w.error is not None]
-            progress.seen, progress.unchanged = stats.seen, stats.unchanged
+            _sync(progress, stats)
             retry(store.write_image_rows, engine, model_id, rows, progress)
             stats.labeled += len(batch) - len(batch_errors)
             stats.errors += len(batch_errors)
@@ -236,6 +259,11 @@ def _run_pipeline(
     finally:
         # On an error or a signal, queued decodes are dropped rather than run.
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _sync(progress: store.ScanProgress, stats: ScanStats) -> None:
+    progress.seen, progress.unchanged = stats.seen, stats.unchanged
+    progress.skipped, progress.missing = stats.skipped, stats.missing
 
 
 def _record_end(engine: Engine, scan_id: int, stats: ScanStats, exc: BaseException) -> None:
@@ -257,6 +285,8 @@ def _record_end(engine: Engine, scan_id: int, stats: ScanStats, exc: BaseExcepti
             reason=reason,
             seen=stats.seen,
             unchanged=stats.unchanged,
+            skipped=stats.skipped,
+            missing=stats.missing,
         )
     except DatabaseError as unrecorded:
         # The row stays "running" until its heartbeat lapses, then shows as interrupted.
@@ -293,45 +323,170 @@ def _tick(on_progress: Callable[[int], None] | None, n: int) -> None:
         on_progress(n)
 
 
-def _changed_files(
-    entries: Iterable[FileEntry | Unreadable],
-    engine: Engine,
-    model_id: int,
-    stats: ScanStats,
-    on_progress: Callable[[int], None] | None,
-    retry: store.DbRetry,
-    *,
-    retry_errors: bool = False,
-) -> Iterator[_Work]:
-    """The files whose stat differs from the database's, looked up a chunk at a time."""
-    iterator = iter(entries)
-    while chunk := list(itertools.islice(iterator, LOOKUP_CHUNK)):
-        stats.seen += len(chunk)
-        keys = [to_db(e.path if isinstance(e, FileEntry) else e[0]) for e in chunk]
-        known = retry(store.known_files, engine, model_id, keys)
-        skipped = 0
-        in_chunk: set[str] = set()  # a path listed twice (a table, overlapping roots) once
-        for item, key in zip(chunk, keys, strict=True):
-            if key in in_chunk:
-                skipped += 1
-                continue
-            in_chunk.add(key)
-            old = known.get(key)
-            if isinstance(item, tuple):
-                if old is not None and old.failed and not retry_errors:
-                    skipped += 1  # still unreadable: the stored error stands
+class _Lookup:
+    """Which files need work: each is compared with what the database holds for it.
+
+    Folder roots are walked in the byte order of the stored paths and merged
+    with the stored rows under the folder, read page by page in that order: a
+    stored row that the walk passes by is a file that is gone (marked missing),
+    and neither stream is ever held whole. Other sources (a table of figures,
+    a file given as a root) are looked up a chunk at a time.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        model_id: int,
+        stats: ScanStats,
+        progress: store.ScanProgress,
+        retry: store.DbRetry,
+        on_progress: Callable[[int], None] | None,
+        retry_errors: bool,
+    ) -> None:
+        self.engine = engine
+        self.model_id = model_id
+        self.stats = stats
+        self.progress = progress
+        self.retry = retry
+        self.on_progress = on_progress
+        self.retry_errors = retry_errors
+        self.gone: list[str] = []  # stored paths found gone, to mark missing
+        self.back: list[str] = []  # stored paths marked missing, found back unchanged
+
+    def folders(
+        self,
+        roots: Sequence[Path],
+        walk: Callable[[str], Iterable[FileEntry | Unreadable]],
+        counts: WalkCounts,
+    ) -> Iterator[_Work]:
+        for root in roots:
+            root_str = str(root)
+            if Path(root_str).is_dir():
+                yield from self._merge(to_db(root_str), walk(root_str))
+            else:
+                yield from self.entries(walk(root_str))
+            self.stats.skipped = counts.skipped
+        self._flush(force=True)
+
+    def entries(self, items: Iterable[FileEntry | Unreadable]) -> Iterator[_Work]:
+        iterator = iter(items)
+        while chunk := list(itertools.islice(iterator, LOOKUP_CHUNK)):
+            stopping.check()
+            keys = [to_db(_path(item)) for item in chunk]
+            known = self.retry(store.known_files, self.engine, self.model_id, keys)
+            in_chunk: set[str] = set()  # a path listed twice (a table, overlapping roots) once
+            for item, key in zip(chunk, keys, strict=True):
+                self.stats.seen += 1
+                if key in in_chunk:
+                    self._skip()
                     continue
-                yield _Work(FileEntry(item[0], 0, 0.0), key, old, error=item[1])
-                continue
-            if old is not None and old.failed and retry_errors:
-                yield _Work(item, key, None)  # no hash shortcut: the same bytes are tried again
-                continue
-            if old is not None and old.size_bytes == item.size_bytes and old.mtime == item.mtime:
-                skipped += 1
-                continue
-            yield _Work(item, key, old)
-        stats.unchanged += skipped
-        _tick(on_progress, skipped)
+                in_chunk.add(key)
+                work = self._decide(item, key, known.get(key))
+                if work is not None:
+                    yield work
+            self._flush()
+        self._flush(force=True)
+
+    def _merge(self, folder: str, walked: Iterable[FileEntry | Unreadable]) -> Iterator[_Work]:
+        stored = _StoredPages(self.engine, self.model_id, folder, self.retry)
+        kept: str | None = None  # rows under an unreadable folder are not "gone"
+        for item in walked:
+            if self.stats.seen % LOOKUP_CHUNK == 0:
+                stopping.check()
+            self.stats.seen += 1
+            key = to_db(_path(item))
+            while (head := stored.peek()) is not None and head[0] < key:
+                self._pass_by(stored.pop(), kept)
+            old = stored.pop()[1] if head is not None and head[0] == key else None
+            if isinstance(item, tuple) and item[1].startswith("cannot list directory"):
+                kept = key + "/"
+            work = self._decide(item, key, old)
+            if work is not None:
+                yield work
+            self._flush()
+        while stored.peek() is not None:
+            self._pass_by(stored.pop(), kept)
+
+    def _pass_by(self, row: tuple[str, store.KnownFile], kept: str | None) -> None:
+        path, known = row
+        if not known.missing and not (kept is not None and path.startswith(kept)):
+            self.gone.append(path)
+
+    def _decide(
+        self, item: FileEntry | Unreadable, key: str, old: store.KnownFile | None
+    ) -> _Work | None:
+        """The work for one file, or None when nothing is to be read."""
+        if isinstance(item, tuple):
+            if item[1] == GONE and old is not None and not old.failed:
+                self.gone.append(key)  # a listed file that is gone (a table of figures)
+                return self._skip()
+            if old is not None and old.failed and not self.retry_errors:
+                return self._skip()  # still unreadable: the stored error stands
+            return _Work(FileEntry(item[0], 0, 0.0), key, old, error=item[1])
+        if old is not None and old.failed and self.retry_errors:
+            return _Work(item, key, None)  # no hash shortcut: the same bytes are tried again
+        if old is not None and old.size_bytes == item.size_bytes and old.mtime == item.mtime:
+            if old.missing:
+                self.back.append(key)
+            return self._skip()
+        return _Work(item, key, old)
+
+    def _skip(self) -> None:
+        self.stats.unchanged += 1
+        _tick(self.on_progress, 1)
+        return None
+
+    def _flush(self, *, force: bool = False) -> None:
+        if self.gone and (force or len(self.gone) >= LOOKUP_CHUNK):
+            _sync(self.progress, self.stats)
+            self.stats.missing += self.retry(
+                store.set_missing, self.engine, self.model_id, self.gone, True, self.progress
+            )
+            self.gone = []
+        if self.back and (force or len(self.back) >= LOOKUP_CHUNK):
+            _sync(self.progress, self.stats)
+            self.stats.returned += self.retry(
+                store.set_missing, self.engine, self.model_id, self.back, False, self.progress
+            )
+            self.back = []
+
+
+class _StoredPages:
+    """The stored rows under a folder, in path order, a page at a time."""
+
+    def __init__(self, engine: Engine, model_id: int, folder: str, retry: store.DbRetry) -> None:
+        self.engine = engine
+        self.model_id = model_id
+        self.folder = folder
+        self.retry = retry
+        self.page: list[tuple[str, store.KnownFile]] = []
+        self.pos = 0
+        self.done = False
+
+    def peek(self) -> tuple[str, store.KnownFile] | None:
+        if self.pos >= len(self.page):
+            if self.done:
+                return None
+            after = self.page[-1][0] if self.page else None
+            self.page = self.retry(
+                store.known_under, self.engine, self.model_id, self.folder, after=after,
+                page=STORED_PAGE,
+            )  # fmt: skip
+            self.pos = 0
+            self.done = len(self.page) < STORED_PAGE
+            if not self.page:
+                return None
+        return self.page[self.pos]
+
+    def pop(self) -> tuple[str, store.KnownFile]:
+        row = self.peek()
+        assert row is not None
+        self.pos += 1
+        return row
+
+
+def _path(item: FileEntry | Unreadable) -> str:
+    return item.path if isinstance(item, FileEntry) else item[0]
 
 
 def _prepare(
@@ -344,7 +499,7 @@ def _prepare(
     if work.error is not None:
         return work
     try:
-        data = read_file(work.entry.path, max_file_bytes)
+        data = work.entry.read(max_file_bytes)
     except ImageError as exc:
         work.error = exc.reason
         return work
@@ -420,6 +575,7 @@ def _label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any
                     "crm": blob,
                     "error": None,
                     "labeled_at": now,
+                    "source_id": work.entry.source_id,
                 }
             )
     for work in batch:
@@ -438,6 +594,7 @@ def _label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any
                     "crm": None,
                     "error": work.error,
                     "labeled_at": now,
+                    "source_id": work.entry.source_id,
                 }
             )
     return rows

@@ -15,15 +15,16 @@ reads past the limit, whatever happened to the file since the walk.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .decode import is_image_path
 from .errors import ImageError, InputError
-from .paths import display_fs_path
+from .paths import display_fs_path, to_db
 
 # A file larger than this is refused before it is read (``--max-file-size``). The
 # largest image decode accepts (decode.MAX_PIXELS, 100 megapixels) is 300 MB as
@@ -33,15 +34,44 @@ DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One candidate image: its path (``str`` as ``os`` gives it) and its stat."""
+    """One candidate image: its path (``str`` as ``os`` gives it) and its stat.
+
+    ``source_id``: the figure's id in the user's table, stored with the label.
+    """
 
     path: str
     size_bytes: int
     mtime: float
+    source_id: str | None = None
+
+    def read(self, max_bytes: int = 0) -> bytes:
+        """The image's bytes (``read_file``: regular files only, at most ``max_bytes``)."""
+        return read_file(self.path, max_bytes or DEFAULT_MAX_FILE_BYTES)
+
+
+@dataclass(frozen=True)
+class BlobEntry(FileEntry):
+    """A figure whose bytes are stored in a database table, fetched when it is read.
+
+    ``path`` is ``table:<table>/<id>``: the key its label is stored under.
+    """
+
+    fetch: Callable[[], bytes | None] | None = None
+
+    def read(self, max_bytes: int = 0) -> bytes:
+        limit = max_bytes or DEFAULT_MAX_FILE_BYTES
+        if self.size_bytes > limit:
+            raise ImageError(self.path, _too_large(self.size_bytes, limit))
+        data = self.fetch() if self.fetch is not None else None
+        if data is None:
+            raise ImageError(self.path, "no image bytes (NULL) in the table")
+        return bytes(data)
 
 
 # A file that was found but cannot be labeled: (path, reason).
 Unreadable = tuple[str, str]
+# The reason of a listed file that does not exist (a table's path, a root).
+GONE = "no such file or directory"
 
 
 def parse_size(text: str) -> int:
@@ -74,11 +104,51 @@ def check_roots(roots: Iterable[str | Path]) -> None:
         raise InputError("cannot scan: " + "; ".join(missing))
 
 
+@dataclass(frozen=True)
+class ImageFilter:
+    """Which files are images: ``--include`` and ``--exclude`` globs.
+
+    Without ``include``, a file is an image when its suffix is one of
+    ``decode.IMAGE_SUFFIXES`` (any case); with it, when its name matches one of
+    the globs. ``exclude`` then removes files whose name matches. A glob with a
+    ``/`` is matched against the whole path instead of the name
+    (``--exclude '*/thumbnails/*'``). Globs are ``fnmatch``'s, case-sensitive.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def is_image(self, path: str) -> bool:
+        name = os.path.basename(path)
+        if self.include:
+            if not any(_glob_match(g, name, path) for g in self.include):
+                return False
+        elif not is_image_path(name):
+            return False
+        return not any(_glob_match(g, name, path) for g in self.exclude)
+
+
+def _glob_match(glob: str, name: str, path: str) -> bool:
+    return fnmatch.fnmatchcase(path if "/" in glob else name, glob)
+
+
+@dataclass
+class WalkCounts:
+    """What a walk passed over: files that are not images (by name or ``--exclude``).
+
+    Hidden files and folders (names starting with '.') are neither walked nor counted.
+    """
+
+    skipped: int = 0
+
+
 def walk_files(
     roots: Iterable[str | Path],
     *,
     follow_symlinks: bool = False,
     max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    image_filter: ImageFilter | None = None,
+    counts: WalkCounts | None = None,
 ) -> Iterator[FileEntry | Unreadable]:
     """Yield a ``FileEntry`` per image file under ``roots`` (files or directories).
 
@@ -91,21 +161,54 @@ def walk_files(
     into, and each directory is walked once however many links lead to it.
     """
     visited: set[tuple[int, int]] = set()
-    for root_path in _distinct_roots(roots):
-        root = str(root_path)
-        try:
-            st = os.stat(root)
-        except OSError as exc:
-            yield (root, _stat_reason(exc))
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            visited.add((st.st_dev, st.st_ino))
-            yield from _walk_dir(root, follow_symlinks, max_bytes, visited)
-        else:
-            yield _classify(root, st, max_bytes)  # a file named as a root is taken as it is
+    for root in distinct_roots(roots):
+        yield from walk_root(
+            str(root),
+            follow_symlinks=follow_symlinks,
+            max_bytes=max_bytes,
+            image_filter=image_filter,
+            counts=counts,
+            visited=visited,
+        )
 
 
-def _distinct_roots(roots: Iterable[str | Path]) -> list[Path]:
+def walk_root(
+    root: str,
+    *,
+    follow_symlinks: bool = False,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    image_filter: ImageFilter | None = None,
+    counts: WalkCounts | None = None,
+    visited: set[tuple[int, int]] | None = None,
+) -> Iterator[FileEntry | Unreadable]:
+    """``walk_files`` of one root, in the byte order of the stored paths.
+
+    Entries of a directory are sorted by their stored text (``paths.to_db``),
+    a folder's name followed by '/', so the whole walk comes out in the order
+    in which the database sorts the stored paths (byte-wise): a scan merges the
+    two streams to find vanished files without holding either in memory.
+    """
+    visited = set() if visited is None else visited
+    try:
+        st = os.stat(root)
+    except OSError as exc:
+        yield (root, _stat_reason(exc))
+        return
+    if stat.S_ISDIR(st.st_mode):
+        visited.add((st.st_dev, st.st_ino))
+        yield from _walk_dir(
+            root,
+            follow_symlinks,
+            max_bytes,
+            visited,
+            image_filter or ImageFilter(),
+            counts if counts is not None else WalkCounts(),
+        )
+    else:
+        yield _classify(root, st, max_bytes)  # a file named as a root is taken as it is
+
+
+def distinct_roots(roots: Iterable[str | Path]) -> list[Path]:
     """The roots as absolute paths, without repeats or roots inside another root."""
     paths = [Path(os.path.normpath(Path(r).expanduser().absolute())) for r in roots]
     dirs = [p for p in paths if p.is_dir()]
@@ -120,42 +223,59 @@ def _distinct_roots(roots: Iterable[str | Path]) -> list[Path]:
 
 
 def _walk_dir(
-    top: str, follow_symlinks: bool, max_bytes: int, visited: set[tuple[int, int]]
+    top: str,
+    follow_symlinks: bool,
+    max_bytes: int,
+    visited: set[tuple[int, int]],
+    image_filter: ImageFilter,
+    counts: WalkCounts,
 ) -> Iterator[FileEntry | Unreadable]:
     try:
         with os.scandir(top) as it:
-            names = sorted(
+            listed = [
                 (e.name, e.is_dir(follow_symlinks=False), e.is_symlink())
                 for e in it
                 if not e.name.startswith(".")
-            )
+            ]
     except OSError as exc:
         yield (top, f"cannot list directory: {exc.strerror or exc}")
         return
-    for name, is_dir, is_link in names:
+    entries = []
+    for name, is_dir, is_link in listed:
         path = os.path.join(top, name)
-        if is_dir or (is_link and follow_symlinks):
+        target: os.stat_result | OSError | None = None
+        if is_link and follow_symlinks:
             try:
-                st = os.stat(path)
+                target = os.stat(path)
             except OSError as exc:
-                if is_image_path(name):
-                    yield (path, _stat_reason(exc))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                key = (st.st_dev, st.st_ino)
-                if key not in visited:  # a link loop, or a second link to one folder
-                    visited.add(key)
-                    yield from _walk_dir(path, follow_symlinks, max_bytes, visited)
-                continue
-            if is_image_path(name):
-                yield _classify(path, st, max_bytes)
-        elif is_image_path(name):
+                target = exc
+            is_dir = isinstance(target, os.stat_result) and stat.S_ISDIR(target.st_mode)
+        # A folder sorts as "name/": its files come where their full paths sort.
+        entries.append((to_db(name) + ("/" if is_dir else ""), path, is_dir, target))
+    entries.sort(key=lambda item: item[0])
+    for _key, path, is_dir, target in entries:
+        if is_dir:
             try:
-                st = os.stat(path)  # a link's target: the bytes that would be read
+                st = target if isinstance(target, os.stat_result) else os.stat(path)
             except OSError as exc:
-                yield (path, _stat_reason(exc))
+                yield (path, f"cannot list directory: {_stat_reason(exc)}")
                 continue
-            yield _classify(path, st, max_bytes)
+            dir_key = (st.st_dev, st.st_ino)
+            if dir_key not in visited:  # a link loop, or a second link to one folder
+                visited.add(dir_key)
+                yield from _walk_dir(
+                    path, follow_symlinks, max_bytes, visited, image_filter, counts
+                )
+            continue
+        if not image_filter.is_image(path):
+            counts.skipped += 1
+            continue
+        try:
+            st = os.stat(path)  # a link's target: the bytes that would be read
+        except OSError as exc:
+            yield (path, _stat_reason(exc))
+            continue
+        yield _classify(path, st, max_bytes)
 
 
 def _classify(path: str, st: os.stat_result, max_bytes: int) -> FileEntry | Unreadable:
@@ -190,7 +310,7 @@ def _stat_reason(exc: OSError) -> str:
     if exc.errno == errno.ENOENT:
         if exc.filename is not None and os.path.islink(exc.filename):
             return "broken symbolic link"
-        return "no such file or directory"
+        return GONE
     if exc.errno == errno.EACCES:
         return "permission denied"
     return f"cannot stat: {exc.strerror or exc}"
@@ -230,28 +350,41 @@ def read_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
 def table_files(
     url: str,
     table: str,
-    column: str = "path",
+    column: str | None = "path",
     *,
+    id_column: str | None = None,
+    blob_column: str | None = None,
     base_dir: str | Path | None = None,
     max_bytes: int = DEFAULT_MAX_FILE_BYTES,
     chunk: int = 1000,
 ) -> Iterator[FileEntry | Unreadable]:
-    """Yield a ``FileEntry`` per path listed in ``table.column`` of a database.
+    """Yield an entry per figure listed in a database table.
 
     For archives whose figures are catalogued in a database (a literature
-    index, a PACS export) rather than laid out in folders. Relative paths are
-    taken relative to ``base_dir``. Rows are streamed, ``chunk`` at a time,
-    in the table's path order. A table or column that does not exist raises
-    ``InputError``; a path that is not a readable image file yields
-    ``(path, reason)``.
+    index, a PACS export) rather than laid out in folders:
+
+    * ``column`` holds file paths (relative ones are taken relative to
+      ``base_dir``), yielding a ``FileEntry`` per existing file; or
+    * ``blob_column`` holds the image bytes themselves, yielding a
+      ``BlobEntry`` per row, keyed ``table:<table>/<id>`` by ``id_column``
+      (required then); only the byte length is read here, the bytes are
+      fetched when the image is decoded.
+
+    ``id_column``'s value is stored with each label (``images.source_id``), so
+    labels join back to the user's table. Rows are streamed, ``chunk`` at a
+    time, ordered by the id (or the path). A table or column that does not
+    exist raises ``InputError``; a path that is not a readable image file
+    yields ``(path, reason)``.
     """
     import sqlalchemy as sa
 
     from .errors import DatabaseError
     from .store import safe_url
 
+    if blob_column is not None and id_column is None:
+        raise InputError("--blob-column needs --id-column: the id names the figure")
     try:
-        engine = sa.create_engine(url)
+        engine = sa.create_engine(url, pool_pre_ping=True)
     except (sa.exc.ArgumentError, ModuleNotFoundError) as exc:
         raise DatabaseError(f"not a usable database URL: {safe_url(url)} ({exc})") from None
     try:
@@ -260,20 +393,27 @@ def table_files(
             source = sa.Table(table, meta, autoload_with=engine)
         except sa.exc.NoSuchTableError:
             raise InputError(f"no table {table!r} in {safe_url(url)}") from None
-        if column not in source.c:
-            raise InputError(
-                f"table {table!r} has no column {column!r}; it has " + ", ".join(source.c.keys())
-            )
+        wanted = [c for c in (blob_column or column, id_column) if c is not None]
+        for name in wanted:
+            if name not in source.c:
+                raise InputError(
+                    f"table {table!r} has no column {name!r}; it has " + ", ".join(source.c.keys())
+                )
+        id_col = source.c[id_column] if id_column is not None else None
+        if blob_column is not None:
+            yield from _blob_rows(engine, source, table, source.c[blob_column], id_col, chunk)
+            return
+        path_col = source.c[column]
         query = (
-            sa.select(source.c[column])
-            .where(source.c[column].is_not(None))
-            .order_by(source.c[column])
+            sa.select(path_col, *([id_col] if id_col is not None else []))
+            .where(path_col.is_not(None))
+            .order_by(id_col if id_col is not None else path_col)
             .execution_options(yield_per=chunk)
         )
         base = Path(base_dir).expanduser().absolute() if base_dir is not None else None
         with engine.connect() as conn:
-            for (value,) in conn.execute(query):
-                path = Path(str(value)).expanduser()
+            for row in conn.execute(query):
+                path = Path(str(row[0])).expanduser()
                 if not path.is_absolute():
                     path = (base or Path.cwd()) / path
                 path_str = str(path.absolute())
@@ -282,8 +422,38 @@ def table_files(
                 except OSError as exc:
                     yield (path_str, _stat_reason(exc))
                     continue
-                yield _classify(path_str, st, max_bytes)
+                entry = _classify(path_str, st, max_bytes)
+                if isinstance(entry, FileEntry) and id_col is not None:
+                    entry = FileEntry(entry.path, entry.size_bytes, entry.mtime, str(row[1]))
+                yield entry
     except sa.exc.DBAPIError as exc:
         raise DatabaseError(f"cannot read table {table!r} of {safe_url(url)}: {exc.orig}") from None
     finally:
         engine.dispose()
+
+
+def _blob_rows(engine, source, table: str, blob_col, id_col, chunk: int) -> Iterator[BlobEntry]:
+    import sqlalchemy as sa
+
+    query = (
+        sa.select(id_col, sa.func.length(blob_col))
+        .order_by(id_col)
+        .execution_options(yield_per=chunk)
+    )
+
+    def fetcher(figure_id: object) -> Callable[[], bytes | None]:
+        def fetch() -> bytes | None:
+            with engine.connect() as conn:
+                return conn.execute(sa.select(blob_col).where(id_col == figure_id)).scalar()
+
+        return fetch
+
+    with engine.connect() as conn:
+        for figure_id, length in conn.execute(query):
+            yield BlobEntry(
+                path=f"table:{table}/{figure_id}",
+                size_bytes=int(length or 0),
+                mtime=0.0,
+                source_id=str(figure_id),
+                fetch=fetcher(figure_id),
+            )

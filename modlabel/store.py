@@ -56,14 +56,21 @@ models = sa.Table(
     sa.Column("activation_shape", sa.JSON, nullable=False),
     sa.Column("path", sa.Text, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # The confidence an image needs to count in its class's average (Eq. 8); NULL until
+    # the running class sums are built (modlabel.aggregate).
+    sa.Column("class_min_confidence", sa.Float),
 )
+
+# Paths compare byte-wise on both databases (SQLite's default; collation "C" on
+# PostgreSQL), the order in which ``source.walk_files`` yields them.
+PATH_TYPE = sa.Text().with_variant(sa.Text(collation="C"), "postgresql")
 
 images = sa.Table(
     "images",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id"), nullable=False),
-    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("path", PATH_TYPE, nullable=False),
     sa.Column("size_bytes", sa.BigInteger, nullable=False),
     sa.Column("mtime", sa.Float, nullable=False),
     sa.Column("sha256", sa.String(64)),
@@ -75,10 +82,30 @@ images = sa.Table(
     sa.Column("crm", sa.LargeBinary),
     sa.Column("error", sa.Text),
     sa.Column("labeled_at", sa.DateTime(timezone=True), nullable=False),
+    # When the file was found gone; the row leaves counts, averages and queries.
+    sa.Column("missing_since", sa.DateTime(timezone=True)),
+    # The figure's id in the user's table (scan --table --id-column), to join back.
+    sa.Column("source_id", sa.Text),
     sa.UniqueConstraint("model_id", "path", name="uq_images_model_path"),
 )
-sa.Index("ix_images_model_label", images.c.model_id, images.c.label)
+sa.Index("ix_images_model_label_confidence", images.c.model_id, images.c.label, images.c.confidence)
+sa.Index("ix_images_model_labeled_at", images.c.model_id, images.c.labeled_at)
 sa.Index("ix_images_sha256", images.c.sha256)
+sa.Index(
+    "ix_images_errors",
+    images.c.model_id,
+    images.c.path,
+    postgresql_where=images.c.error.is_not(None),
+    sqlite_where=images.c.error.is_not(None),
+)
+sa.Index(
+    "ix_images_missing",
+    images.c.model_id,
+    images.c.missing_since,
+    postgresql_where=images.c.missing_since.is_not(None),
+    sqlite_where=images.c.missing_since.is_not(None),
+)
+sa.Index("ix_images_model_source_id", images.c.model_id, images.c.source_id)
 
 class_maps = sa.Table(
     "class_maps",
@@ -89,6 +116,8 @@ class_maps = sa.Table(
     sa.Column("crm", sa.LargeBinary, nullable=False),
     sa.Column("roi_box", sa.JSON, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # The running sum of the counted images' normalized maps, float64 (modlabel.aggregate).
+    sa.Column("map_sum", sa.LargeBinary),
 )
 
 scans = sa.Table(
@@ -103,6 +132,8 @@ scans = sa.Table(
     sa.Column("labeled", sa.Integer, nullable=False, default=0),
     sa.Column("unchanged", sa.Integer, nullable=False, default=0),
     sa.Column("errors", sa.Integer, nullable=False, default=0),
+    sa.Column("skipped", sa.Integer, nullable=False, default=0),
+    sa.Column("missing", sa.Integer, nullable=False, default=0),
     sa.Column("status", sa.String(16), nullable=False, default="running"),
     sa.Column("reason", sa.Text),
     sa.Column("host", sa.String(255)),
@@ -289,12 +320,14 @@ class DbRetry:
         *,
         what: str = "database",
         on_recovered: Callable[[], None] | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
+        from . import stopping
+
         self.seconds = max(0.0, seconds)
         self.what = what
         self.on_recovered = on_recovered
-        self.sleep = sleep
+        self.sleep = sleep or stopping.sleep  # a signal ends the wait
         self.retries = 0
 
     def __call__(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -426,25 +459,64 @@ class KnownFile:
     mtime: float
     sha256: str | None
     failed: bool = False  # the stored row is an error, not a label
+    missing: bool = False  # the file was found gone by an earlier scan
+
+
+def _known_columns() -> list:
+    return [
+        images.c.path,
+        images.c.size_bytes,
+        images.c.mtime,
+        images.c.sha256,
+        images.c.error.is_not(None),
+        images.c.missing_since.is_not(None),
+    ]
+
+
+def _known(row: Sequence[Any]) -> KnownFile:
+    _path, size, mtime, digest, failed, missing = row
+    return KnownFile(int(size), float(mtime), digest, bool(failed), bool(missing))
 
 
 def known_files(engine: Engine, model_id: int, paths: Sequence[str]) -> dict[str, KnownFile]:
-    """What the database already holds for these paths under this model."""
+    """What the database already holds for these stored paths under this model."""
     found: dict[str, KnownFile] = {}
     # Chunked so that the IN list stays within every backend's parameter limit.
     for start in range(0, len(paths), 500):
         chunk = list(paths[start : start + 500])
-        query = sa.select(
-            images.c.path,
-            images.c.size_bytes,
-            images.c.mtime,
-            images.c.sha256,
-            images.c.error.is_not(None),
-        ).where(images.c.model_id == model_id, images.c.path.in_(chunk))
+        query = sa.select(*_known_columns()).where(
+            images.c.model_id == model_id, images.c.path.in_(chunk)
+        )
         with engine.connect() as conn:
-            for path, size, mtime, digest, failed in conn.execute(query):
-                found[path] = KnownFile(int(size), float(mtime), digest, bool(failed))
+            for row in conn.execute(query):
+                found[row[0]] = _known(row)
     return found
+
+
+def known_under(
+    engine: Engine, model_id: int, folder: str, *, after: str | None = None, page: int = 1000
+) -> list[tuple[str, KnownFile]]:
+    """One page of the stored paths under the stored folder ``folder``, in byte order.
+
+    The page after ``after`` (a stored path; from the folder's start when None),
+    at most ``page`` rows, read in a short transaction of its own: a scan walks
+    the folder and these pages side by side (keyset paging on the path index).
+    """
+    with engine.connect() as conn:
+        query = known_under_query(model_id, folder, after=after, page=page)
+        return [(row[0], _known(row)) for row in conn.execute(query)]
+
+
+def known_under_query(model_id: int, folder: str, *, after: str | None, page: int) -> sa.Select:
+    prefix = folder if folder.endswith("/") else folder + "/"
+    upper = prefix[:-1] + "0"  # '0' follows '/': every path that starts with the prefix
+    lower = images.c.path > after if after is not None else images.c.path >= prefix
+    return (
+        sa.select(*_known_columns())
+        .where(images.c.model_id == model_id, lower, images.c.path < upper)
+        .order_by(images.c.path)
+        .limit(page)
+    )
 
 
 @dataclass
@@ -454,6 +526,8 @@ class ScanProgress:
     scan_id: int
     seen: int = 0
     unchanged: int = 0
+    skipped: int = 0
+    missing: int = 0
 
 
 def touch_files(
@@ -462,22 +536,104 @@ def touch_files(
     stats: Iterable[tuple[str, int, float]],
     progress: ScanProgress | None = None,
 ) -> None:
-    """Record a new stat for files whose content hash did not change.
+    """Record a new stat for files whose content hash did not change (and that are there).
 
     stats: (stored path, size, mtime) per file.
     """
+    from . import aggregate
+
     stats = list(stats)
     if not stats:
         return
     with engine.begin() as conn:
-        conn.execute(
-            images.update()
-            .where(images.c.model_id == model_id, images.c.path == sa.bindparam("p"))
-            .values(size_bytes=sa.bindparam("s"), mtime=sa.bindparam("m")),
-            [{"p": p, "s": s, "m": m} for p, s, m in stats],
-        )
+        with aggregate.track(conn, model_id, [p for p, _, _ in stats]):
+            conn.execute(
+                images.update()
+                .where(images.c.model_id == model_id, images.c.path == sa.bindparam("p"))
+                .values(size_bytes=sa.bindparam("s"), mtime=sa.bindparam("m"), missing_since=None),
+                [{"p": p, "s": s, "m": m} for p, s, m in stats],
+            )
         if progress is not None:
             _record_progress(conn, progress, labeled=0, errors=0)
+
+
+def set_missing(
+    engine: Engine,
+    model_id: int,
+    paths: Sequence[str],
+    missing: bool,
+    progress: ScanProgress | None = None,
+) -> int:
+    """Mark stored paths as found gone (``missing``) or back; returns how many rows changed.
+
+    A missing row leaves class counts, class averages, the report and the default
+    queries, and stays until ``prune_missing``; a file that comes back with the
+    same stat is simply marked back.
+    """
+    from . import aggregate
+
+    if not paths:
+        return 0
+    changed = 0
+    with engine.begin() as conn:
+        for start in range(0, len(paths), 500):
+            chunk = list(paths[start : start + 500])
+            state = (
+                images.c.missing_since.is_(None) if missing else images.c.missing_since.is_not(None)
+            )
+            with aggregate.track(conn, model_id, chunk):
+                result = conn.execute(
+                    images.update()
+                    .where(images.c.model_id == model_id, images.c.path.in_(chunk), state)
+                    .values(missing_since=utcnow() if missing else None)
+                )
+            changed += int(result.rowcount or 0)
+        if progress is not None:
+            _record_progress(conn, progress, labeled=0, errors=0)
+    return changed
+
+
+def iter_missing(
+    engine: Engine, model_id: int, *, chunk: int = 1000
+) -> Iterator[tuple[str, datetime]]:
+    """(stored path, missing since) of the model's missing files, in path order, streamed."""
+    query = (
+        sa.select(images.c.path, images.c.missing_since)
+        .where(images.c.model_id == model_id, images.c.missing_since.is_not(None))
+        .order_by(images.c.path)
+        .execution_options(yield_per=chunk)
+    )
+    with engine.connect() as conn:
+        yield from ((p, _aware(t)) for p, t in conn.execute(query))
+
+
+def prune_missing(engine: Engine, model_id: int, *, chunk: int = 1000) -> int:
+    """Delete the model's rows of missing files, ``chunk`` per transaction; returns how many."""
+    from . import aggregate
+
+    deleted = 0
+    while True:
+        with engine.begin() as conn:
+            paths = (
+                conn.execute(
+                    sa.select(images.c.path)
+                    .where(images.c.model_id == model_id, images.c.missing_since.is_not(None))
+                    .limit(chunk)
+                )
+                .scalars()
+                .all()
+            )
+            if not paths:
+                return deleted
+            with aggregate.track(conn, model_id, paths):
+                conn.execute(
+                    images.delete().where(
+                        images.c.model_id == model_id,
+                        images.c.path.in_(paths),
+                        images.c.missing_since.is_not(None),
+                    )
+                )
+            deleted += len(paths)
 
 
 _IMAGE_COLUMNS = tuple(c.name for c in images.columns if c.name not in ("id", "model_id", "path"))
@@ -491,20 +647,24 @@ def write_image_rows(
 ) -> None:
     """Insert or update image rows, keyed by (model, stored path), in one transaction.
 
-    A batch lands whole or not at all, and with it the scan's counts, so the
-    ``scans`` row never counts more than was committed. An upsert: a second
-    scan writing the same paths at the same moment updates, never fails.
+    A batch lands whole or not at all, and with it the scan's counts and the
+    class sums, so the ``scans`` row never counts more than was committed. An
+    upsert: a second scan writing the same paths at the same moment updates,
+    never fails.
     """
+    from . import aggregate
+
     if not rows:
         return
-    rows = list({r["path"]: r for r in rows}.values())  # one row per path: the last wins
+    rows = list({r["path"]: {"missing_since": None, "source_id": None, **r} for r in rows}.values())
     with engine.begin() as conn:
         stmt = _insert(conn)(images)
         stmt = stmt.on_conflict_do_update(
             index_elements=[images.c.model_id, images.c.path],
             set_={name: stmt.excluded[name] for name in _IMAGE_COLUMNS},
         )
-        conn.execute(stmt, [{**r, "model_id": model_id} for r in rows])
+        with aggregate.track(conn, model_id, [r["path"] for r in rows]):
+            conn.execute(stmt, [{**r, "model_id": model_id} for r in rows])
         if progress is not None:
             errors = sum(1 for r in rows if r["error"] is not None)
             _record_progress(conn, progress, labeled=len(rows) - errors, errors=errors)
@@ -519,6 +679,8 @@ def _record_progress(
         .values(
             seen=progress.seen,
             unchanged=progress.unchanged,
+            skipped=progress.skipped,
+            missing=progress.missing,
             labeled=scans.c.labeled + labeled,
             errors=scans.c.errors + errors,
             alive_until=_alive_until(),
@@ -526,36 +688,15 @@ def _record_progress(
     )
 
 
-def iter_class_maps(
-    engine: Engine,
-    model_id: int,
-    class_name: str,
-    *,
-    min_confidence: float = 0.0,
-    chunk: int = 1000,
-) -> Iterator[bytes]:
-    """Stream the stored CRM blobs of the images labeled ``class_name``."""
-    query = (
-        sa.select(images.c.crm)
-        .where(
-            images.c.model_id == model_id,
-            images.c.label == class_name,
-            images.c.error.is_(None),
-            images.c.crm.is_not(None),
-            images.c.confidence >= min_confidence,
-        )
-        .order_by(images.c.id)
-        .execution_options(yield_per=chunk)
-    )
-    with engine.connect() as conn:
-        for (blob,) in conn.execute(query):
-            yield bytes(blob)
+def _present(model_id: int) -> list:
+    return [images.c.model_id == model_id, images.c.missing_since.is_(None)]
 
 
 def class_counts(engine: Engine, model_id: int) -> dict[str, int]:
+    """Images per label of the files that are there (missing ones left out)."""
     query = (
         sa.select(images.c.label, sa.func.count())
-        .where(images.c.model_id == model_id, images.c.error.is_(None))
+        .where(*_present(model_id), images.c.error.is_(None))
         .group_by(images.c.label)
     )
     with engine.connect() as conn:
@@ -565,7 +706,7 @@ def class_counts(engine: Engine, model_id: int) -> dict[str, int]:
 def error_rows(engine: Engine, model_id: int, limit: int = 100) -> list[tuple[str, str]]:
     query = (
         sa.select(images.c.path, images.c.error)
-        .where(images.c.model_id == model_id, images.c.error.is_not(None))
+        .where(*_present(model_id), images.c.error.is_not(None))
         .order_by(images.c.path)
         .limit(limit)
     )
@@ -577,7 +718,7 @@ def count_errors(engine: Engine, model_id: int) -> int:
     query = (
         sa.select(sa.func.count())
         .select_from(images)
-        .where(images.c.model_id == model_id, images.c.error.is_not(None))
+        .where(*_present(model_id), images.c.error.is_not(None))
     )
     with engine.connect() as conn:
         return int(conn.execute(query).scalar() or 0)
@@ -589,9 +730,7 @@ def example_rows(
     """The most confident images of a class, for the report."""
     query = (
         sa.select(images.c.path, images.c.confidence, images.c.crm, images.c.width, images.c.height)
-        .where(
-            images.c.model_id == model_id, images.c.label == class_name, images.c.error.is_(None)
-        )
+        .where(*_present(model_id), images.c.label == class_name, images.c.error.is_(None))
         .order_by(images.c.confidence.desc(), images.c.path)
         .limit(limit)
     )
@@ -599,60 +738,44 @@ def example_rows(
         return [dict(r) for r in conn.execute(query).mappings()]
 
 
-def save_class_map(
-    engine: Engine,
+def upsert_class_map(
+    conn: sa.Connection,
     model_id: int,
     class_name: str,
+    *,
     image_count: int,
     crm_blob: bytes,
     roi_box: Sequence[int] | None,
+    map_sum: bytes | None,
 ) -> None:
+    """Write one class's average map, ROI box and running sum (modlabel.aggregate)."""
     values = {
         "image_count": image_count,
         "crm": crm_blob,
         "roi_box": list(roi_box) if roi_box is not None else [],
+        "map_sum": map_sum,
         "updated_at": utcnow(),
     }
-    with engine.begin() as conn:
-        conn.execute(
-            _insert(conn)(class_maps)
-            .values(model_id=model_id, class_name=class_name, **values)
-            .on_conflict_do_update(
-                index_elements=[class_maps.c.model_id, class_maps.c.class_name], set_=values
-            )
-        )
-
-
-def delete_class_map(engine: Engine, model_id: int, class_name: str) -> None:
-    with engine.begin() as conn:
-        _delete_class_map(conn, model_id, class_name)
-
-
-def _delete_class_map(conn: sa.Connection, model_id: int, class_name: str) -> None:
     conn.execute(
-        class_maps.delete().where(
-            class_maps.c.model_id == model_id, class_maps.c.class_name == class_name
+        _insert(conn)(class_maps)
+        .values(model_id=model_id, class_name=class_name, **values)
+        .on_conflict_do_update(
+            index_elements=[class_maps.c.model_id, class_maps.c.class_name], set_=values
         )
     )
-
-
-def class_maps_stale(engine: Engine, model_id: int) -> bool:
-    """True when an image row is newer than the oldest class-level map (or none exists)."""
-    newest_row = sa.select(sa.func.max(images.c.labeled_at)).where(images.c.model_id == model_id)
-    oldest_map = sa.select(sa.func.min(class_maps.c.updated_at)).where(
-        class_maps.c.model_id == model_id
-    )
-    with engine.connect() as conn:
-        row_time = conn.execute(newest_row).scalar()
-        map_time = conn.execute(oldest_map).scalar()
-    if row_time is None:
-        return False
-    return map_time is None or _aware(row_time) > _aware(map_time)
 
 
 def _aware(moment: datetime) -> datetime:
     # SQLite hands timestamps back without their zone; modlabel writes UTC.
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def model_class_min_confidence(engine: Engine, model_id: int) -> float | None:
+    """The confidence an image needs to count in the model's class averages (None: not built)."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(models.c.class_min_confidence).where(models.c.id == model_id)
+        ).scalar()
 
 
 def load_class_maps(engine: Engine, model_id: int) -> list[dict[str, Any]]:
@@ -685,6 +808,8 @@ def start_scan(engine: Engine, model_id: int, roots: Sequence[str]) -> int:
                     labeled=0,
                     unchanged=0,
                     errors=0,
+                    skipped=0,
+                    missing=0,
                     status=RUNNING,
                     host=socket.gethostname(),
                     pid=os.getpid(),
@@ -712,6 +837,8 @@ def finish_scan(
     reason: str | None = None,
     seen: int,
     unchanged: int,
+    skipped: int = 0,
+    missing: int = 0,
 ) -> None:
     """Close a scan's row: its final status and the counts not already committed.
 
@@ -728,6 +855,8 @@ def finish_scan(
                 finished_at=utcnow(),
                 seen=seen,
                 unchanged=unchanged,
+                skipped=skipped,
+                missing=missing,
                 alive_until=None,
             )
         )
@@ -767,6 +896,8 @@ class ScanRow:
     labeled: int
     unchanged: int
     errors: int
+    skipped: int = 0
+    missing: int = 0
 
     def describe(self) -> str:
         """'scan #12 on host h, pid 345, since 2026-11-25 02:15 UTC'"""
@@ -821,6 +952,8 @@ def list_scans(engine: Engine, model_id: int | None = None, *, limit: int = 20) 
             labeled=r["labeled"],
             unchanged=r["unchanged"],
             errors=r["errors"],
+            skipped=r["skipped"],
+            missing=r["missing"],
         )
         for r in rows
     ]

@@ -1,4 +1,5 @@
--- How many images each model put in each class, and how many it could not read.
+-- How many images each model put in each class, and how many it could not read
+-- (files found gone are left out).
 -- Parameters: none.
 SELECT m.identity AS model,
        COALESCE(i.label, '(error)') AS label,
@@ -6,5 +7,6 @@ SELECT m.identity AS model,
        ROUND(CAST(AVG(i.confidence) AS NUMERIC), 4) AS mean_confidence
 FROM images i
 JOIN models m ON m.id = i.model_id
+WHERE i.missing_since IS NULL
 GROUP BY m.identity, COALESCE(i.label, '(error)')
 ORDER BY m.identity, images DESC;

@@ -1,7 +1,9 @@
--- Files that could not be labeled, with the reason.
--- Parameters: none.
-SELECT i.path, i.error, m.identity AS model, i.labeled_at
+-- Files a model could not label, and why (files found gone since are left out).
+-- Parameters: model (identity; default: the newest).
+SELECT i.path, i.error, i.labeled_at
 FROM images i
 JOIN models m ON m.id = i.model_id
-WHERE i.error IS NOT NULL
+WHERE m.identity = :model
+  AND i.error IS NOT NULL
+  AND i.missing_since IS NULL
 ORDER BY i.path;

@@ -1,8 +1,10 @@
--- Images to check by eye: labeled, but with a confidence below :threshold.
--- Parameters: threshold (0..1).
-SELECT i.path, i.label, i.confidence, m.identity AS model
+-- Images to check by eye: labeled by a model, but with a confidence below :threshold.
+-- Parameters: threshold (0..1), model (identity; default: the newest).
+SELECT i.path, i.label, i.confidence, i.source_id
 FROM images i
 JOIN models m ON m.id = i.model_id
-WHERE i.error IS NULL
+WHERE m.identity = :model
+  AND i.label IS NOT NULL
   AND i.confidence < CAST(:threshold AS REAL)
-ORDER BY i.confidence, i.path;
+  AND i.missing_since IS NULL
+ORDER BY i.label, i.confidence, i.path;

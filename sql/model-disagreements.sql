@@ -7,4 +7,5 @@ JOIN models ma ON ma.id = a.model_id AND ma.identity = :model_a
 JOIN images b ON b.path = a.path
 JOIN models mb ON mb.id = b.model_id AND mb.identity = :model_b
 WHERE a.label <> b.label
+  AND a.missing_since IS NULL
 ORDER BY a.path;

@@ -31,7 +31,9 @@ def test_scan_report_and_query(tiny_archive, tiny_onnx, tmp_path):
     shutil.copytree(tiny_archive, archive)
     (archive / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     db = tmp_path / "labels.db"
-    result = invoke("scan", archive, "--model", tiny_onnx, "--db", db)
+    result = invoke(
+        "scan", archive, "--model", tiny_onnx, "--db", db, "--class-min-confidence", "0"
+    )
     assert result.exit_code == 0, result.output
     assert "broken.jpg: not a recognized image format" in result.output
 
@@ -68,23 +70,35 @@ def test_scan_report_and_query(tiny_archive, tiny_onnx, tmp_path):
 
 
 def test_scan_with_postgresql_url(tiny_archive, tiny_onnx, postgres_url, tmp_path):
-    result = invoke("scan", tiny_archive, "--model", tiny_onnx, "--db", postgres_url)
+    result = invoke(
+        "scan",
+        tiny_archive,
+        "--model",
+        tiny_onnx,
+        "--db",
+        postgres_url,
+        "--class-min-confidence",
+        "0",
+    )
     assert result.exit_code == 0, result.output
     result = invoke("query", "scans", "--db", postgres_url, "--format", "json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)[0]["seen"] >= 1
     # Every named query runs unchanged on PostgreSQL too.
+    from modlabel.queries import list_queries
+    from modlabel.store import open_db, pick_model
+
+    newest = pick_model(open_db(postgres_url)).identity
     params = {
         "label": "chest_xray",
         "min_confidence": "0.0",
         "threshold": "0.99",
-        "model_a": "a",
-        "model_b": "b",
+        "model_a": newest,
+        "model_b": newest[:8],  # a prefix is enough
     }
-    from modlabel.queries import list_queries
-
     for q in list_queries():
-        args = [a for p in q.parameters for a in ("-p", f"{p}={params[p]}")]
+        # "model" is left out: it defaults to the newest model.
+        args = [a for p in q.parameters if p != "model" for a in ("-p", f"{p}={params[p]}")]
         result = invoke("query", q.name, *args, "--db", postgres_url)
         assert result.exit_code == 0, (q.name, result.output)
     result = invoke("query", "class-counts", "--db", postgres_url, "--format", "json")

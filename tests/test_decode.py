@@ -134,3 +134,49 @@ def test_a_linked_file_is_statted_through_its_link(tmp_path):
     (tmp_path / "dir" / "link.jpg").symlink_to(tmp_path / "real.jpg")
     (entry,) = walk_files([tmp_path / "dir"])
     assert entry.size_bytes == 10  # the target's size, so a changed target is seen
+
+
+def _rotated_jpeg_pair(tmp_path):
+    """An upright JPEG and the same picture stored turned, with EXIF orientation 6
+    ("turn 90 degrees clockwise to show"), as a phone camera writes it."""
+    from PIL import Image
+
+    upright = np.zeros((60, 40, 3), np.uint8)  # tall: white top third, gray bottom
+    upright[:20] = 255
+    upright[40:] = 128
+    plain = tmp_path / "upright.jpg"
+    Image.fromarray(upright).save(plain, quality=95)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # as the sensor saw it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = tmp_path / "turned.jpg"
+    stored.save(turned, quality=95, exif=exif.tobytes())
+    return plain, turned
+
+
+def test_exif_orientation_is_applied_so_a_turned_photo_decodes_upright(tmp_path):
+    plain, turned = _rotated_jpeg_pair(tmp_path)
+    from modlabel.decode import load_pixels
+
+    want, want_size = load_pixels(plain, (30, 20))
+    got, got_size = load_pixels(turned, (30, 20))
+    assert got_size == want_size == (40, 60)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 8  # JPEG noise only
+    assert got[:5].mean() > 200 and got[-5:].mean() < 160  # white on top, as shown
+
+
+def test_training_reads_turned_photos_upright(tmp_path):
+    from train.data import make_dataset
+
+    plain, turned = _rotated_jpeg_pair(tmp_path)
+    dataset = make_dataset(
+        [str(plain), str(turned)],
+        np.array([0, 0]),
+        input_size=(30, 20),
+        mean=[0.0, 0.0, 0.0],
+        std=[1.0, 1.0, 1.0],
+        batch_size=2,
+    )
+    x, _, weights = next(iter(dataset))
+    assert weights.numpy().tolist() == [1.0, 1.0]
+    assert np.abs(x[0].numpy() - x[1].numpy()).max() <= 8

@@ -169,7 +169,7 @@ def test_scan_writes_the_same_labels_to_postgresql_as_to_sqlite(
     lite = scan_archive([archive], model, store.open_db(sqlite_url))
     pg_engine = store.open_db(postgres_url)
     assert pg_engine.dialect.name == "postgresql"
-    pg = scan_archive([archive], model, pg_engine)
+    pg = scan_archive([archive], model, pg_engine, class_min_confidence=0.0)
     assert (pg.labeled, pg.errors) == (lite.labeled, lite.errors)
     lite_rows, pg_rows = _rows(sqlite_url), _rows(postgres_url, under=archive)
     assert sorted(lite_rows) == sorted(pg_rows)
@@ -177,7 +177,7 @@ def test_scan_writes_the_same_labels_to_postgresql_as_to_sqlite(
         assert pg_rows[path]["label"] == row["label"]
         assert pg_rows[path]["crm"] == row["crm"]
         assert pg_rows[path]["probabilities"] == pytest.approx(row["probabilities"])
-    again = scan_archive([archive], model, pg_engine)
+    again = scan_archive([archive], model, pg_engine, class_min_confidence=0.0)
     assert again.labeled == 0 and again.unchanged == again.seen
     with pg_engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(store.class_maps)).scalar() > 0
@@ -276,30 +276,10 @@ def test_a_class_left_without_images_loses_its_average_map(
 ):
     archive = _archive_copy(tiny_archive, tmp_path)
     engine = store.open_db(sqlite_url)
-    scan_archive([archive], OnnxModel(tiny_onnx), engine)
+    scan_archive([archive], OnnxModel(tiny_onnx), engine, class_min_confidence=0.0)
     model_id = store.pick_model(engine).id
     before = {r["class_name"] for r in store.load_class_maps(engine, model_id)}
     for path in archive.rglob("*.jpg"):
         path.write_bytes(b"no longer an image")
-    scan_archive([archive], OnnxModel(tiny_onnx), engine)
+    scan_archive([archive], OnnxModel(tiny_onnx), engine, class_min_confidence=0.0)
     assert before and store.load_class_maps(engine, model_id) == []
-
-
-def test_class_maps_are_stale_only_after_new_labels(
-    tiny_archive, tiny_onnx, tmp_path, sqlite_url, postgres_url
-):
-    archive = _archive_copy(tiny_archive, tmp_path)
-    for url in (sqlite_url, postgres_url):
-        engine = store.open_db(url)
-        model = OnnxModel(tiny_onnx)
-        scan_archive([archive], model, engine, aggregate=False)
-        model_id = store.pick_model(engine, model.identity).id
-        assert store.class_maps_stale(engine, model_id)  # labeled, never aggregated
-        from modlabel.aggregate import update_class_maps
-
-        update_class_maps(engine, model_id, model.info.class_names)
-        assert not store.class_maps_stale(engine, model_id)
-        shutil.copyfile(sorted(archive.rglob("*.jpg"))[0], archive / "new.jpg")
-        scan_archive([archive], model, engine, aggregate=False)
-        assert store.class_maps_stale(engine, model_id)
-        (archive / "new.jpg").unlink()

@@ -1,0 +1,305 @@
+"""The nightly scan at archive scale: vanished files, skipped files, running class sums,
+tables of figures with ids and blobs, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from modlabel import aggregate, store
+from modlabel.cli import app
+from modlabel.model import OnnxModel
+from modlabel.scan import scan_archive
+from modlabel.source import ImageFilter, table_files
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path) -> str:
+    """The SQLAlchemy URL of a new, empty database of either kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'labels.db'}"
+    base = request.getfixturevalue("postgres_url")
+    name = f"scale_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def copy_archive(tiny_archive: Path, dst: Path) -> Path:
+    shutil.copytree(tiny_archive, dst, ignore=shutil.ignore_patterns("*.jsonl"))
+    return dst
+
+
+def stored_sums(engine, model_id: int) -> dict[str, tuple[int, np.ndarray]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                store.class_maps.c.class_name,
+                store.class_maps.c.image_count,
+                store.class_maps.c.map_sum,
+            ).where(store.class_maps.c.model_id == model_id)
+        ).all()
+    return {name: (count, aggregate._load_sum(blob)) for name, count, blob in rows}
+
+
+def assert_sums_equal_a_full_recompute(engine, model_id: int, threshold: float) -> None:
+    counts, sums = aggregate.class_sums(engine, model_id, threshold)
+    stored = stored_sums(engine, model_id)
+    assert sorted(stored) == sorted(n for n, c in counts.items() if c > 0)
+    for name, (count, total) in stored.items():
+        assert count == counts[name]
+        np.testing.assert_allclose(total, sums[name], rtol=1e-9, atol=1e-9)
+    # The stored average map is the one a full recompute draws.
+    for row in store.load_class_maps(engine, model_id):
+        full = aggregate.class_map_from_sum(row["class_name"], sums[row["class_name"]],
+                                            counts[row["class_name"]])  # fmt: skip
+        assert tuple(row["roi_box"]) == full.roi_box
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_running_class_sums_equal_a_full_recompute_after_adds_relabels_and_deletions(
+    tiny_archive, tiny_onnx, tmp_path, db, threshold
+):
+    archive = copy_archive(tiny_archive, tmp_path / "archive")
+    engine = store.open_db(db)
+    model = OnnxModel(tiny_onnx)
+    scan = lambda: scan_archive([archive], model, engine, class_min_confidence=threshold)  # noqa: E731
+    scan()
+    model_id = store.pick_model(engine).id
+    assert_sums_equal_a_full_recompute(engine, model_id, threshold)
+
+    files = sorted(archive.rglob("*.jpg"))
+    for i, path in enumerate(files[:6]):  # adds: copies under new names
+        shutil.copyfile(path, archive / f"added_{i}.jpg")
+    for a, b in zip(files[6:12], files[-6:], strict=True):  # relabels: other content
+        shutil.copyfile(b, a)
+    for path in files[12:18]:  # deletions
+        path.unlink()
+    files[20].write_bytes(b"now broken")  # a label becomes an error
+    stats = scan()
+    assert stats.missing == 6 and stats.labeled + stats.errors == 6 + 6 + 1
+    assert_sums_equal_a_full_recompute(engine, model_id, threshold)
+
+    shutil.copyfile(files[0], files[12])  # one comes back, with new content
+    assert invoke("prune", "--db", db).exit_code == 0
+    scan()
+    assert_sums_equal_a_full_recompute(engine, model_id, threshold)
+
+
+def test_a_new_threshold_rebuilds_the_sums(tiny_archive, tiny_onnx, sqlite_url):
+    engine = store.open_db(sqlite_url)
+    model = OnnxModel(tiny_onnx)
+    scan_archive([tiny_archive], model, engine, class_min_confidence=0.0)
+    model_id = store.pick_model(engine).id
+    everything = sum(c for c, _ in stored_sums(engine, model_id).values())
+    assert everything == len(list(tiny_archive.rglob("*.jpg")))
+    confidences = [r.confidence for r in _image_rows(engine)]
+    threshold = float(np.median(confidences))
+    scan_archive([tiny_archive], model, engine, class_min_confidence=threshold)
+    counted = sum(c for c, _ in stored_sums(engine, model_id).values())
+    assert counted == sum(1 for c in confidences if c >= threshold) < everything
+    assert_sums_equal_a_full_recompute(engine, model_id, threshold)
+
+
+def _image_rows(engine):
+    with engine.connect() as conn:
+        return conn.execute(sa.select(store.images)).all()
+
+
+def test_a_deleted_file_is_marked_missing_leaves_counts_and_can_be_pruned(
+    tiny_archive, tiny_onnx, tmp_path, db
+):
+    archive = copy_archive(tiny_archive, tmp_path / "archive")
+    files = sorted(archive.rglob("*.jpg"))
+    args = ["--model", tiny_onnx, "--db", db, "--class-min-confidence", "0"]
+    assert invoke("scan", archive, *args).exit_code == 0
+    engine = store.open_db(db)
+    model_id = store.pick_model(engine).id
+    before = store.class_counts(engine, model_id)
+    gone = files[3]
+    label = next(r.label for r in _image_rows(engine) if r.path == str(gone))
+    gone.unlink()
+
+    assert invoke("scan", archive, *args).exit_code == 0
+    (last,) = store.list_scans(engine, limit=1)
+    assert last.missing == 1 and last.labeled == 0
+    after = store.class_counts(engine, model_id)
+    assert after[label] == before[label] - 1
+    assert stored_sums(engine, model_id)[label][0] == before[label] - 1
+    query = invoke("query", "by-label", "--db", db, "-p", f"label={label}",
+                   "-p", "min_confidence=0", "--format", "csv")  # fmt: skip
+    assert str(gone) not in query.output and query.exit_code == 0
+
+    dry = invoke("prune", "--db", db, "--dry-run")
+    assert dry.exit_code == 0 and str(gone) in dry.output and "1 missing files" in dry.output
+    assert len(_image_rows(engine)) == len(files)  # nothing deleted by a dry run
+    pruned = invoke("prune", "--db", db)
+    assert pruned.exit_code == 0 and "pruned 1 rows" in pruned.output
+    assert str(gone) not in {r.path for r in _image_rows(engine)}
+    assert len(_image_rows(engine)) == len(files) - 1
+
+
+def test_a_file_that_comes_back_unchanged_is_counted_again_without_inference(
+    tiny_archive, tiny_onnx, tmp_path, sqlite_url
+):
+    archive = copy_archive(tiny_archive, tmp_path / "archive")
+    engine = store.open_db(sqlite_url)
+    model = OnnxModel(tiny_onnx)
+    scan_archive([archive], model, engine, class_min_confidence=0.0)
+    away = archive / "away"
+    shutil.move(archive / "chest_xray", away)
+    moved = scan_archive([archive], model, engine, class_min_confidence=0.0)
+    assert moved.missing == moved.labeled  # a moved folder is not counted twice
+    model_id = store.pick_model(engine).id
+    assert sum(store.class_counts(engine, model_id).values()) == len(list(archive.rglob("*.jpg")))
+    shutil.rmtree(archive / "away")
+    shutil.copytree(tiny_archive / "chest_xray", archive / "chest_xray", copy_function=shutil.copy2)
+    back = scan_archive([archive], model, engine, class_min_confidence=0.0)
+    assert back.labeled == 0 and back.returned == len(list((archive / "chest_xray").glob("*.jpg")))
+    assert_sums_equal_a_full_recompute(engine, model_id, 0.0)
+
+
+def test_an_unreadable_folder_does_not_make_its_files_missing(
+    tiny_archive, tiny_onnx, tmp_path, sqlite_url, monkeypatch
+):
+    import os
+
+    archive = copy_archive(tiny_archive, tmp_path / "archive")
+    engine = store.open_db(sqlite_url)
+    model = OnnxModel(tiny_onnx)
+    scan_archive([archive], model, engine)
+    real_scandir = os.scandir
+    locked = str(archive / "brain_mri")
+
+    def scandir(path):  # root reads through permissions, so deny the listing here
+        if str(path) == locked:
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    stats = scan_archive([archive], model, engine)
+    assert stats.missing == 0 and stats.errors == 1
+    assert stats.error_paths == [(locked, "cannot list directory: Permission denied")]
+
+
+def test_files_that_are_not_images_are_counted_as_skipped(tiny_archive, tiny_onnx, tmp_path, db):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    image = sorted(tiny_archive.rglob("*.jpg"))[0]
+    shutil.copyfile(image, archive / "scan.jpg")
+    (archive / "notes.txt").write_text("not an image")
+    (archive / "ct.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    (archive / "NOEXT").write_bytes(b"\0" * 200)
+    (archive / ".hidden.jpg").write_bytes(b"hidden: neither walked nor counted")
+    result = invoke("scan", archive, "--model", tiny_onnx, "--db", db)
+    assert result.exit_code == 0, result.output
+    engine = store.open_db(db)
+    (run,) = store.list_scans(engine)
+    assert (run.seen, run.labeled, run.skipped) == (1, 1, 3)
+
+    included = invoke(
+        "scan",
+        archive,
+        "--model",
+        tiny_onnx,
+        "--db",
+        db,  # fmt: skip
+        "--include",
+        "*.dcm",
+        "--include",
+        "*.jpg",
+        "--exclude",
+        "scan.*",
+    )
+    assert included.exit_code == 0, included.output
+    assert "ct.dcm: not a recognized image format" in included.output
+    latest = store.list_scans(engine, limit=1)[0]
+    assert (latest.seen, latest.errors, latest.skipped, latest.missing) == (1, 1, 3, 1)
+
+
+def test_image_filter_globs():
+    only_dicom = ImageFilter(include=("*.dcm",))
+    assert only_dicom.is_image("/a/x.dcm") and not only_dicom.is_image("/a/x.jpg")
+    default = ImageFilter(exclude=("*/thumbs/*", "*_small.png"))
+    assert default.is_image("/a/x.JPG") and not default.is_image("/a/x.txt")
+    assert not default.is_image("/a/thumbs/x.jpg") and not default.is_image("/a/x_small.png")
+
+
+def test_a_table_of_figures_with_blobs_and_ids_labels_every_row(tiny_archive, tiny_onnx, db):
+    figures = sorted(tiny_archive.rglob("*.jpg"))[:5]
+    engine = store.open_db(db)
+    catalogue = sa.Table(
+        "figures",
+        sa.MetaData(),
+        sa.Column("figure_id", sa.Integer, primary_key=True),
+        sa.Column("image", sa.LargeBinary),
+    )
+    catalogue.create(engine)
+    with engine.begin() as conn:
+        rows = [{"figure_id": 100 + i, "image": p.read_bytes()} for i, p in enumerate(figures)]
+        conn.execute(catalogue.insert(), [*rows, {"figure_id": 200, "image": None}])
+    result = invoke("scan", "--table", "figures", "--blob-column", "image", "--id-column",
+                    "figure_id", "--model", tiny_onnx, "--db", db)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    labeled = {r.source_id: r for r in _image_rows(engine)}
+    assert sorted(labeled) == ["100", "101", "102", "103", "104", "200"]
+    assert all(labeled[str(100 + i)].label for i in range(5))
+    assert labeled["200"].error == "no image bytes (NULL) in the table"
+    assert labeled["101"].path == "table:figures/101"
+    # The labels join back to the user's own table.
+    with engine.connect() as conn:
+        joined = conn.execute(sa.text(
+            "SELECT f.figure_id, i.label FROM figures f JOIN images i "
+            "ON i.source_id = CAST(f.figure_id AS TEXT) WHERE i.label IS NOT NULL"
+        )).all()  # fmt: skip
+    assert len(joined) == 5
+    again = invoke("scan", "--table", "figures", "--blob-column", "image", "--id-column",
+                   "figure_id", "--model", tiny_onnx, "--db", db)  # fmt: skip
+    assert again.exit_code == 0
+    assert store.list_scans(engine, limit=1)[0].labeled == 0
+
+
+def test_a_table_of_paths_with_ids_stores_the_ids(tiny_archive, tiny_onnx, sqlite_url):
+    figures = sorted(tiny_archive.rglob("*.jpg"))[:3]
+    engine = store.open_db(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE figs (doi TEXT PRIMARY KEY, file TEXT)"))
+        conn.execute(
+            sa.text("INSERT INTO figs VALUES (:d, :f)"),
+            [{"d": f"10.1/fig{i}", "f": str(p)} for i, p in enumerate(figures)],
+        )
+    entries = table_files(sqlite_url, "figs", "file", id_column="doi")
+    scan_archive(["table:figs.file"], OnnxModel(tiny_onnx), engine, entries=entries)
+    stored = {r.path: r.source_id for r in _image_rows(engine)}
+    assert stored == {str(p): f"10.1/fig{i}" for i, p in enumerate(figures)}
+
+
+def test_a_turned_photo_is_labeled_upright(tiny_archive, tiny_onnx, tmp_path, sqlite_url):
+    from PIL import Image
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    source = Image.open(sorted(tiny_archive.rglob("*.jpg"))[0]).convert("RGB")
+    source.save(archive / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8  # "turn 90 degrees counter-clockwise to show"
+    source.transpose(Image.Transpose.ROTATE_270).save(archive / "turned.png", exif=exif.tobytes())
+    scan_archive([archive], OnnxModel(tiny_onnx), store.open_db(sqlite_url))
+    rows = {Path(r.path).name: r for r in _image_rows(store.open_db(sqlite_url))}
+    upright, turned = rows["upright.png"], rows["turned.png"]
+    assert (turned.width, turned.height) == (upright.width, upright.height) == source.size
+    assert turned.label == upright.label
+    for name, p in upright.probabilities.items():
+        assert turned.probabilities[name] == pytest.approx(p, abs=1e-6)
