@@ -64,8 +64,7 @@ def build_onnx(backbone: str, input_size: tuple[int, int], path: Path) -> Path:
     import onnx
     import tensorflow as tf
     import tf2onnx
-
-    from train.backbones import ACTIVATION_LAYER, HEAD_LAYER, activation_shape, build_model
+    from modlabel.train.backbones import ACTIVATION_LAYER, HEAD_LAYER, activation_shape, build_model
 
     keras.utils.set_random_seed(0)
     net = build_model(backbone, len(CLASSES), input_size, weights="none")
@@ -112,14 +111,14 @@ def best_seconds(fn, repeats: int) -> float:
 def all_maps(model: OnnxModel, logits: np.ndarray, activations: np.ndarray) -> dict:
     info = model.info
     return maps.compute_maps(
-        activations, info.head_weights, info.head_bias, logits=logits, pooling=info.pooling
+        activations, info.head_weights, bias=info.head_bias, logits=logits, pooling=info.pooling
     )
 
 
 def all_terms(model: OnnxModel, logits: np.ndarray, activations: np.ndarray) -> maps.HeadTerms:
     info = model.info
     return maps.head_terms(
-        activations, info.head_weights, info.head_bias, logits=logits, pooling=info.pooling
+        activations, info.head_weights, bias=info.head_bias, logits=logits, pooling=info.pooling
     )
 
 
@@ -133,7 +132,7 @@ def all_maps_and_blobs(model: OnnxModel, logits: np.ndarray, activations: np.nda
 
 def scan_path(model: OnnxModel, activations: np.ndarray) -> list:
     info = model.info
-    crm = maps.crm(activations, info.head_weights, info.head_bias, pooling=info.pooling)
+    crm = maps.crm(activations, info.head_weights, bias=info.head_bias, pooling=info.pooling)
     return codec.encode_maps(crm)
 
 

@@ -38,9 +38,8 @@ def time_backbone(
 ) -> list[float]:
     """Seconds of each of ``steps`` timed train steps."""
     import keras
-
-    from train.backbones import build_model
-    from train.fit import compile_model
+    from modlabel.train.backbones import build_model
+    from modlabel.train.fit import compile_model
 
     keras.utils.set_random_seed(0)
     model = compile_model(

@@ -101,11 +101,21 @@ def _contributions(conn: sa.Connection, model_id: int, threshold: float, keys: S
     sums = _Sums({}, {})
     c = store.images.c
     for start in range(0, len(keys), 500):
-        query = sa.select(c.label, c.crm).where(
-            *_counted(model_id, threshold), c.path.in_(list(keys[start : start + 500]))
-        )
-        for label, blob in conn.execute(query):
-            sums.add(label, unit_map(blob))
+        # Looked up by path alone, so that every planner takes the (model_id, path) index
+        # (SQLite would otherwise walk the label and confidence index); counted here.
+        query = sa.select(
+            c.label, c.crm, c.confidence, c.error.is_(None), c.missing_since.is_(None)
+        ).where(c.model_id == model_id, c.path.in_(list(keys[start : start + 500])))
+        for label, blob, confidence, ok, present in conn.execute(query):
+            if (
+                ok
+                and present
+                and label is not None
+                and blob is not None
+                and confidence is not None
+                and confidence >= threshold
+            ):
+                sums.add(label, unit_map(blob))
     return sums
 
 

@@ -64,6 +64,28 @@ DbOption = Annotated[
 ]
 
 
+VerboseOption = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="Show TensorFlow's own start-up and device logs (hidden by default).",
+    ),
+]
+
+
+def _load_tensorflow(verbose: bool) -> None:
+    """TensorFlow, quiet unless ``verbose``; a clear error where it is not installed."""
+    try:
+        from modlabel.train import load_tensorflow
+
+        load_tensorflow(verbose=verbose)
+    except ModuleNotFoundError as exc:
+        raise ModlabelError(
+            f"training and export need TensorFlow ({exc}): pip install 'modlabel[train]'"
+        ) from None
+
+
 def _fail(exc: ModlabelError) -> typer.Exit:
     typer.secho(f"modlabel: error: {exc}", err=True, fg=typer.colors.RED)
     return typer.Exit(exc.exit_code)
@@ -158,13 +180,15 @@ def train(
         ),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the run's last checkpoint.")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Train the paper's conv/GAP/dense head on a backbone (TensorFlow).
 
     Example: modlabel train demo/archive --out demo/run --backbone tiny --input-size 128
     """
     try:
-        from train.fit import train_run
+        _load_tensorflow(verbose)
+        from modlabel.train.fit import train_run
 
         run_dir = train_run(
             data,
@@ -194,14 +218,16 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder written by `modlabel train`.")],
     split: Annotated[str, typer.Option(help="Which split to evaluate on.")] = "test",
+    verbose: VerboseOption = False,
 ) -> None:
     """Compute the paper's Table 2 metrics on a run's test split, or --split val (TensorFlow).
 
     Example: modlabel evaluate demo/run
     """
     try:
+        _load_tensorflow(verbose)
         from modlabel.metrics import format_metrics_table
-        from train.evaluate import evaluate_run
+        from modlabel.train.evaluate import evaluate_run
 
         metrics = evaluate_run(run, split=split)
     except ModlabelError as exc:
@@ -214,13 +240,15 @@ def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by `modlabel train`.")],
     out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")],
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    verbose: VerboseOption = False,
 ) -> None:
     """Export a run to one self-contained ONNX file with outputs logits and activations.
 
     Example: modlabel export demo/run --out demo/model.onnx
     """
     try:
-        from export.onnx_export import export_run
+        _load_tensorflow(verbose)
+        from modlabel.export.onnx_export import export_run
 
         report = export_run(run, out, opset=opset)
     except ModlabelError as exc:
@@ -553,9 +581,11 @@ def prune(
 def query(
     name: Annotated[
         str | None,
-        typer.Argument(
-            help="A query of sql/ (e.g. by-label), or a .sql file. Omit to list the queries."
-        ),
+        typer.Argument(help="A query of sql/ (e.g. by-label). Omit to list the queries."),
+    ] = None,
+    sql_file: Annotated[
+        Path | None,
+        typer.Option("--sql-file", help="Run the query of this .sql file instead (read-only)."),
     ] = None,
     db: DbOption = None,
     param: Annotated[
@@ -565,12 +595,17 @@ def query(
 ) -> None:
     """Run a retrieval query of sql/ against the labels, and print its rows.
 
+    Queries run read-only (a read-only transaction on PostgreSQL, query_only on
+    SQLite): a query that would write fails and changes nothing.
+
     Example: modlabel query by-label -p label=chest_xray -p min_confidence=0.9 --db labels.db
     """
-    from .queries import list_queries, load_query, open_query
+    from .queries import list_queries, load_query, load_sql_file, open_query
     from .store import open_db
 
-    if name is None:
+    if name is not None and sql_file is not None:
+        raise _fail(ModlabelError("give a query NAME or --sql-file, not both"))
+    if name is None and sql_file is None:
         for q in list_queries():
             params = " ".join(f"{p}=..." for p in q.parameters)
             typer.echo(f"{q.name:<22} {q.description}" + (f"  [{params}]" if params else ""))
@@ -585,7 +620,8 @@ def query(
         raise _fail(ModlabelError(f"--format must be table, csv or json, not {fmt!r}"))
     try:
         engine = open_db(config.resolve_db_url(db), create=False)
-        with open_query(engine, load_query(name), params) as result:
+        named = load_sql_file(sql_file) if sql_file is not None else load_query(name)
+        with open_query(engine, named, params) as result:
             for chunk in _format_rows(result.columns, result.rows, fmt):
                 sys.stdout.write(chunk)
     except ModlabelError as exc:

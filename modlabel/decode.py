@@ -54,7 +54,7 @@ def _decode(
     *,
     finish: Callable[[Image.Image, bool], _T],
     name: str | None = None,
-    at_least: Sequence[int] | None = None,
+    at_least_hw: Sequence[int] | None = None,
 ) -> tuple[_T, tuple[int, int]]:
     """Decode to RGB and apply ``finish`` while the file is open; also the image's
     own (width, height).
@@ -62,7 +62,7 @@ def _decode(
     finish(rgb, own): ``own`` is True when ``rgb`` is the file's own image,
     which is released when the file closes (so resampling inside ``finish``
     spares a full-resolution copy).
-    at_least: (height, width). A JPEG is then decoded at the smallest of its
+    at_least_hw: (height, width). A JPEG is then decoded at the smallest of its
     DCT scales (1/2, 1/4, 1/8) that is still at least this size: two to four
     times faster for archive images much larger than the model's input, and
     the bilinear resample that follows sees nearly the same pixels.
@@ -75,14 +75,16 @@ def _decode(
                 raise ImageError(label, f"image too large ({img.width}x{img.height} pixels)")
             orientation = _exif_orientation(img)
             turned = orientation in _QUARTER_TURNS
-            original = (img.height, img.width) if turned else img.size  # as shown: upright
-            if at_least is not None and img.format == "JPEG":
-                high, wide = (at_least[1], at_least[0]) if turned else (at_least[0], at_least[1])
+            original_wh = (img.height, img.width) if turned else img.size  # as shown: upright
+            if at_least_hw is not None and img.format == "JPEG":
+                high, wide = at_least_hw[0], at_least_hw[1]
+                if turned:  # the file's pixels are not upright yet
+                    high, wide = wide, high
                 img.draft("RGB", (int(wide), int(high)))
             img.load()
             upright = ImageOps.exif_transpose(img) if orientation != 1 else img
             rgb = _to_rgb(upright)
-            return finish(rgb, rgb is img), original
+            return finish(rgb, rgb is img), original_wh
     except ImageError:
         raise
     except FileNotFoundError:
@@ -134,26 +136,29 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_rgb(img: Image.Image, size: Sequence[int]) -> np.ndarray:
-    """Resample an RGB image to ``size`` = (height, width), bilinear.
+def resize_rgb(img: Image.Image, size_hw: Sequence[int]) -> np.ndarray:
+    """Resample an RGB image to ``size_hw`` = (height, width), bilinear.
 
     Returns (height, width, 3) uint8.
     """
-    height, width = int(size[0]), int(size[1])
+    height, width = int(size_hw[0]), int(size_hw[1])
     if img.size != (width, height):
         img = img.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
 
 
 def load_pixels(
-    source: str | Path | bytes, size: Sequence[int], *, name: str | None = None
+    source: str | Path | bytes, size_hw: Sequence[int], *, name: str | None = None
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Open, convert and resample one image.
+    """Open, convert and resample one image to ``size_hw`` = (height, width).
 
     Returns ((height, width, 3) uint8 pixels at the model's size,
-    (original_width, original_height)).
+    (original_width, original_height)): the original size in PIL's order, as
+    scan stores it (``width``, ``height``); callers name it ``original_wh``.
     """
-    return _decode(source, name=name, at_least=size, finish=lambda rgb, _: resize_rgb(rgb, size))
+    return _decode(
+        source, name=name, at_least_hw=size_hw, finish=lambda rgb, _: resize_rgb(rgb, size_hw)
+    )
 
 
 def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

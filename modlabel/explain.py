@@ -78,7 +78,7 @@ def explain_images(
         maps_by_method = maps.compute_maps(
             activations,
             model.info.head_weights,
-            model.info.head_bias,
+            bias=model.info.head_bias,
             methods=methods,
             logits=logits,
             pooling=model.info.pooling,

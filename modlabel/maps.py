@@ -1,15 +1,24 @@
 """Maps: CAM, Grad-CAM and CRM from the last conv layer's activations.
 
-Every method is a small pure function over the same inputs, batched with numpy:
+Every method is a small pure function of the same ``HeadTerms`` (``head_terms``:
+one matrix product per batch), batched with numpy; ``METHODS`` names them. Each
+also has an entry point over the raw inputs. All entry points take
+``(activations, weights)`` positionally and everything else by keyword only,
+each name with one meaning in every function:
 
 * ``activations``: (N, H, W, K) float32, the conv layer that feeds the pooling
   (the ONNX output ``activations``);
-* ``weights``: (K, C) float32 and ``bias``: (C,) float32, the dense head
-  (``ModelInfo.head_weights`` / ``head_bias``);
-* ``pooling``: how the head pools the activations. The prediction score is
+* ``weights``: (K, C) float32, the dense head's kernel (``ModelInfo.head_weights``);
+* ``bias=``: (C,) float32 or None, the dense head's bias (``ModelInfo.head_bias``);
+* ``class_index=``: the class of the class-specific maps: one for all images,
+  one per image (N,), or None for the predicted class;
+* ``logits=``: (N, C), the model's own scores; when given (and ``class_index``
+  is not) their argmax is the predicted class, else the head is re-applied;
+* ``pooling=``: how the head pools the activations. The prediction score is
   ``S_c = (1/s) * sum_xy sum_k w_kc f_k(x, y) + b_c`` with ``s = H*W`` for
   ``"mean"`` (Keras' GlobalAveragePooling2D, what modlabel models use) and
-  ``s = 1`` for ``"sum"`` (Eq. 1 as the paper prints it, and the authors' code).
+  ``s = 1`` for ``"sum"`` (Eq. 1 as the paper prints it, and the authors' code);
+* ``gradient=`` (Grad-CAM only): how Eq. 4 reduces the gradient over locations.
 
 Each returns (N, H, W) float32, one map per image. Equation numbers refer to
 Kim, Rajaraman and Antani (2019), "Visual Interpretation of Convolutional Neural
@@ -30,6 +39,8 @@ from typing import Literal
 import numpy as np
 
 Pooling = Literal["mean", "sum"]
+Gradient = Literal["sum", "mean"]
+ClassIndex = int | Sequence[int] | np.ndarray | None
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 and y1 exclusive
 
 # The paper's thresholds: heatmaps show values above 20% of the max (Figure 4,
@@ -103,17 +114,18 @@ class HeadTerms:
 def head_terms(
     activations: np.ndarray,
     weights: np.ndarray,
-    bias: np.ndarray | None = None,
     *,
-    class_index: int | Sequence[int] | np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    class_index: ClassIndex = None,
     logits: np.ndarray | None = None,
     pooling: Pooling = "mean",
 ) -> HeadTerms:
     """The head's terms for a batch: one (N*H*W, K) x (K, C) product, shared by all methods.
 
-    class_index: one class for all images, one per image (N,), or None for the
-    predicted class: the argmax of the model's ``logits`` (N, C) when given,
-    else of the scores re-computed here (with ``bias``, when given).
+    activations: (N, H, W, K); weights: (K, C); bias: (C,) or None (the scores
+    then leave it out). class_index: one class for all images, one per image
+    (N,), or None for the predicted class: the argmax of the model's ``logits``
+    (N, C) when given, else of the scores (Eq. 1) re-computed here.
     """
     m = class_maps(activations, weights)
     n, h, w, c = m.shape
@@ -155,7 +167,7 @@ def gradcam_weights(
     width: int,
     *,
     pooling: Pooling = "mean",
-    gradient: Literal["sum", "mean"] = "sum",
+    gradient: Gradient = "sum",
 ) -> np.ndarray:
     """Grad-CAM's channel weights alpha_k^c for a conv -> pooling -> dense head (Eq. 4).
 
@@ -181,7 +193,7 @@ def _gradcam_factor(height: int, width: int, scale: float, gradient: str) -> flo
     raise ValueError(f"gradient must be 'sum' or 'mean', not {gradient!r}")
 
 
-def gradcam_from(terms: HeadTerms, *, gradient: Literal["sum", "mean"] = "sum") -> np.ndarray:
+def gradcam_from(terms: HeadTerms, *, gradient: Gradient = "sum") -> np.ndarray:
     """Grad-CAM (Eq. 3) of each image's class; see ``gradcam``."""
     _, h, w, _ = terms.class_maps.shape
     # alpha = factor * w (gradcam_weights), so sum_k alpha_k f_k = factor * M_c.
@@ -241,10 +253,10 @@ def cam_squared_from(terms: HeadTerms) -> np.ndarray:
 def cam(
     activations: np.ndarray,
     weights: np.ndarray,
-    class_index: int | Sequence[int] | np.ndarray | None = None,
     *,
-    logits: np.ndarray | None = None,
     bias: np.ndarray | None = None,
+    class_index: ClassIndex = None,
+    logits: np.ndarray | None = None,
     pooling: Pooling = "mean",
 ) -> np.ndarray:
     """Class activation map (Eq. 2): M_c(x, y) = sum_k w_kc f_k(x, y).
@@ -254,22 +266,21 @@ def cam(
     ``logits`` (N, C) when given, else of the head re-applied with ``bias`` and
     ``pooling``). Returns (N, H, W) float32, signed.
     """
-    return cam_from(
-        head_terms(
-            activations, weights, bias, class_index=class_index, logits=logits, pooling=pooling
-        )
+    terms = head_terms(
+        activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
     )
+    return cam_from(terms)
 
 
 def gradcam(
     activations: np.ndarray,
     weights: np.ndarray,
-    class_index: int | Sequence[int] | np.ndarray | None = None,
     *,
-    logits: np.ndarray | None = None,
     bias: np.ndarray | None = None,
+    class_index: ClassIndex = None,
+    logits: np.ndarray | None = None,
     pooling: Pooling = "mean",
-    gradient: Literal["sum", "mean"] = "sum",
+    gradient: Gradient = "sum",
 ) -> np.ndarray:
     """Grad-CAM (Eq. 3): ReLU(sum_k alpha_k^c f_k(x, y)), alpha from the head
     weights (``gradcam_weights``, Eq. 4).
@@ -279,7 +290,7 @@ def gradcam(
     Returns (N, H, W) float32, >= 0.
     """
     terms = head_terms(
-        activations, weights, bias, class_index=class_index, logits=logits, pooling=pooling
+        activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
     )
     return gradcam_from(terms, gradient=gradient)
 
@@ -287,8 +298,8 @@ def gradcam(
 def crm(
     activations: np.ndarray,
     weights: np.ndarray,
-    bias: np.ndarray | None = None,
     *,
+    bias: np.ndarray | None = None,
     pooling: Pooling = "mean",
 ) -> np.ndarray:
     """Class-selective relevance map (Eq. 6-7): R(l, m) = sum_c (S_c - S_c(l, m))^2.
@@ -302,44 +313,47 @@ def crm(
     ROIs and boxes are the same.
 
     activations: (N, H, W, K); weights: (K, C); bias: (C,) or None (it cancels;
-    accepted so that all methods take the same inputs). Returns (N, H, W)
-    float32, >= 0.
+    accepted as every method accepts it). No ``class_index`` or ``logits``: the
+    sum runs over all classes. Returns (N, H, W) float32, >= 0.
     """
-    return crm_from(head_terms(activations, weights, bias, pooling=pooling))
+    return crm_from(head_terms(activations, weights, bias=bias, pooling=pooling))
 
 
 def crm_output(
     activations: np.ndarray,
     weights: np.ndarray,
-    bias: np.ndarray | None,
-    class_index: int | Sequence[int] | np.ndarray | None = None,
     *,
+    bias: np.ndarray | None,
+    class_index: ClassIndex = None,
+    logits: np.ndarray | None = None,
     pooling: Pooling = "mean",
 ) -> np.ndarray:
     """Relevance at the softmax outputs (Eq. 5), per spatial element (l, m):
 
     R(l, m) = sum_c (t_c - o_c(l, m))^2 - sum_c (t_c - o_c)^2, with o = softmax(S),
     o(l, m) = softmax(S(l, m)) for the scores of Eq. 6 (the element removed) and
-    t the one-hot target of ``class_index`` (default: the predicted class). This
-    is the original class-selective relevance, on the outputs rather than on the
-    scores. Closed form: S(l, m) = S - M(l, m) / s, all locations at once.
+    t the one-hot target of ``class_index`` (default: the predicted class, chosen
+    as in ``cam``). This is the original class-selective relevance, on the
+    outputs rather than on the scores. Closed form: S(l, m) = S - M(l, m) / s,
+    all locations at once.
 
-    Unlike Eq. 7 the softmax does not cancel the bias, so pass it.
-    Returns (N, H, W) float32, signed (negative where removing the element
-    brings the outputs closer to the target).
+    Unlike Eq. 7 the softmax does not cancel the bias, so ``bias`` must be
+    passed (None only for a head without one). Returns (N, H, W) float32, signed
+    (negative where removing the element brings the outputs closer to the target).
     """
-    return crm_output_from(
-        head_terms(activations, weights, bias, class_index=class_index, pooling=pooling)
+    terms = head_terms(
+        activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
     )
+    return crm_output_from(terms)
 
 
 def cam_squared(
     activations: np.ndarray,
     weights: np.ndarray,
-    class_index: int | Sequence[int] | np.ndarray | None = None,
     *,
-    logits: np.ndarray | None = None,
     bias: np.ndarray | None = None,
+    class_index: ClassIndex = None,
+    logits: np.ndarray | None = None,
     pooling: Pooling = "mean",
 ) -> np.ndarray:
     """The class's CAM squared, M_c(x, y)^2 (Eq. 2 squared): a control for CRM.
@@ -348,11 +362,10 @@ def cam_squared(
     over classes, so comparing ROIs shows how much of CRM's smaller ROI comes from
     squaring alone. Same inputs as ``cam``. Returns (N, H, W) float32, >= 0.
     """
-    return cam_squared_from(
-        head_terms(
-            activations, weights, bias, class_index=class_index, logits=logits, pooling=pooling
-        )
+    terms = head_terms(
+        activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
     )
+    return cam_squared_from(terms)
 
 
 # name -> method over HeadTerms, for explain and reports.
@@ -375,23 +388,25 @@ TITLES = {
 def compute_maps(
     activations: np.ndarray,
     weights: np.ndarray,
-    bias: np.ndarray | None,
     *,
+    bias: np.ndarray | None,
     methods: Sequence[str] = tuple(METHODS),
-    class_index: int | Sequence[int] | np.ndarray | None = None,
+    class_index: ClassIndex = None,
     logits: np.ndarray | None = None,
     pooling: Pooling = "mean",
 ) -> dict[str, np.ndarray]:
-    """Several methods over one batch: name -> (N, H, W) float32.
+    """Several methods (names in ``METHODS``) over one batch: name -> (N, H, W) float32.
 
     The head's terms (one matrix product) and the class (default: the argmax
     of ``logits``, else of the re-applied head) are computed once and shared.
+    ``bias`` must be passed, as for ``crm_output`` (None only for a head
+    without one); Grad-CAM uses gradient="sum" (Eq. 4).
     """
     unknown = [name for name in methods if name not in METHODS]
     if unknown:
         raise ValueError(f"unknown map methods {unknown}; known: {sorted(METHODS)}")
     terms = head_terms(
-        activations, weights, bias, class_index=class_index, logits=logits, pooling=pooling
+        activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
     )
     return {name: METHODS[name](terms) for name in methods}
 
@@ -426,7 +441,11 @@ def upsample(maps: np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
     ``decode.resize_rgb``), so map cell (i, j) covers the same fraction of the
     input and of the original image: ``upsample(m, model.info.input_size)`` lines
     up with the model's input and ``upsample(m, (orig_height, orig_width))`` with
-    the original image. Returns float32 of shape (..., height, width).
+    the original image. Sizes are (height, width) throughout modlabel, as numpy
+    shapes are; only PIL's sizes, such as the original (width, height) that
+    ``decode.load_pixels`` returns and the database stores as ``width`` and
+    ``height``, are the other way round, and are named ``..._wh``.
+    Returns float32 of shape (..., height, width).
     """
     arr = np.asarray(maps, dtype=np.float32)
     if arr.ndim not in (2, 3):
@@ -435,12 +454,6 @@ def upsample(maps: np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
     rows = _bilinear_matrix(arr.shape[-2], height).astype(np.float32)
     cols = _bilinear_matrix(arr.shape[-1], width).astype(np.float32)
     return rows @ arr @ cols.T
-
-
-def upsample_to_original(maps: np.ndarray, original_size: Sequence[int]) -> np.ndarray:
-    """``upsample`` to an original image given as (width, height), as PIL and
-    ``decode.load_pixels`` report it."""
-    return upsample(maps, (int(original_size[1]), int(original_size[0])))
 
 
 # --------------------------------------------------------------------------
@@ -584,6 +597,51 @@ def roi_box(map2d: np.ndarray, fraction: float = CLASS_ROI_FRACTION) -> Box | No
     return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
 
 
+# Neighbour offsets (dy, dx): 4-connectivity shares an edge, 8 also a corner.
+_NEIGHBOURS: dict[int, tuple[tuple[int, int], ...]] = {
+    4: ((-1, 0), (0, -1), (0, 1), (1, 0)),
+    8: tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)),
+}
+
+
+def label_components(
+    mask: np.ndarray, *, connectivity: Literal[4, 8] = 8
+) -> tuple[np.ndarray, int]:
+    """Label the connected regions of a bool mask (H, W): (labels, count).
+
+    Two True cells are connected when a chain of True cells joins them, each
+    step to one of the 8 surrounding cells (``connectivity=8``, corners count)
+    or one of the 4 sharing an edge (``connectivity=4``). labels: (H, W) int32,
+    0 off the mask and 1..count on it, numbered in raster order of each region's
+    first cell (as ``scipy.ndimage.label`` numbers them). A flood fill from each
+    unlabeled cell: linear in H*W, and maps have at most a few hundred cells.
+    """
+    cells = np.asarray(mask, dtype=bool)
+    if cells.ndim != 2:
+        raise ValueError(f"expected one mask (H, W), got shape {cells.shape}")
+    if connectivity not in _NEIGHBOURS:
+        raise ValueError(f"connectivity must be 4 or 8, not {connectivity!r}")
+    steps = _NEIGHBOURS[connectivity]
+    height, width = cells.shape
+    on = cells.tolist()  # Python lists: a cell at a time, far faster than numpy indexing
+    labels = [[0] * width for _ in range(height)]
+    count = 0
+    for y, x in np.argwhere(cells).tolist():  # row-major: raster order
+        if labels[y][x]:
+            continue
+        count += 1
+        labels[y][x] = count
+        stack = [(y, x)]
+        while stack:
+            cy, cx = stack.pop()
+            for dy, dx in steps:
+                ny, nx = cy + dy, cx + dx
+                if 0 <= ny < height and 0 <= nx < width and on[ny][nx] and not labels[ny][nx]:
+                    labels[ny][nx] = count
+                    stack.append((ny, nx))
+    return np.array(labels, dtype=np.int32).reshape(height, width), count
+
+
 def component_boxes(
     map2d: np.ndarray,
     fraction: float = CLASS_ROI_FRACTION,
@@ -591,25 +649,25 @@ def component_boxes(
     connectivity: Literal[4, 8] = 8,
 ) -> list[Box]:
     """One box per connected region above ``fraction`` of the max, for when
-    several regions pass. Boxes as in ``roi_box``; strongest region (highest
-    peak) first."""
-    from scipy import ndimage
-
+    several regions pass. Regions as ``label_components`` finds them (8-connected
+    by default: cells touching at a corner are one region); boxes as in
+    ``roi_box``; strongest region (highest peak of ``map2d``) first, ties in
+    raster order of the regions' first cells."""
     arr = np.asarray(map2d, dtype=np.float32)
     mask = roi_mask(arr, fraction)
     if mask.ndim != 2:
         raise ValueError(f"expected one map (H, W), got shape {mask.shape}")
-    structure = np.ones((3, 3), bool) if connectivity == 8 else None
-    labels, count = ndimage.label(mask, structure=structure)
-    if count == 0:
-        return []
-    slices = ndimage.find_objects(labels)
-    peaks = ndimage.maximum(arr, labels, index=np.arange(1, count + 1))
-    order = np.argsort(-np.asarray(peaks), kind="stable")
-    return [
-        (slices[i][1].start, slices[i][0].start, slices[i][1].stop, slices[i][0].stop)
-        for i in order
-    ]
+    labels, count = label_components(mask, connectivity=connectivity)
+    boxes: list[Box] = []
+    peaks = []
+    for label in range(1, count + 1):
+        region = labels == label
+        ys = np.flatnonzero(region.any(axis=1))
+        xs = np.flatnonzero(region.any(axis=0))
+        boxes.append((int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1))
+        peaks.append(arr[region].max())
+    order = np.argsort(-np.asarray(peaks, dtype=np.float32), kind="stable")
+    return [boxes[i] for i in order]
 
 
 def scale_box(box: Box, from_hw: Sequence[int], to_hw: Sequence[int]) -> Box:

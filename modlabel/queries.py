@@ -52,14 +52,27 @@ def list_queries() -> list[NamedQuery]:
     return [load_query(p.stem) for p in sorted(query_dir().glob("*.sql"))]
 
 
-def load_query(name_or_path: str) -> NamedQuery:
-    """A named query from ``sql/``, or any .sql file given by path."""
-    path = Path(name_or_path)
-    if path.suffix != ".sql" or not path.exists():
-        path = query_dir() / f"{name_or_path}.sql"
-    if not path.exists():
+def load_query(name: str) -> NamedQuery:
+    """The named query ``name`` of ``sql/`` (a name, never a path: see ``load_sql_file``)."""
+    path = query_dir() / f"{name}.sql"
+    if "/" in name or "\\" in name or not path.is_file():
         known = ", ".join(p.stem for p in sorted(query_dir().glob("*.sql")))
-        raise ModlabelError(f"no query named {name_or_path!r}; known: {known}")
+        raise ModlabelError(
+            f"no query named {name!r}; known: {known} (a file of your own: --sql-file PATH)"
+        )
+    return _parse(path)
+
+
+def load_sql_file(path: str | Path) -> NamedQuery:
+    """A query of the user's own, from a .sql file; it runs read-only like the named ones."""
+    path = Path(path)
+    try:
+        return _parse(path)
+    except OSError as exc:
+        raise ModlabelError(f"{path}: cannot read the query: {exc.strerror or exc}") from None
+
+
+def _parse(path: Path) -> NamedQuery:
     sql = path.read_text(encoding="utf-8")
     comments = [line.lstrip("- ").strip() for line in sql.splitlines() if line.startswith("--")]
     description = " ".join(c for c in comments if not c.startswith("Parameters:"))
@@ -99,13 +112,34 @@ def open_query(
     statement = sa.text(query.body)
     bound = {k: v for k, v in params.items() if k in query.parameters}
     try:
-        with engine.connect() as conn:
+        with engine.connect() as conn, _read_only(conn):
             result = conn.execution_options(stream_results=True, yield_per=chunk).execute(
                 statement, bound
             )
             yield QueryResult(list(result.keys()), _rows(result, query.name))
     except sa.exc.DBAPIError as exc:
         raise ModlabelError(f"query {query.name!r} failed: {exc.orig}") from None
+
+
+@contextmanager
+def _read_only(conn: sa.Connection) -> Iterator[None]:
+    """Queries read, never write: a read-only transaction on PostgreSQL, ``query_only``
+    on SQLite (a statement that writes fails, and nothing is changed)."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("PRAGMA query_only = ON")
+        try:
+            yield
+        finally:
+            conn.rollback()
+            conn.exec_driver_sql("PRAGMA query_only = OFF")
+            conn.commit()
+        return
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+    try:
+        yield
+    finally:
+        conn.rollback()
 
 
 def _rows(result: sa.CursorResult, name: str) -> Iterator[tuple]:

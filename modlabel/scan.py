@@ -88,7 +88,7 @@ class _Work:
     known: store.KnownFile | None
     sha256: str | None = None
     inputs: np.ndarray | None = None  # (H, W, 3) float32, decoded and normalized
-    original_size: tuple[int, int] | None = None
+    original_wh: tuple[int, int] | None = None  # (width, height), as PIL and the database
     error: str | None = None
     unchanged: bool = False
 
@@ -508,7 +508,7 @@ def _prepare(
         work.unchanged = True  # touched, e.g. copied with a new mtime: same bytes, same label
         return work
     try:
-        pixels, work.original_size = load_pixels(data, input_size, name=work.entry.path)
+        pixels, work.original_wh = load_pixels(data, input_size, name=work.entry.path)
     except ImageError as exc:
         work.error = exc.reason
         return work
@@ -556,7 +556,7 @@ def _label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any
         logits, activations = model.run(np.stack([w.inputs for w in ok]))
         probs = softmax(logits.astype(np.float64))
         info = model.info
-        crms = maps.crm(activations, info.head_weights, info.head_bias, pooling=info.pooling)
+        crms = maps.crm(activations, info.head_weights, bias=info.head_bias, pooling=info.pooling)
         blobs = codec.encode_maps(crms)
         names = info.class_names
         for work, p, blob in zip(ok, probs, blobs, strict=True):
@@ -567,8 +567,8 @@ def _label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any
                     "size_bytes": work.entry.size_bytes,
                     "mtime": work.entry.mtime,
                     "sha256": work.sha256,
-                    "width": work.original_size[0],
-                    "height": work.original_size[1],
+                    "width": work.original_wh[0],
+                    "height": work.original_wh[1],
                     "label": names[top],
                     "confidence": float(p[top]),
                     "probabilities": {n: float(v) for n, v in zip(names, p, strict=True)},

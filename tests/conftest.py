@@ -73,7 +73,7 @@ def tiny_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny-backbone run really trained (briefly) on ``tiny_archive``."""
-    from train.fit import train_run
+    from modlabel.train.fit import train_run
 
     out = tmp_path_factory.mktemp("run")
     return train_run(
@@ -91,7 +91,7 @@ def tiny_run(tiny_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``tiny_run`` exported with tf2onnx (parity-checked by the export itself)."""
-    from export.onnx_export import export_run
+    from modlabel.export.onnx_export import export_run
 
     out = tmp_path_factory.mktemp("model") / "tiny.onnx"
     export_run(tiny_run, out)

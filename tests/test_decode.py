@@ -166,7 +166,7 @@ def test_exif_orientation_is_applied_so_a_turned_photo_decodes_upright(tmp_path)
 
 
 def test_training_reads_turned_photos_upright(tmp_path):
-    from train.data import make_dataset
+    from modlabel.train.data import make_dataset
 
     plain, turned = _rotated_jpeg_pair(tmp_path)
     dataset = make_dataset(

@@ -100,7 +100,7 @@ def test_explain_writes_one_figure_per_readable_image(model, images, tmp_path):
     pixels, _ = load_pixels(images[0], INPUT)
     logits, acts = model.run(model.preprocess(pixels[None]))
     assert results[0].class_index == int(np.argmax(logits))
-    expected = maps.crm(acts, model.info.head_weights, model.info.head_bias)[0]
+    expected = maps.crm(acts, model.info.head_weights, bias=model.info.head_bias)[0]
     assert results[0].roi["crm"] == maps.roi_stats(expected, INPUT)
 
     broken, missing = results[1], results[3]

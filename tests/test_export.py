@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from modlabel.export import ExportError, ParityError, check_parity, export_run
+from modlabel.export.onnx_export import MODEL_FILE, RUN_FILE, SPLIT_FILE
 from typer.testing import CliRunner
 
-from export import ExportError, ParityError, check_parity, export_run
-from export.onnx_export import MODEL_FILE, RUN_FILE, SPLIT_FILE
 from modlabel.cli import app
 from modlabel.decode import normalize
 from modlabel.model import OnnxModel
@@ -39,8 +39,7 @@ def write_run(
     Returns the Keras model.
     """
     import keras
-
-    from train.backbones import CUT_LAYERS, build_model
+    from modlabel.train.backbones import CUT_LAYERS, build_model
 
     keras.utils.set_random_seed(0)
     model = build_model(

@@ -55,7 +55,7 @@ def test_gradcam_equals_gradient_tape(model, images, reduction):
         _, h, w, _ = acts.shape
         from_head = maps.gradcam_weights(weights, h, w, gradient=reduction)[:, class_index].T
         np.testing.assert_allclose(alpha, from_head, rtol=1e-5, atol=1e-7)
-        got = maps.gradcam(acts, weights, class_index, gradient=reduction)
+        got = maps.gradcam(acts, weights, class_index=class_index, gradient=reduction)
         assert expected.max() > 0
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.max())
 
@@ -82,6 +82,6 @@ def test_crm_equals_removing_elements_in_the_keras_head(model, images):
     scores = head(removed.reshape(-1, h, w, acts.shape[3])).numpy().astype(np.float64)
     expected = ((full[None] - scores.reshape(h * w, N, CLASSES)) ** 2).sum(-1)
     expected = expected.T.reshape(N, h, w)
-    got = maps.crm(acts, weights, bias, pooling="mean")
+    got = maps.crm(acts, weights, bias=bias, pooling="mean")
     # float32 scores lose digits in S_c - S_c(l, m); the closed form does not
     np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-3 * expected.max())

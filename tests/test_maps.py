@@ -68,15 +68,15 @@ def assert_close(actual, expected, rtol=1e-5):
 def test_crm_closed_form_equals_brute_force(head, pooling):
     acts, weights, bias = head
     expected = brute_force(acts, weights, bias, pooling, crm_relevance)
-    got = maps.crm(acts, weights, bias, pooling=pooling)
+    got = maps.crm(acts, weights, bias=bias, pooling=pooling)
     assert got.shape == (3, H, W) and got.dtype == np.float32
     assert_close(got, expected)
 
 
 def test_crm_pooling_conventions_differ_by_constant(head):
     acts, weights, bias = head
-    mean = maps.crm(acts, weights, bias, pooling="mean")
-    summed = maps.crm(acts, weights, None, pooling="sum")  # the authors' code: no bias
+    mean = maps.crm(acts, weights, bias=bias, pooling="mean")
+    summed = maps.crm(acts, weights, bias=None, pooling="sum")  # the authors' code: no bias
     np.testing.assert_allclose(summed, mean * (H * W) ** 2, rtol=1e-5)
     np.testing.assert_array_equal(maps.roi_mask(summed), maps.roi_mask(mean))
 
@@ -87,7 +87,7 @@ def test_crm_output_closed_form_equals_brute_force(head, pooling):
     if pooling == "sum":
         weights = weights / (H * W)  # keep the softmax away from saturation
     expected = brute_force(acts, weights, bias, pooling, output_relevance)
-    got = maps.crm_output(acts, weights, bias, pooling=pooling)
+    got = maps.crm_output(acts, weights, bias=bias, pooling=pooling)
     assert got.shape == (3, H, W) and got.dtype == np.float32
     assert np.abs(expected).max() > 1e-4  # the test is not vacuous
     assert_close(got, expected)
@@ -100,7 +100,7 @@ def test_crm_output_does_not_overflow_for_large_scores(head, shift):
     acts, weights, bias = head
     shifted = bias + np.float32(shift)
     with np.errstate(over="raise", under="ignore", invalid="raise", divide="raise"):
-        got = maps.crm_output(acts, weights, shifted)
+        got = maps.crm_output(acts, weights, bias=shifted)
     assert_close(got, brute_force(acts, weights, shifted, "mean", output_relevance))
 
 
@@ -108,7 +108,7 @@ def test_methods_accept_terms_in_either_layout(head):
     # head_terms keeps the class maps classes first in memory; terms built by
     # hand with class-last (N, H, W, C) memory must give the same maps.
     acts, weights, bias = head
-    terms = maps.head_terms(acts, weights, bias)
+    terms = maps.head_terms(acts, weights, bias=bias)
     class_last = dataclasses.replace(terms, class_maps=np.ascontiguousarray(terms.class_maps))
     assert class_last.class_maps.flags.c_contiguous and terms.by_class.flags.c_contiguous
     for name, method in maps.METHODS.items():
@@ -121,9 +121,11 @@ def test_crm_output_uses_given_class(head):
     acts, weights, bias = head
     predicted = np.argmax(reference_scores(acts, weights, bias, "mean"), axis=1)
     other = (predicted + 1) % C
-    default = maps.crm_output(acts, weights, bias)
-    np.testing.assert_array_equal(default, maps.crm_output(acts, weights, bias, predicted))
-    assert not np.allclose(default, maps.crm_output(acts, weights, bias, other))
+    default = maps.crm_output(acts, weights, bias=bias)
+    np.testing.assert_array_equal(
+        default, maps.crm_output(acts, weights, bias=bias, class_index=predicted)
+    )
+    assert not np.allclose(default, maps.crm_output(acts, weights, bias=bias, class_index=other))
 
 
 def test_cam_sums_to_score_and_defaults_to_predicted_class(head):
@@ -137,19 +139,25 @@ def test_cam_sums_to_score_and_defaults_to_predicted_class(head):
         m.mean(axis=(1, 2)) + bias[predicted], scores[np.arange(3), predicted], rtol=1e-5
     )
     np.testing.assert_array_equal(m, maps.cam(acts, weights, bias=bias))
-    np.testing.assert_array_equal(m, maps.cam(acts, weights, predicted))
+    np.testing.assert_array_equal(m, maps.cam(acts, weights, class_index=predicted))
     for c in range(C):
         expected = np.einsum("nhwk,k->nhw", acts.astype(np.float64), weights[:, c])
-        np.testing.assert_allclose(maps.cam(acts, weights, c), expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            maps.cam(acts, weights, class_index=c), expected, rtol=1e-4, atol=1e-5
+        )
 
 
 def test_gradcam_is_relu_of_cam_for_a_gap_head(head):
     acts, weights, bias = head
     c = [0, 3, 4]
-    cam = maps.cam(acts, weights, c)
-    np.testing.assert_array_equal(maps.gradcam(acts, weights, c), np.maximum(cam, 0))
-    assert_close(maps.gradcam(acts, weights, c, gradient="mean"), np.maximum(cam, 0) / (H * W))
-    assert_close(maps.gradcam(acts, weights, c, pooling="sum"), np.maximum(cam, 0) * (H * W))
+    cam = maps.cam(acts, weights, class_index=c)
+    np.testing.assert_array_equal(maps.gradcam(acts, weights, class_index=c), np.maximum(cam, 0))
+    assert_close(
+        maps.gradcam(acts, weights, class_index=c, gradient="mean"), np.maximum(cam, 0) / (H * W)
+    )
+    assert_close(
+        maps.gradcam(acts, weights, class_index=c, pooling="sum"), np.maximum(cam, 0) * (H * W)
+    )
 
 
 def test_cam_squared_is_cam_squared(head):
@@ -161,12 +169,12 @@ def test_cam_squared_is_cam_squared(head):
 def test_compute_maps_shares_the_predicted_class(head):
     acts, weights, bias = head
     scores = reference_scores(acts, weights, bias, "mean")
-    out = maps.compute_maps(acts, weights, bias, logits=scores)
+    out = maps.compute_maps(acts, weights, bias=bias, logits=scores)
     assert set(out) == set(maps.METHODS)
     np.testing.assert_array_equal(out["cam"], maps.cam(acts, weights, logits=scores))
-    np.testing.assert_array_equal(out["crm"], maps.crm(acts, weights, bias))
+    np.testing.assert_array_equal(out["crm"], maps.crm(acts, weights, bias=bias))
     with pytest.raises(ValueError, match="unknown map methods"):
-        maps.compute_maps(acts, weights, bias, methods=["nope"])
+        maps.compute_maps(acts, weights, bias=bias, methods=["nope"])
 
 
 def test_shape_errors():
@@ -176,6 +184,74 @@ def test_shape_errors():
         maps.crm(np.zeros((1, 4, 4, 8)), np.zeros((7, 2)))
     with pytest.raises(ValueError, match="pooling"):
         maps.crm(np.zeros((1, 4, 4, 8)), np.zeros((8, 2)), pooling="max")
+
+
+# -- one calling convention --------------------------------------------------
+
+# Every function over (activations, weights), with the keyword arguments it needs.
+ENTRY_POINTS = {
+    "class_maps": {},
+    "head_terms": {},
+    "cam": {},
+    "gradcam": {},
+    "crm": {},
+    "crm_output": {"bias": None},
+    "cam_squared": {},
+    "compute_maps": {"bias": None},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_bias_or_class_passed_positionally_is_refused(name):
+    # N == C: a bias (C,) read as class_index (N,) would pass every check, so
+    # anything after (activations, weights) must be passed by name.
+    rng = np.random.default_rng(0)
+    acts = rng.random((4, 3, 3, 6)).astype(np.float32)
+    weights = rng.normal(size=(6, 4)).astype(np.float32)
+    bias = np.array([0.0, 1.0, 2.0, 3.0], np.float32)
+    function = getattr(maps, name)
+    function(acts, weights, **ENTRY_POINTS[name])  # the two positional inputs are fine
+    with pytest.raises(TypeError, match="positional"):
+        function(acts, weights, bias)
+    with pytest.raises(TypeError, match="positional"):
+        function(acts, weights, 2)
+
+
+@pytest.mark.parametrize("name", ["crm_output", "compute_maps"])
+def test_bias_must_be_given_where_it_changes_the_numbers(name, head):
+    acts, weights, _ = head
+    with pytest.raises(TypeError, match="bias"):
+        getattr(maps, name)(acts, weights)
+
+
+# Keyword arguments of one call, from the head's (bias, scores).
+CALLS = {
+    "predicted by the head": lambda bias, scores: {"bias": bias},
+    "sum pooling": lambda bias, scores: {"bias": bias, "pooling": "sum"},
+    "predicted by the logits": lambda bias, scores: {"bias": None, "logits": scores},
+    "one class for all": lambda bias, scores: {"bias": bias, "class_index": 3},
+    "one class each": lambda bias, scores: {"bias": bias, "class_index": [4, 0, 2]},
+}
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_each_method_is_its_piece_of_the_shared_head_terms(head, call):
+    # The same keyword arguments give the same maps through each method's own
+    # function, through compute_maps and through METHODS over head_terms.
+    acts, weights, bias = head
+    kw = CALLS[call](bias, reference_scores(acts, weights, bias, "mean"))
+    terms = maps.head_terms(acts, weights, **kw)
+    together = maps.compute_maps(acts, weights, **kw)
+    assert set(together) == set(maps.METHODS)
+    for name, method in maps.METHODS.items():
+        own_kw = dict(kw)
+        if name == "crm":  # over all classes: no class to choose
+            own_kw.pop("class_index", None)
+            own_kw.pop("logits", None)
+        alone = getattr(maps, name)(acts, weights, **own_kw)
+        assert alone.shape == (3, H, W) and alone.dtype == np.float32, name
+        np.testing.assert_array_equal(alone, together[name], err_msg=name)
+        np.testing.assert_array_equal(alone, method(terms), err_msg=name)
 
 
 # -- thresholds and boxes ---------------------------------------------------
@@ -216,6 +292,71 @@ def test_roi_box_and_components():
     assert len(maps.component_boxes(m)) == 1
     assert len(maps.component_boxes(m, connectivity=4)) == 2
     assert maps.roi_box(m, fraction=0.95) == (1, 2, 3, 4)
+
+
+def brute_force_regions(mask, connectivity):
+    """Connected regions by definition: cells are neighbours when they share an
+    edge (4) or an edge or a corner (8); each region grown from the first cell
+    in raster order not yet taken, by scanning every remaining cell."""
+
+    def neighbours(a, b):
+        dy, dx = abs(a[0] - b[0]), abs(a[1] - b[1])
+        return dy + dx == 1 if connectivity == 4 else max(dy, dx) == 1
+
+    left = {tuple(cell) for cell in np.argwhere(mask).tolist()}
+    regions = []
+    while left:
+        seed = min(left)  # raster order: (row, column)
+        left.discard(seed)
+        region, frontier = {seed}, [seed]
+        while frontier:
+            cell = frontier.pop()
+            for other in [c for c in left if neighbours(cell, c)]:
+                left.discard(other)
+                region.add(other)
+                frontier.append(other)
+        regions.append(region)
+    return regions
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_components_match_a_brute_force_flood_fill(connectivity):
+    rng = np.random.default_rng(connectivity)
+    for _ in range(150):
+        h, w = rng.integers(1, 13, size=2)
+        m = (rng.random((h, w)) * (rng.random((h, w)) < rng.uniform(0.1, 0.9))).astype(np.float32)
+        mask = maps.roi_mask(m, 0.3)
+        regions = brute_force_regions(mask, connectivity)
+        labels, count = maps.label_components(mask, connectivity=connectivity)
+        assert labels.shape == mask.shape and count == len(regions)
+        assert not labels[~mask].any()
+        for label, region in enumerate(regions, start=1):
+            assert {tuple(c) for c in np.argwhere(labels == label).tolist()} == region
+        # boxes: (x0, y0, x1, y1) around each region, highest peak first
+        peaks = [max(m[cell] for cell in region) for region in regions]
+        expected = [
+            (
+                min(x for _, x in regions[i]),
+                min(y for y, _ in regions[i]),
+                max(x for _, x in regions[i]) + 1,
+                max(y for y, _ in regions[i]) + 1,
+            )
+            for i in sorted(range(len(regions)), key=lambda i: -peaks[i])
+        ]
+        assert maps.component_boxes(m, 0.3, connectivity=connectivity) == expected
+
+
+def test_connectivity_rule():
+    diagonal = np.eye(3, dtype=bool)  # cells touching at corners only
+    assert maps.label_components(diagonal, connectivity=8)[1] == 1
+    labels, count = maps.label_components(diagonal, connectivity=4)
+    assert count == 3 and labels.tolist() == [[1, 0, 0], [0, 2, 0], [0, 0, 3]]
+    assert maps.label_components(diagonal)[1] == 1  # 8 by default, as component_boxes
+    assert maps.label_components(np.ones((2, 3), bool), connectivity=4)[1] == 1
+    with pytest.raises(ValueError, match="connectivity"):
+        maps.label_components(diagonal, connectivity=6)
+    with pytest.raises(ValueError, match="connectivity"):
+        maps.component_boxes(np.eye(3), connectivity=6)
 
 
 def test_scale_box():
@@ -269,7 +410,7 @@ def test_hot_spot_lands_on_matching_place_of_original(cell):
     orig_h, orig_w = 240, 700  # aspect ratio unlike the map's and the input's
     m = np.zeros((h, w), np.float32)
     m[i, j] = 1.0
-    up = maps.upsample_to_original(m, (orig_w, orig_h))
+    up = maps.upsample(m, (orig_h, orig_w))
     assert up.shape == (orig_h, orig_w)
     y, x = np.unravel_index(np.argmax(up), up.shape)
     assert i * orig_h / h <= y < (i + 1) * orig_h / h
@@ -284,6 +425,6 @@ def test_overlay_geometry_follows_the_decoder_stretch():
     orig[120:150, 300:360] = 255
     pixels = resize_rgb(Image.fromarray(orig), (64, 64)).astype(np.float32).mean(axis=2)
     activation = pixels.reshape(8, 8, 8, 8).mean(axis=(1, 3))
-    up = maps.upsample_to_original(activation, (420, 180))
+    up = maps.upsample(activation, orig.shape[:2])
     y, x = np.unravel_index(np.argmax(up), up.shape)
     assert 120 <= y < 150 and 300 <= x < 360

@@ -97,7 +97,9 @@ def test_stored_crm_equals_brute_force(tiny_archive, tiny_onnx, tmp_path, sqlite
         )
         from modlabel import maps
 
-        closed = maps.crm(activations, info.head_weights, info.head_bias, pooling=info.pooling)[0]
+        closed = maps.crm(
+            activations, info.head_weights, bias=info.head_bias, pooling=info.pooling
+        )[0]
         assert np.allclose(closed, reference, rtol=1e-5, atol=1e-5 * reference.max())
         stored = codec.decode_map(rows[path]["crm"])
         tolerance = codec.MAX_RELATIVE_ERROR * reference.max() * (1 + 1e-4)

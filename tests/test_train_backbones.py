@@ -11,15 +11,14 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-
-from train.backbones import (
+from modlabel.train.backbones import (
     BACKBONES,
     CUT_LAYERS,
     activation_shape,
     build_model,
     input_normalization,
 )
-from train.errors import BackboneError, WeightsError
+from modlabel.train.errors import BackboneError, WeightsError
 
 # (backbone, small input side, a layer of the full network that must be cut away)
 SMALL = [
@@ -176,8 +175,8 @@ def test_imagenet_weights_offline_say_how_to_pass_a_local_file(tmp_path: Path):
 
         socket.socket.connect = no_network
         socket.create_connection = no_network
-        from train.backbones import build_model
-        from train.errors import WeightsError
+        from modlabel.train.backbones import build_model
+        from modlabel.train.errors import WeightsError
         try:
             build_model("vgg16", 7, (32, 32), weights="imagenet")
         except WeightsError as exc:

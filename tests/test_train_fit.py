@@ -9,12 +9,11 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from modlabel.train.data import discover_split
+from modlabel.train.errors import DataError, RunError, TrainingInterrupted, WeightsError
+from modlabel.train.evaluate import evaluate_run
+from modlabel.train.fit import train_run
 from PIL import Image, ImageDraw
-
-from train.data import discover_split
-from train.errors import DataError, RunError, TrainingInterrupted, WeightsError
-from train.evaluate import evaluate_run
-from train.fit import train_run
 
 SHAPES = ("bar", "box", "column", "cross", "disc", "dots", "wedge")
 TINY = {
@@ -208,3 +207,34 @@ def test_same_seed_gives_the_same_model(archive: Path, tmp_path: Path):
     first, second = (keras.saving.load_model(run / "model.keras").get_weights() for run in runs)
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_training_commands_are_quiet_by_default(tiny_run):
+    """TensorFlow's C++ start-up chatter (oneDNN, CPU features, cuInit on a machine without
+    a GPU) is hidden unless --verbose."""
+    import subprocess
+    import sys
+
+    quiet = subprocess.run(
+        [sys.executable, "-m", "modlabel", "evaluate", str(tiny_run)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert quiet.returncode == 0, quiet.stderr
+    noise = [
+        line
+        for line in quiet.stderr.splitlines()
+        if line[:5] in ("I0000", "W0000", "E0000") or "absl::InitializeLog" in line
+    ]
+    assert noise == [], quiet.stderr
+    assert "accuracy" in quiet.stdout
+
+
+def test_training_and_export_ship_inside_modlabels_namespace():
+    import importlib.util
+
+    import modlabel.export
+    import modlabel.train
+
+    assert modlabel.train.load_tensorflow and modlabel.export.export_run
+    assert importlib.util.find_spec("train") is None  # no top-level package to clash with
+    assert importlib.util.find_spec("export") is None
