@@ -201,8 +201,9 @@ def run(url: str, rows: int, label: str) -> None:
     )
     with tempfile.TemporaryDirectory() as out:
         t_report, result = timed(
-            build_report, engine, Path(out), examples_per_class=0, min_confidence=None
-        )
+            build_report, engine, Path(out), model_identity="vgg16-000000000000",
+            examples_per_class=0,
+        )  # fmt: skip
     print(f"report: {t_report:.2f} s ({result.total_images:,} images, {result.errors:,} errors)")
     print("named queries, streamed to the end:")
     for name, (seconds, count) in query_times(engine).items():
