@@ -55,6 +55,7 @@ def _decode(
     finish: Callable[[Image.Image, bool], _T],
     name: str | None = None,
     at_least_hw: Sequence[int] | None = None,
+    size_hw: Sequence[int] | None = None,
 ) -> tuple[_T, tuple[int, int]]:
     """Decode to RGB and apply ``finish`` while the file is open; also the image's
     own (width, height).
@@ -66,6 +67,10 @@ def _decode(
     DCT scales (1/2, 1/4, 1/8) that is still at least this size: two to four
     times faster for archive images much larger than the model's input, and
     the bilinear resample that follows sees nearly the same pixels.
+    size_hw: (height, width) that ``finish`` resamples to. An image that is not
+    RGB is then converted and resampled to it together, strip by strip, so that a
+    large 16-bit or alpha image costs little more than its own pixels; ``finish``
+    gets it at this size (an RGB image it gets whole, as the file's own).
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
@@ -83,7 +88,7 @@ def _decode(
                 img.draft("RGB", (int(wide), int(high)))
             img.load()
             upright = ImageOps.exif_transpose(img) if orientation != 1 else img
-            rgb = _to_rgb(upright)
+            rgb = _to_rgb(upright, size_hw)
             return finish(rgb, rgb is img), original_wh
     except ImageError:
         raise
@@ -119,21 +124,81 @@ def _exif_orientation(img: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` itself when it is RGB already, else a converted new image."""
+# Pixels converted at a time by _to_rgb: a quarter megapixel, whose float64 values
+# take 2 MB (smaller strips only add Python overhead; larger ones, memory).
+_STRIP_PIXELS = 1 << 18
+# 16-bit, 32-bit and float grayscale: their used range is stretched to 8 bits.
+_STRETCHED_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def _to_rgb(img: Image.Image, size_hw: Sequence[int] | None = None) -> Image.Image:
+    """``img`` itself when it is RGB already, else a converted new image, resampled
+    (bilinear) to ``size_hw`` = (height, width) when given.
+
+    The conversion never holds a converted copy of the whole image (a float64 copy
+    of a 16-bit scan is 8 bytes a pixel, four times the scan itself): it runs in
+    strips of rows, each resampled across as soon as it is made. PIL's bilinear
+    resample is two passes, across and then down, rounding to 8 bits between them,
+    so stacking the strips and resampling them down at the end gives, pixel for
+    pixel, what resampling the whole converted image gave.
+    """
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit, 32-bit and float grayscale: stretch the used range to 8 bits rather than clip.
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    strip_mode, convert = _eight_bit_strips(img)
+    width, height = (int(size_hw[1]), int(size_hw[0])) if size_hw is not None else img.size
+    # Gray strips that will be resampled stay gray until the end: 1 byte a pixel
+    # (RGB takes 4 in PIL), and its 3 equal channels would be resampled alike.
+    resampled = (width, height) != img.size
+    across = Image.new(strip_mode if resampled else "RGB", (width, img.height))
+    rows = max(1, _STRIP_PIXELS // max(1, img.width))
+    for top in range(0, img.height, rows):
+        strip = convert(img.crop((0, top, img.width, min(top + rows, img.height))))
+        if strip.width != width:
+            strip = strip.resize((width, strip.height), Image.Resampling.BILINEAR)
+        across.paste(strip, (0, top))  # paste converts a gray strip to RGB itself
+    if across.height != height:
+        across = across.resize((width, height), Image.Resampling.BILINEAR)
+    return across.convert("RGB") if across.mode != "RGB" else across
+
+
+def _eight_bit_strips(img: Image.Image) -> tuple[str, Callable[[Image.Image], Image.Image]]:
+    """How strips (crops) of ``img`` become 8-bit: the mode they come out in ("L"
+    or "RGB") and the conversion of one strip."""
+    if img.mode in _STRETCHED_MODES:
+        # Stretched rather than clipped; by the whole image's range, so that a
+        # small bright spot still sets the white point, as it did.
+        lo, hi = _value_range(img)
+        return "L", lambda strip: _stretch(strip, lo, hi)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+        return "RGB", _on_black
+    if img.mode == "L":
+        return "L", lambda strip: strip
+    return "RGB", lambda strip: strip.convert("RGB")
+
+
+def _value_range(img: Image.Image) -> tuple[float, float]:
+    """(min, max) of a grayscale image's values, read in strips (NaN when any is NaN)."""
+    rows = max(1, _STRIP_PIXELS // max(1, img.width))
+    lows, highs = [], []
+    for top in range(0, img.height, rows):
+        values = np.asarray(img.crop((0, top, img.width, min(top + rows, img.height))))
+        lows.append(values.min())
+        highs.append(values.max())
+    return float(np.min(lows)), float(np.max(highs))  # np.min: NaN wins, as it did
+
+
+def _stretch(strip: Image.Image, lo: float, hi: float) -> Image.Image:
+    """A grayscale strip's values from [lo, hi] to 0..255 (truncated), mode L."""
+    arr = np.asarray(strip, dtype=np.float64)
+    arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(arr.astype(np.uint8))
+
+
+def _on_black(strip: Image.Image) -> Image.Image:
+    """An alpha strip composited on opaque black, mode RGB."""
+    rgba = strip.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 def resize_rgb(img: Image.Image, size_hw: Sequence[int]) -> np.ndarray:
@@ -157,7 +222,11 @@ def load_pixels(
     scan stores it (``width``, ``height``); callers name it ``original_wh``.
     """
     return _decode(
-        source, name=name, at_least_hw=size_hw, finish=lambda rgb, _: resize_rgb(rgb, size_hw)
+        source,
+        name=name,
+        at_least_hw=size_hw,
+        size_hw=size_hw,
+        finish=lambda rgb, _: resize_rgb(rgb, size_hw),
     )
 
 
