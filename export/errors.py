@@ -25,3 +25,9 @@ class ParityError(ExportError):
     def __init__(self, message: str, result: ParityResult | None = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class QuantizationError(ExportError):
+    """An int8 model that cannot be made or is refused: it disagrees with the
+    fp32 model beyond ``--min-agreement``, its head no longer explains its
+    logits, or the run's images to calibrate and check it on cannot be read."""
