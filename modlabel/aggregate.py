@@ -107,16 +107,21 @@ def _contributions(conn: sa.Connection, model_id: int, threshold: float, keys: S
             c.label, c.crm, c.confidence, c.error.is_(None), c.missing_since.is_(None)
         ).where(c.model_id == model_id, c.path.in_(list(keys[start : start + 500])))
         for label, blob, confidence, ok, present in conn.execute(query):
-            if (
-                ok
-                and present
-                and label is not None
-                and blob is not None
-                and confidence is not None
-                and confidence >= threshold
-            ):
+            if _counts(label, blob, confidence, ok, present, threshold):
                 sums.add(label, unit_map(blob))
     return sums
+
+
+def _counts(label, blob, confidence, ok: bool, present: bool, threshold: float) -> bool:
+    """Does a row count in its class's average (``_counted``, in Python)?"""
+    return bool(
+        ok
+        and present
+        and label is not None
+        and blob is not None
+        and confidence is not None
+        and confidence >= threshold
+    )
 
 
 def model_threshold(conn: sa.Connection, model_id: int) -> float | None:
@@ -127,13 +132,22 @@ def model_threshold(conn: sa.Connection, model_id: int) -> float | None:
 
 
 @contextmanager
-def track(conn: sa.Connection, model_id: int, keys: Iterable[str]) -> Iterator[None]:
+def track(
+    conn: sa.Connection,
+    model_id: int,
+    keys: Iterable[str],
+    *,
+    written: Sequence[dict] | None = None,
+) -> Iterator[None]:
     """Keep the class sums true across a write of the rows ``keys`` (stored paths).
 
     Use inside the write's transaction::
 
         with engine.begin() as conn, aggregate.track(conn, model_id, keys):
             conn.execute(...)  # insert, update or delete those rows
+
+    ``written``: the rows as the write leaves them, when the caller has them
+    (an upsert of whole rows), which spares reading them back.
     """
     keys = list(dict.fromkeys(keys))
     threshold = model_threshold(conn, model_id)
@@ -142,7 +156,20 @@ def track(conn: sa.Connection, model_id: int, keys: Iterable[str]) -> Iterator[N
         return
     before = _contributions(conn, model_id, threshold, keys)
     yield
-    after = _contributions(conn, model_id, threshold, keys)
+    if written is not None:
+        after = _Sums({}, {})
+        for row in written:
+            if _counts(
+                row.get("label"),
+                row.get("crm"),
+                row.get("confidence"),
+                row.get("error") is None,
+                row.get("missing_since") is None,
+                threshold,
+            ):
+                after.add(row["label"], unit_map(row["crm"]))  # fmt: skip
+    else:
+        after = _contributions(conn, model_id, threshold, keys)
     delta = _Sums(dict(after.counts), dict(after.sums))
     for label, unit_sum in before.sums.items():
         delta.counts[label] = delta.counts.get(label, 0) - before.counts[label]

@@ -8,7 +8,12 @@ from pathlib import Path
 DB_ENV = "MODLABEL_DB"
 MODEL_ENV = "MODLABEL_MODEL"
 DEFAULT_DB_FILE = "modlabel.db"
-DEFAULT_BATCH_SIZE = 32
+# Images per inference batch. On the CPU a larger batch is not faster (onnxruntime's threads
+# already share one image), but its memory grows with it: VGG16 at 300 px peaks near 0.7 GB
+# at 8 and 1.8-3.6 GB at 32 (benchmarks/bench_session.py).
+DEFAULT_BATCH_SIZE = 8
+# Labeled rows per database transaction of a scan (--commit-every); see scan.FLUSH_SECONDS.
+DEFAULT_COMMIT_ROWS = 256
 # How long a scan waits out an unreachable database (a restart, a failover), in seconds.
 DEFAULT_DB_RETRY_SECONDS = 60.0
 # An image counts in its class's average map (Eq. 8) when labeled with at least this

@@ -21,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelError
+
+log = logging.getLogger(__name__)
 
 METADATA_KEY = "modlabel"
 METADATA_FORMAT = 1
@@ -153,13 +156,30 @@ class ModelInfo:
             raise ModelError(f"unknown pooling {self.pooling!r} (mean or sum)")
 
 
-def default_providers() -> list[str]:
-    """CUDA first where this onnxruntime build and the machine offer it, then CPU."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def providers_for(device: str) -> list[str]:
+    """onnxruntime execution providers for ``--device``.
+
+    ``auto``: CUDA where this onnxruntime build offers it and the machine has an
+    NVIDIA driver, else the CPU; ``cuda``: CUDA whatever the probe says (its
+    failure is then reported, see ``OnnxModel``); ``cpu``: the CPU.
+    """
     import onnxruntime as ort
 
+    if device not in DEVICES:
+        raise ModelError(f"unknown device {device!r}: auto, cpu or cuda")
     available = ort.get_available_providers()
-    wanted = [p for p in ("CUDAExecutionProvider",) if p in available and _cuda_usable()]
-    return [*wanted, "CPUExecutionProvider"]
+    cuda = "CUDAExecutionProvider" in available
+    if device == "cuda" or (device == "auto" and cuda and _cuda_usable()):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def default_providers() -> list[str]:
+    """CUDA first where this onnxruntime build and the machine offer it, then CPU."""
+    return providers_for("auto")
 
 
 def _cuda_usable() -> bool:
@@ -168,11 +188,26 @@ def _cuda_usable() -> bool:
     return Path("/proc/driver/nvidia/version").exists()
 
 
+# Session options chosen by measurement (benchmarks/bench_session.py): see README "Speed".
+ENABLE_MEM_PATTERN = False
+ENABLE_CPU_MEM_ARENA = False
+
+
 class OnnxModel:
-    """A loaded modlabel model: ``run`` gives (logits, activations) for a batch."""
+    """A loaded modlabel model: ``run`` gives (logits, activations) for a batch.
+
+    ``device``: ``auto``, ``cpu`` or ``cuda``. CUDA counts only when the session
+    really runs on it (``session.get_providers()``); otherwise one log line says
+    so and the model runs on the CPU. ``self.device`` is what it runs on.
+    """
 
     def __init__(
-        self, path: str | Path, *, providers: list[str] | None = None, threads: int = 0
+        self,
+        path: str | Path,
+        *,
+        providers: list[str] | None = None,
+        threads: int = 0,
+        device: str = "auto",
     ) -> None:
         import onnxruntime as ort
 
@@ -189,12 +224,20 @@ class OnnxModel:
         # onnxruntime's threads busy-wait between runs by default; in a scan the
         # decoding threads need those cores while the next batch is prepared.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.enable_mem_pattern = ENABLE_MEM_PATTERN
+        options.enable_cpu_mem_arena = ENABLE_CPU_MEM_ARENA
+        wanted = providers or providers_for(device)
         try:
-            self.session = ort.InferenceSession(
-                data, sess_options=options, providers=providers or default_providers()
-            )
+            self.session = ort.InferenceSession(data, sess_options=options, providers=wanted)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"{self.path}: not a loadable ONNX model: {exc}") from None
+        loaded = self.session.get_providers()
+        self.device = "cuda" if "CUDAExecutionProvider" in loaded else "cpu"
+        if "CUDAExecutionProvider" in wanted and self.device != "cuda":
+            log.warning(
+                "CUDA was asked for but did not load (no GPU or no CUDA libraries); "
+                "running on the CPU"
+            )
         meta = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
             raise ModelError(
@@ -242,9 +285,18 @@ class OnnxModel:
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """batch: (N, H, W, 3) float32, preprocessed. Returns (logits (N, C), activations)."""
-        logits, activations = self.session.run(
-            [LOGITS, ACTIVATIONS], {self.input_name: np.ascontiguousarray(batch, np.float32)}
-        )
+        inputs = np.ascontiguousarray(batch, np.float32)
+        if self.device == "cuda":
+            # I/O binding: the batch is copied to the GPU once and the outputs back once,
+            # instead of onnxruntime's per-run staging.
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(self.input_name, inputs)
+            binding.bind_output(LOGITS)
+            binding.bind_output(ACTIVATIONS)
+            self.session.run_with_iobinding(binding)
+            logits, activations = binding.copy_outputs_to_cpu()
+            return logits, activations
+        logits, activations = self.session.run([LOGITS, ACTIVATIONS], {self.input_name: inputs})
         return logits, activations
 
 

@@ -98,7 +98,7 @@ def scan_archive(
     model: OnnxModel,
     engine: Engine,
     *,
-    batch_size: int = 32,
+    batch_size: int = config.DEFAULT_BATCH_SIZE,
     workers: int = 2,
     on_progress: Callable[[int], None] | None = None,
     entries: Iterable[FileEntry | Unreadable] | None = None,
@@ -109,6 +109,7 @@ def scan_archive(
     class_min_confidence: float = config.DEFAULT_CLASS_MIN_CONFIDENCE,
     wait: bool = False,
     db_retry: float = store.DEFAULT_RETRY_SECONDS,
+    commit_rows: int = config.DEFAULT_COMMIT_ROWS,
 ) -> ScanStats:
     """Label every image under ``roots`` that the database lacks for ``model``.
 
@@ -121,6 +122,9 @@ def scan_archive(
     and marked back when they return. Returns the counts; per-file errors are
     stored as rows and also listed in ``ScanStats.error_paths`` (at most 1000
     of them).
+
+    Labels are committed ``commit_rows`` at a time (and at least every
+    ``FLUSH_SECONDS``), each transaction with the scan's counts.
 
     The class-level average maps are kept current as the rows change
     (``modlabel.aggregate``), counting images of at least
@@ -188,6 +192,7 @@ def scan_archive(
                     workers=workers,
                     on_progress=on_progress,
                     max_file_bytes=max_file_bytes,
+                    commit_rows=commit_rows,
                 )
                 stats.seconds = time.perf_counter() - started
                 retry(
@@ -221,6 +226,7 @@ def _run_pipeline(
     workers: int,
     on_progress: Callable[[int], None] | None,
     max_file_bytes: int,
+    commit_rows: int = config.DEFAULT_COMMIT_ROWS,
 ) -> None:
     info = model.info
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="modlabel-decode")
@@ -232,6 +238,7 @@ def _run_pipeline(
             window=max(2 * batch_size, 4 * workers),
         )
         pending_touch: list[tuple[str, int, float]] = []
+        writer = _RowWriter(engine, model_id, stats, progress, retry, commit_rows)
 
         def flush_touched() -> None:
             stats.unchanged += len(pending_touch)
@@ -240,25 +247,88 @@ def _run_pipeline(
             _tick(on_progress, len(pending_touch))
             pending_touch.clear()
 
-        for batch in _batches(prepared, pending_touch, batch_size):
-            stopping.check()
-            if pending_touch:
-                flush_touched()
-            rows = _label_batch(batch, model)
-            batch_errors = [w for w in batch if w.error is not None]
-            _sync(progress, stats)
-            retry(store.write_image_rows, engine, model_id, rows, progress)
-            stats.labeled += len(batch) - len(batch_errors)
-            stats.errors += len(batch_errors)
-            for work in batch_errors:
-                if len(stats.error_paths) < 1000:
-                    stats.error_paths.append((work.entry.path, work.error))
-                log.info("%s: %s", display_fs_path(work.entry.path), work.error)
-            _tick(on_progress, len(batch))
-        flush_touched()
+        try:
+            for batch in _batches(prepared, pending_touch, batch_size):
+                if stopping.requested():
+                    writer.flush()  # what is labeled is kept, then the scan stops
+                    stopping.check()
+                if pending_touch:
+                    flush_touched()
+                writer.add(_label_batch(batch, model), batch)
+                _tick(on_progress, len(batch))
+            writer.flush()
+            flush_touched()
+        except BaseException:
+            writer.flush_once()  # a signal or a failure keeps the labels already made
+            raise
     finally:
         # On an error or a signal, queued decodes are dropped rather than run.
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+# Labeled rows are committed in transactions of up to ``commit_rows`` rows
+# (config.DEFAULT_COMMIT_ROWS), and at least every FLUSH_SECONDS: fewer, larger transactions
+# (a PostgreSQL round trip or a SQLite commit costs more than a row), while a killed scan
+# loses at most a few seconds of work.
+FLUSH_SECONDS = 2.0
+
+
+class _RowWriter:
+    """Buffers labeled rows and writes them, with the scan's counts, in one transaction."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        model_id: int,
+        stats: ScanStats,
+        progress: store.ScanProgress,
+        retry: store.DbRetry,
+        commit_rows: int,
+    ) -> None:
+        self.engine = engine
+        self.model_id = model_id
+        self.stats = stats
+        self.progress = progress
+        self.retry = retry
+        self.commit_rows = max(1, commit_rows)
+        self.rows: list[dict[str, Any]] = []
+        self.works: list[_Work] = []
+        self.since = 0.0
+
+    def add(self, rows: list[dict[str, Any]], batch: Sequence[_Work]) -> None:
+        if not self.rows:
+            self.since = time.monotonic()
+        self.rows.extend(rows)
+        self.works.extend(batch)
+        if len(self.rows) >= self.commit_rows or time.monotonic() - self.since >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        _sync(self.progress, self.stats)
+        self.retry(store.write_image_rows, self.engine, self.model_id, self.rows, self.progress)
+        self._count()
+
+    def flush_once(self) -> None:
+        """One try, no retries: on the way out of a failed or stopped scan."""
+        try:
+            store.DbRetry(0)(
+                store.write_image_rows, self.engine, self.model_id, self.rows, self.progress
+            )
+        except DatabaseError:
+            return
+        self._count()
+
+    def _count(self) -> None:
+        failed = [w for w in self.works if w.error is not None]
+        self.stats.labeled += len(self.works) - len(failed)
+        self.stats.errors += len(failed)
+        for work in failed:
+            if len(self.stats.error_paths) < 1000:
+                self.stats.error_paths.append((work.entry.path, work.error))
+            log.info("%s: %s", display_fs_path(work.entry.path), work.error)
+        self.rows, self.works = [], []
 
 
 def _sync(progress: store.ScanProgress, stats: ScanStats) -> None:

@@ -275,7 +275,18 @@ def test_kill_9_then_resume_gives_the_rows_of_an_uninterrupted_scan(
     reference, killed = str(tmp_path / "reference.db"), db_url
     assert run_cli("scan", archive, "--model", tiny_onnx, "--db", reference).returncode == 0
 
-    process = start_cli("scan", archive, "--model", tiny_onnx, "--db", killed, "--batch-size", "2")
+    process = start_cli(
+        "scan",
+        archive,
+        "--model",
+        tiny_onnx,
+        "--db",
+        killed,
+        "--batch-size",
+        "2",
+        "--commit-every",
+        "2",
+    )
     wait_for(lambda: count_rows(sa_url(killed)) >= 20, what="the first batches")
     kill(process, signal.SIGKILL)
     committed = count_rows(sa_url(killed))
@@ -304,7 +315,18 @@ def test_kill_9_then_resume_gives_the_rows_of_an_uninterrupted_scan(
 def test_sigterm_stops_the_scan_as_interrupted(tiny_archive, tiny_onnx, tmp_path):
     archive = large_archive(tiny_archive, tmp_path / "archive", 5)
     db = tmp_path / "labels.db"
-    process = start_cli("scan", archive, "--model", tiny_onnx, "--db", db, "--batch-size", "2")
+    process = start_cli(
+        "scan",
+        archive,
+        "--model",
+        tiny_onnx,
+        "--db",
+        db,
+        "--batch-size",
+        "2",
+        "--commit-every",
+        "2",
+    )
     wait_for(lambda: count_rows(sa_url(str(db))) >= 10, what="the first batches")
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
@@ -346,7 +368,7 @@ def test_a_postgresql_restart_within_the_retry_window_is_outlived(
     files = len(list(archive.rglob("*.jpg")))
     url = own_postgres.database("restart")
     process = start_cli("scan", archive, "--model", tiny_onnx, "--db", url, "--batch-size", "2",
-                        "--db-retry", "120")  # fmt: skip
+                        "--commit-every", "2", "--db-retry", "120")  # fmt: skip
     wait_for(lambda: count_rows(url) >= 20, what="the first batches")
     own_postgres.stop()
     time.sleep(2)
@@ -367,7 +389,7 @@ def test_a_postgresql_gone_for_longer_ends_in_one_line_and_the_next_run_resumes(
     files = len(list(archive.rglob("*.jpg")))
     url = own_postgres.database("gone")
     process = start_cli("scan", archive, "--model", tiny_onnx, "--db", url, "--batch-size", "2",
-                        "--db-retry", "2")  # fmt: skip
+                        "--commit-every", "2", "--db-retry", "2")  # fmt: skip
     wait_for(lambda: count_rows(url) >= 20, what="the first batches")
     own_postgres.stop()
     _, err = process.communicate(timeout=120)
