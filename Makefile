@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHROMIUM := $(VENV)/.chromium
 DEMO ?= demo
 # Demo size: 7 classes x DEMO_PER_CLASS training images, DEMO_INPUT px model input.
 DEMO_PER_CLASS ?= 120
@@ -34,8 +35,15 @@ demo: $(STAMP)
 	@echo "database: $(DEMO)/labels.db"
 	@echo "report:   $(DEMO)/report/report.html"
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/pytest -q
+
+# The report's browser test (tests/test_report.py) renders the page in Debian's chromium.
+# Installed once where it is missing (CI runs as root on Debian); never skipped.
+$(CHROMIUM):
+	@command -v chromium >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@mkdir -p $(VENV) && touch $@
 
 lint: $(STAMP)
 	$(BIN)/ruff check modlabel train export tests benchmarks

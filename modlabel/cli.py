@@ -53,6 +53,15 @@ def _main(
     Class-selective Relevance Map (CRM)."""
 
 
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="auto (CUDA where a GPU and onnxruntime's CUDA provider are there), cpu or cuda. "
+        "CUDA counts only when it really loads; otherwise one line says so and the CPU runs.",
+    ),
+]
+
 DbOption = Annotated[
     str | None,
     typer.Option(
@@ -240,12 +249,34 @@ def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by `modlabel train`.")],
     out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")],
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    quantize: Annotated[
+        str,
+        typer.Option(
+            help="none, or int8: also write a static int8 model beside --out "
+            "(M.onnx -> M.int8.onnx), calibrated on the training split and refused "
+            "when its labels agree with fp32's on less than --min-agreement of the test split."
+        ),
+    ] = "none",
+    calibration: Annotated[
+        int, typer.Option(min=1, help="Training images to calibrate int8 on (fewer if fewer).")
+    ] = 64,
+    min_agreement: Annotated[
+        float,
+        typer.Option(
+            "--min-agreement",
+            min=0.0,
+            max=1.0,
+            help="Least share of test images on which int8 and fp32 give the same label.",
+        ),
+    ] = 0.995,
     verbose: VerboseOption = False,
 ) -> None:
     """Export a run to one self-contained ONNX file with outputs logits and activations.
 
-    Example: modlabel export demo/run --out demo/model.onnx
+    Example: modlabel export demo/run --out demo/model.onnx --quantize int8
     """
+    if quantize not in ("none", "int8"):
+        raise typer.BadParameter(f"{quantize!r}: choose none or int8", param_hint="--quantize")
     try:
         _load_tensorflow(verbose)
         from modlabel.export.onnx_export import export_run
@@ -257,6 +288,30 @@ def export(
         f"wrote {report.out_path} (opset {report.opset}); parity: max |Δlogits| "
         f"{report.max_abs_logits_diff:.2e}, max rel. |Δactivations| "
         f"{report.max_rel_activations_diff:.2e}"
+    )
+    if quantize == "none":
+        return
+    try:
+        from modlabel.export.quantize import int8_path, quantize_run
+
+        q = quantize_run(
+            run,
+            report.out_path,
+            int8_path(report.out_path),
+            calibration=calibration,
+            min_agreement=min_agreement,
+        )
+    except ModlabelError as exc:
+        raise _fail(exc) from None
+    f = q.fidelity
+    typer.echo(
+        f"wrote {q.out_path} (int8, {q.options.describe()}; calibrated on "
+        f"{q.calibration_images} training images)\n"
+        f"label agreement with fp32: {f.agreement:.2%} of {f.images} {q.evaluation_split} "
+        f"images (--min-agreement {q.min_agreement:g})\n"
+        f"logits correlation: {f.logits_correlation:.5f}\n"
+        f"CRM correlation per image: min {f.crm_correlation_min:.5f}, "
+        f"mean {f.crm_correlation_mean:.5f}"
     )
 
 
@@ -275,6 +330,15 @@ def scan(
     ] = None,
     db: DbOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = config.DEFAULT_BATCH_SIZE,
+    commit_every: Annotated[
+        int,
+        typer.Option(
+            "--commit-every",
+            min=1,
+            help="Labeled rows per database transaction (and at least every 2 s): larger writes "
+            "faster, smaller keeps more of a killed scan.",
+        ),
+    ] = config.DEFAULT_COMMIT_ROWS,
     workers: Annotated[int, typer.Option(min=1, help="Decoding threads.")] = 2,
     quiet: Annotated[
         bool,
@@ -369,6 +433,7 @@ def scan(
             "failover) before giving up with exit code 5.",
         ),
     ] = config.DEFAULT_DB_RETRY_SECONDS,
+    device: DeviceOption = "auto",
 ) -> None:
     """Label every new or changed image under PATHS and store labels and CRMs.
 
@@ -401,7 +466,7 @@ def scan(
         raise _fail(ModlabelError(f"--max-file-size: {exc}")) from None
     try:
         with _signals_interrupt():
-            onnx_model = OnnxModel(model_path)
+            onnx_model = OnnxModel(model_path, device=device)
             url = config.resolve_db_url(db)
             engine = open_db(url, retry_seconds=db_retry)
             entries, roots = None, [str(p) for p in paths or []]
@@ -436,6 +501,7 @@ def scan(
                     max_file_bytes=max_bytes,
                     image_filter=ImageFilter(tuple(include or ()), tuple(exclude or ())),
                     class_min_confidence=class_min_confidence,
+                    commit_rows=commit_every,
                     wait=wait,
                     db_retry=db_retry,
                 )
@@ -489,7 +555,7 @@ class _signals_interrupt:
 
 @app.command()
 def report(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write report.html to.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the report's files to.")],
     db: DbOption = None,
     model: Annotated[
         str | None,
@@ -497,7 +563,12 @@ def report(
             "--model", help="Model identity (or prefix) to report on; default: the newest."
         ),
     ] = None,
-    examples: Annotated[int, typer.Option(min=0, help="Example images per class.")] = 4,
+    examples: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Example images per class: this many most and as many least confident."
+        ),
+    ] = 4,
     min_confidence: Annotated[
         float | None,
         typer.Option(
@@ -508,15 +579,55 @@ def report(
             "(default: the threshold the scans keep the averages for).",
         ),
     ] = None,
+    formats: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="What to write, comma-separated: html (report.html), rois (class_rois.csv "
+            "and .json), maps (class_maps/<class>.png, .nobox.png, .npy), images "
+            "(images.csv, streamed), or all.",
+        ),
+    ] = "all",
+    truth: Annotated[
+        Path | None,
+        typer.Option(
+            "--truth",
+            help="Ground truth to evaluate against: a ground_truth.jsonl as `modlabel synth` "
+            "writes it, or a CSV of path,label. Class averages are then taken over the "
+            "correctly classified images.",
+        ),
+    ] = None,
+    truth_from_folders: Annotated[
+        bool,
+        typer.Option(
+            "--truth-from-folders", help="Ground truth: each image's class is its folder's name."
+        ),
+    ] = False,
+    faithfulness: Annotated[
+        int,
+        typer.Option(
+            min=0, help="With ground truth: images per class for the faithfulness test (0: none)."
+        ),
+    ] = 0,
 ) -> None:
-    """Write an HTML report: per class, the count, average CRM with its ROI box, examples.
+    """Write a report: a self-contained HTML page (per class the count, the average CRM with
+    its ROI box, a confidence histogram, the most and least confident images; the scans,
+    failed and missing files) and the class ROIs, class maps and image rows as files.
 
-    Example: modlabel report --db labels.db --out report/
+    Example: modlabel report --db labels.db --out report/ --format html,rois
     """
-    from .report import build_report
+    from .report import build_report, parse_formats
     from .store import open_db, safe_url
 
     try:
+        wanted = parse_formats(formats)
+        truth_data = None
+        if truth is not None or truth_from_folders:
+            from .evaluation import load_truth  # only with ground truth
+
+            truth_data = load_truth(truth, from_folders=truth_from_folders)
+        elif faithfulness:
+            raise ModlabelError("--faithfulness needs --truth or --truth-from-folders")
         url = config.resolve_db_url(db)
         result = build_report(
             open_db(url, create=False),
@@ -525,13 +636,20 @@ def report(
             examples_per_class=examples,
             min_confidence=min_confidence,
             db_label=safe_url(url),
+            formats=wanted,
+            truth=truth_data,
+            faithfulness=faithfulness,
         )
     except ModlabelError as exc:
         raise _fail(exc) from None
     typer.echo(
-        f"report: {result.path} ({result.total_images} images, "
+        f"report: {out} ({result.total_images} images, "
         f"{len(result.classes)} classes, {result.errors} errors)"
     )
+    names = [path.relative_to(out).as_posix() for path in result.files]
+    top = [name for name in names if "/" not in name]
+    in_maps = len(names) - len(top)
+    typer.echo("wrote " + ", ".join(top + ([f"class_maps/ ({in_maps} files)"] if in_maps else [])))
 
 
 @app.command()
@@ -677,12 +795,84 @@ def _format_rows(columns: list[str], rows: Iterator[tuple], fmt: str) -> Iterato
 
 
 @app.command()
+def bench(
+    images: Annotated[
+        Path | None,
+        typer.Argument(help="A folder of your images to sample (default: a synthetic archive)."),
+    ] = None,
+    model: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--model", help="ONNX model; repeat to compare (an fp32 model and its int8 export)."
+        ),
+    ] = None,
+    sample: Annotated[int, typer.Option("--sample", min=1, help="Images to measure on.")] = 64,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            "--rounds", min=1, help="Measure everything this many times in turn; keep the best."
+        ),
+    ] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = config.DEFAULT_BATCH_SIZE,
+    device: DeviceOption = "auto",
+    db: Annotated[
+        str | None,
+        typer.Option("--db", help="Database to time row writes on (default: a scratch SQLite)."),
+    ] = None,
+    compare: Annotated[
+        tuple[str, Path] | None,
+        typer.Option(
+            "--compare",
+            help="keras RUN: also time the Keras + GradientTape Grad-CAM a user would write "
+            "instead, on the run's Keras model (needs TensorFlow).",
+        ),
+    ] = None,
+) -> None:
+    """Measure the model, the whole scan, decoding, the maps and the database on this machine.
+
+    Each figure comes from a fresh process of its own, one after the other, on
+    the same images; nothing is written to your archive, and the rows timed on
+    --db are removed.
+
+    Example: modlabel bench /archive/sample --model model.onnx --model model.int8.onnx
+    """
+    from .bench import run_bench
+
+    models = list(model or [])
+    if not models:
+        env_model = config.resolve_model_path(None)
+        models = [env_model] if env_model is not None else []
+    if not models:
+        raise _fail(ModlabelError(f"no model: pass --model or set ${config.MODEL_ENV}"))
+    keras_run = None
+    if compare and compare[0] is not None:
+        if compare[0] != "keras":
+            raise _fail(ModlabelError(f"--compare takes keras RUN, not {compare[0]!r}"))
+        keras_run = compare[1]
+    try:
+        result = run_bench(
+            [str(m) for m in models],
+            images=images,
+            sample=sample,
+            batch_size=batch_size,
+            device=device,
+            db_url=config.resolve_db_url(db) if db else None,
+            keras_run=keras_run,
+            rounds=rounds,
+        )
+    except ModlabelError as exc:
+        raise _fail(exc) from None
+    typer.echo(result.format(), nl=False)
+
+
+@app.command()
 def explain(
     images: Annotated[list[Path], typer.Argument(help="Images to explain.")],
     model: Annotated[
         Path | None, typer.Option("--model", help=f"ONNX model (default: ${config.MODEL_ENV}).")
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the figures.")] = Path("explain"),
+    device: DeviceOption = "auto",
 ) -> None:
     """Label images and draw CAM, Grad-CAM and CRM side by side (paper Figure 5).
 
@@ -695,7 +885,9 @@ def explain(
     if model_path is None:
         raise _fail(ModlabelError(f"no model: pass --model or set ${config.MODEL_ENV}"))
     try:
-        results = explain_images([str(p) for p in images], OnnxModel(model_path), out)
+        results = explain_images(
+            [str(p) for p in images], OnnxModel(model_path, device=device), out
+        )
     except ModlabelError as exc:
         raise _fail(exc) from None
     failed = 0

@@ -5,7 +5,9 @@ The paper measures localization by the size of the highlighted region alone
 the map's max). A synthetic archive (``modlabel synth``) also records where the
 class evidence really is: every image's structure boxes (the optic disc, the
 lungs, the axes of a graph, ...) and its distractors (text, scale bars,
-arrows). ``evaluate_localization`` reports both, per class and per method.
+arrows). ``evaluate_localization`` reports both, per class and per method;
+``localize_images`` is the same over any list of images with their records
+(``modlabel.evaluation`` scores a database's images with it).
 
 Definitions, for one image, one method and the map upsampled (bilinear, the
 decoder's plain stretch, ``maps.upsample``) to ``size`` = (H, W) pixels:
@@ -25,11 +27,16 @@ decoder's plain stretch, ``maps.upsample``) to ``size`` = (H, W) pixels:
 * ``roi_precision`` = |ROI & S| / |ROI|: the share of the ROI on the structures;
   undefined (left out) when the ROI is empty.
 * ``roi_recall`` = |ROI & S| / |S|: the share of the structures the ROI covers.
+* ``roi_iou`` = |ROI & S| / |ROI | S|: the overlap of the ROI with the structures.
+* ``energy``: the energy-based pointing game (Wang et al., Score-CAM, 2020): the
+  share of the map's positive mass (negatives clipped) that lies in S;
+  undefined when the map has no positive value.
 * ``distractor_share`` = |ROI & D| / |ROI|: the share of the ROI on distractors;
   defined only for images with a distractor and a non-empty ROI.
 
 Chance levels, per class: ``structure_area`` = |S| / (H W) is the pointing
-hit rate and the ROI precision of a point or region placed at random;
+hit rate, the energy share and the ROI precision of a point, a flat map or a
+region placed at random;
 ``distractor_area`` = |D| / (H W) (over images with distractors) is the
 distractor share of a random ROI.
 
@@ -43,7 +50,7 @@ weighs every image the same.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,8 +169,9 @@ class ImageScores:
     """Per-image metrics of a batch of maps (see the module docstring); each (N,).
 
     Undefined values are NaN: precision and distractor share of an empty ROI,
-    recall and pointing of an image without structure boxes, distractor share
-    of an image without distractors.
+    recall, IoU, pointing and energy of an image without structure boxes,
+    energy of a map without a positive value, distractor share of an image
+    without distractors.
     """
 
     roi_pixels: np.ndarray  # int
@@ -171,6 +179,8 @@ class ImageScores:
     pointing: np.ndarray  # 0.0 or 1.0
     roi_precision: np.ndarray
     roi_recall: np.ndarray
+    roi_iou: np.ndarray
+    energy: np.ndarray
     distractor_share: np.ndarray
 
 
@@ -208,10 +218,17 @@ def localization_scores(
     peak = flat[np.arange(n), peak_at]
     hit = (peak > 0) & s[np.arange(n), peak_at]
 
+    positive = np.maximum(flat, np.float32(0))
+    mass = positive.sum(axis=1, dtype=np.float64)
+    mass_on_s = np.where(s, positive, np.float32(0)).sum(axis=1, dtype=np.float64)
+    union = (roi | s).sum(axis=1)
+
     nan = np.float64(np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.where(roi_pixels > 0, on_s / roi_pixels, nan)
         recall = np.where(s_pixels > 0, on_s / s_pixels, nan)
+        iou = np.where(s_pixels > 0, on_s / union, nan)
+        energy = np.where((s_pixels > 0) & (mass > 0), mass_on_s / mass, nan)
         share = np.where((roi_pixels > 0) & (d_pixels > 0), on_d / roi_pixels, nan)
     return ImageScores(
         roi_pixels=roi_pixels,
@@ -219,6 +236,8 @@ def localization_scores(
         pointing=np.where(s_pixels > 0, hit.astype(np.float64), nan),
         roi_precision=precision,
         roi_recall=recall,
+        roi_iou=iou,
+        energy=energy,
         distractor_share=share,
     )
 
@@ -227,7 +246,16 @@ def localization_scores(
 # The report.
 # --------------------------------------------------------------------------
 
-METRICS = ("roi_pixels", "roi_ratio", "pointing", "roi_precision", "roi_recall", "distractor_share")
+METRICS = (
+    "roi_pixels",
+    "roi_ratio",
+    "pointing",
+    "roi_precision",
+    "roi_recall",
+    "roi_iou",
+    "energy",
+    "distractor_share",
+)
 
 
 @dataclass(frozen=True)
@@ -247,6 +275,8 @@ class MethodRow:
     pointing: float | None  # [0, 1]
     roi_precision: float | None  # [0, 1]
     roi_recall: float | None  # [0, 1]
+    roi_iou: float | None  # [0, 1]
+    energy: float | None  # [0, 1]
     distractor_share: float | None  # [0, 1]
     distractor_images: int
 
@@ -409,6 +439,68 @@ def evaluate_localization(
     the model does not know.
     """
     archive = Path(archive)
+    gt_path = archive / GROUND_TRUTH_NAME
+    if not gt_path.is_file():
+        raise ModlabelError(
+            f"{gt_path}: no ground truth; localization needs an archive with boxes, "
+            "as `modlabel synth` writes"
+        )
+
+    def images() -> Iterator[tuple[GroundTruth, str]]:
+        for record in read_records(gt_path, limit):
+            if record.class_name not in model.info.class_names:
+                raise ModlabelError(
+                    f"{gt_path}: class {record.class_name!r} of {record.path} is not one of "
+                    f"the model's classes {model.info.class_names}"
+                )
+            yield record, str(archive / record.path)
+
+    return localize_images(
+        images(),
+        model,
+        source=str(archive),
+        methods=methods,
+        fraction=fraction,
+        batch_size=batch_size,
+        size=size,
+    )
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """The correctly classified images of one batch of ``localize_images``, as scored.
+
+    records, files: the images, in batch order; maps_at_size: method -> (n, H, W)
+    float32, each image's map for its class, upsampled to the evaluation size;
+    scores: method -> the images' ``ImageScores``.
+    """
+
+    records: list[GroundTruth]
+    files: list[str]
+    maps_at_size: dict[str, np.ndarray]
+    scores: dict[str, ImageScores]
+
+
+def localize_images(
+    images: Iterable[tuple[GroundTruth, str]],
+    model: OnnxModel,
+    *,
+    source: str,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    fraction: float = maps.DISPLAY_FRACTION,
+    batch_size: int = 32,
+    size: tuple[int, int] = TABLE3_SIZE,
+    on_batch: Callable[[ScoredBatch], None] | None = None,
+) -> LocalizationReport:
+    """Label images and score every method's map against their records' boxes.
+
+    images: (record, file to read) pairs, streamed in batches of ``batch_size``;
+    a record without boxes still counts in the accuracy and Table 3 (its
+    box metrics are undefined and left out of the means). source: what the
+    report names as its archive. ``on_batch`` is called with each batch's
+    correctly classified images and their maps (``ScoredBatch``), for measures
+    of one's own over the same maps. Otherwise as ``evaluate_localization``.
+    """
     unknown = [m for m in methods if m not in maps.METHODS]
     if unknown:
         raise ValueError(f"unknown map methods {unknown}; known: {sorted(maps.METHODS)}")
@@ -419,12 +511,6 @@ def evaluate_localization(
     size_hw = (int(size[0]), int(size[1]))
     if min(size_hw) < 1:
         raise ValueError(f"size must be positive, got {size}")
-    gt_path = archive / GROUND_TRUTH_NAME
-    if not gt_path.is_file():
-        raise ModlabelError(
-            f"{gt_path}: no ground truth; localization needs an archive with boxes, "
-            "as `modlabel synth` writes"
-        )
 
     info = model.info
     index_of = {name: i for i, name in enumerate(info.class_names)}
@@ -432,26 +518,29 @@ def evaluate_localization(
     sums: dict[tuple[str, str], _Sums] = {}
     unreadable: list[dict[str, str]] = []
 
-    batch: list[tuple[GroundTruth, np.ndarray, tuple[int, int]]] = []
+    batch: list[tuple[GroundTruth, np.ndarray, tuple[int, int], str]] = []
 
     def flush() -> None:
         if batch:
-            _score_batch(batch, model, methods, fraction, size_hw, index_of, per_class, sums)
+            scored = _score_batch(
+                batch, model, methods, fraction, size_hw, index_of, per_class, sums
+            )
+            if scored is not None and on_batch is not None:
+                on_batch(scored)
             batch.clear()
 
-    for record in read_records(gt_path, limit):
+    for record, image_path in images:
         if record.class_name not in index_of:
             raise ModlabelError(
-                f"{gt_path}: class {record.class_name!r} of {record.path} is not one of "
+                f"{source}: class {record.class_name!r} of {record.path} is not one of "
                 f"the model's classes {info.class_names}"
             )
         try:
-            image_path = str(archive / record.path)
             pixels, original = load_pixels(read_file(image_path), info.input_size, name=image_path)
         except ImageError as exc:
             unreadable.append({"path": record.path, "reason": exc.reason})
             continue
-        batch.append((record, pixels, original))
+        batch.append((record, pixels, original, image_path))
         if len(batch) >= batch_size:
             flush()
     flush()
@@ -467,7 +556,7 @@ def evaluate_localization(
             rows.append(s.row(name, method))
             overall[method].merge(s)
     return LocalizationReport(
-        archive=str(archive),
+        archive=source,
         model=model.identity,
         size=size_hw,
         fraction=float(fraction),
@@ -481,7 +570,7 @@ def evaluate_localization(
 
 
 def _score_batch(
-    batch: list[tuple[GroundTruth, np.ndarray, tuple[int, int]]],
+    batch: list[tuple[GroundTruth, np.ndarray, tuple[int, int], str]],
     model: OnnxModel,
     methods: Sequence[str],
     fraction: float,
@@ -489,22 +578,22 @@ def _score_batch(
     index_of: dict[str, int],
     per_class: dict[str, _ClassSums],
     sums: dict[tuple[str, str], _Sums],
-) -> None:
+) -> ScoredBatch | None:
     info = model.info
-    logits, activations = model.run(model.preprocess(np.stack([p for _, p, _ in batch])))
-    truth = np.array([index_of[r.class_name] for r, _, _ in batch])
+    logits, activations = model.run(model.preprocess(np.stack([p for _, p, _, _ in batch])))
+    truth = np.array([index_of[r.class_name] for r, _, _, _ in batch])
     correct = np.argmax(logits, axis=-1) == truth
-    for (record, _, _), ok in zip(batch, correct, strict=True):
+    for (record, _, _, _), ok in zip(batch, correct, strict=True):
         counts = per_class.setdefault(record.class_name, _ClassSums())
         counts.images += 1
         counts.correct += int(ok)
     if not correct.any():
-        return
+        return None
 
     kept = [item for item, ok in zip(batch, correct, strict=True) if ok]
     area = size_hw[0] * size_hw[1]
     structures, distractors = [], []
-    for record, _, decoded_wh in kept:
+    for record, _, decoded_wh, _ in kept:
         # Boxes are in the pixels of the recorded size (the decoded one if absent).
         original_wh = (record.width or decoded_wh[0], record.height or decoded_wh[1])
         structures.append(box_mask(record.boxes, original_wh, size_hw))
@@ -526,12 +615,20 @@ def _score_batch(
         class_index=truth[correct],  # = the predicted class on these images
         pooling=info.pooling,
     )
-    names = [record.class_name for record, _, _ in kept]
+    names = [record.class_name for record, _, _, _ in kept]
+    scored = ScoredBatch(
+        records=[record for record, _, _, _ in kept],
+        files=[image_path for _, _, _, image_path in kept],
+        maps_at_size={},
+        scores={},
+    )
     for method, method_maps in maps_by_method.items():
-        scores = localization_scores(
-            maps.upsample(method_maps, size_hw), s_masks, d_masks, fraction=fraction
-        )
+        at_size = maps.upsample(method_maps, size_hw)
+        scores = localization_scores(at_size, s_masks, d_masks, fraction=fraction)
+        scored.maps_at_size[method] = at_size
+        scored.scores[method] = scores
         for name in set(names):
             rows = np.array([n == name for n in names])
             picked = ImageScores(**{k: getattr(scores, k)[rows] for k in METRICS})
             sums.setdefault((name, method), _Sums()).add(picked)
+    return scored

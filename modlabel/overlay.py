@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import maps
+from . import maps, rois
 
 DEFAULT_CMAP = "jet"
 Color = tuple[int, int, int]
@@ -87,6 +87,8 @@ def class_overlay(
     average: np.ndarray,
     size_hw: Sequence[int] = (300, 300),
     *,
+    roi: rois.ClassRoi | None = None,
+    boxes: bool = True,
     background: np.ndarray | None = None,
     fraction: float = maps.CLASS_ROI_FRACTION,
     components: bool = True,
@@ -96,6 +98,11 @@ def class_overlay(
     """A class-level map (Eq. 8) as Figure 9 draws it: the heatmap at ``size_hw``
     with the box around the area above ``fraction`` of the max (white) and, where
     several regions pass, one box per region (black).
+
+    The boxes are those of the map as it is drawn, never of the coarse grid: the
+    ROI of ``roi`` (``rois.class_roi``, computed at the model's input size) taken
+    to ``size_hw``, or, without ``roi``, the ROI of the average upsampled to
+    ``size_hw``. ``boxes=False`` draws the heatmap alone.
 
     background: an optional (H, W, 3) uint8 image (say the class's mean image),
     stretched to ``size_hw``, to blend the heatmap on. Returns (H, W, 3) uint8.
@@ -108,15 +115,23 @@ def class_overlay(
         bg = Image.fromarray(np.asarray(background, dtype=np.uint8))
         bg = np.asarray(bg.resize((width, height), Image.Resampling.BILINEAR))
         picture = overlay(bg, avg, alpha=alpha, threshold=None, cmap=cmap)
-    regions = maps.component_boxes(avg, fraction) if components else []
-    if len(regions) > 1:
+    if not boxes:
+        return picture
+    if roi is None:
+        roi = rois.class_roi(
+            "", avg, (height, width), image_count=0, min_confidence=0.0, fraction=fraction
+        )
+    # Thin lines on small pictures: 1 px up to 149 px, 3 px from 250 px.
+    line = max(1, min(3, round(min(height, width) / 100)))
+    if components and len(roi.regions) > 1:
         picture = draw_boxes(
             picture,
-            [maps.scale_box(b, avg.shape, (height, width)) for b in regions],
+            [maps.scale_box(b, roi.input_hw, (height, width)) for b in roi.regions],
             color=(0, 0, 0),
-            width=1,
+            width=max(1, line - 1),
         )
-    box = maps.roi_box(avg, fraction)
-    if box is not None:
-        picture = draw_boxes(picture, [maps.scale_box(box, avg.shape, (height, width))], width=3)
+    if roi.box is not None:
+        picture = draw_boxes(
+            picture, [maps.scale_box(roi.box, roi.input_hw, (height, width))], width=line
+        )
     return picture

@@ -216,6 +216,10 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
+    # In WAL mode NORMAL syncs at checkpoints, not at every commit (SQLite's advice for WAL):
+    # the database stays consistent on a power cut, which may lose the last batches; a
+    # scan's counts are committed with its rows, and the next scan labels those files again.
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -663,7 +667,7 @@ def write_image_rows(
             index_elements=[images.c.model_id, images.c.path],
             set_={name: stmt.excluded[name] for name in _IMAGE_COLUMNS},
         )
-        with aggregate.track(conn, model_id, [r["path"] for r in rows]):
+        with aggregate.track(conn, model_id, [r["path"] for r in rows], written=rows):
             conn.execute(stmt, [{**r, "model_id": model_id} for r in rows])
         if progress is not None:
             errors = sum(1 for r in rows if r["error"] is not None)
@@ -725,17 +729,119 @@ def count_errors(engine: Engine, model_id: int) -> int:
 
 
 def example_rows(
-    engine: Engine, model_id: int, class_name: str, limit: int
+    engine: Engine, model_id: int, class_name: str, limit: int, *, least_confident: bool = False
 ) -> list[dict[str, Any]]:
-    """The most confident images of a class, for the report."""
+    """The most (or, ``least_confident``, the least) confident images of a class, for the
+    report; read in order on the (model_id, label, confidence) index."""
+    order = images.c.confidence.asc() if least_confident else images.c.confidence.desc()
     query = (
         sa.select(images.c.path, images.c.confidence, images.c.crm, images.c.width, images.c.height)
-        .where(*_present(model_id), images.c.label == class_name, images.c.error.is_(None))
-        .order_by(images.c.confidence.desc(), images.c.path)
+        .where(
+            *_present(model_id),
+            images.c.label == class_name,
+            images.c.error.is_(None),
+            images.c.confidence.is_not(None),
+        )
+        .order_by(order, images.c.path)
         .limit(limit)
     )
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def confidence_histograms(engine: Engine, model_id: int, bins: int = 20) -> dict[str, list[int]]:
+    """Per label, the count of labeled images (present, no error) in each of ``bins`` equal
+    bins of confidence over [0, 1] (the last bin holds 1.0): one pass, one GROUP BY."""
+    c = images.c
+    counts = []
+    for i in range(bins):
+        upper = c.confidence <= 1.0 if i == bins - 1 else c.confidence < (i + 1) / bins
+        inside = sa.and_(c.confidence >= i / bins, upper)
+        counts.append(sa.func.sum(sa.case((inside, 1), else_=0)))
+    query = (
+        sa.select(c.label, *counts)
+        .where(*_present(model_id), c.error.is_(None), c.label.is_not(None))
+        .group_by(c.label)
+    )
+    with engine.connect() as conn:
+        return {row[0]: [int(n or 0) for n in row[1:]] for row in conn.execute(query)}
+
+
+@dataclass(frozen=True)
+class ErrorGroup:
+    """The files that failed for one reason: how many, and the first few paths (stored text)."""
+
+    reason: str
+    count: int
+    examples: list[str]
+
+
+def error_groups(
+    engine: Engine, model_id: int, *, reasons: int = 20, examples: int = 3
+) -> list[ErrorGroup]:
+    """The present files that could not be labeled, grouped by reason, most frequent first:
+    the ``reasons`` most frequent, each with the first ``examples`` paths in path order.
+
+    Two aggregate queries over the error rows (the partial index of errors); no row list
+    is held in memory.
+    """
+    c = images.c
+    failed = [*_present(model_id), c.error.is_not(None)]
+    counted = (
+        sa.select(c.error, sa.func.count().label("n"))
+        .where(*failed)
+        .group_by(c.error)
+        .order_by(sa.desc("n"), c.error)
+        .limit(reasons)
+    )
+    with engine.connect() as conn:
+        top = [(reason, int(n)) for reason, n in conn.execute(counted)]
+        if not top:
+            return []
+        rank = sa.func.row_number().over(partition_by=c.error, order_by=c.path).label("rank")
+        ranked = (
+            sa.select(c.error, c.path, rank)
+            .where(*failed, c.error.in_([reason for reason, _ in top]))
+            .subquery()
+        )
+        firsts = (
+            sa.select(ranked.c.error, ranked.c.path)
+            .where(ranked.c.rank <= examples)
+            .order_by(ranked.c.error, ranked.c.path)
+        )
+        paths: dict[str, list[str]] = {}
+        for reason, path in conn.execute(firsts):
+            paths.setdefault(reason, []).append(path)
+    return [ErrorGroup(reason, n, paths.get(reason, [])) for reason, n in top]
+
+
+def count_missing(engine: Engine, model_id: int) -> int:
+    """How many of the model's files scans found gone (the partial index of missing files)."""
+    query = (
+        sa.select(sa.func.count())
+        .select_from(images)
+        .where(images.c.model_id == model_id, images.c.missing_since.is_not(None))
+    )
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar() or 0)
+
+
+def iter_image_rows(
+    engine: Engine, model_id: int, *, chunk: int = 1000
+) -> Iterator[tuple[str, str | None, float | None, bytes | None, str | None, datetime | None]]:
+    """(stored path, label, confidence, crm, error, missing_since) of every row of the model,
+    missing and failed ones included, in path order; streamed ``chunk`` rows at a time
+    (a server-side cursor on PostgreSQL), so that memory stays flat at any size."""
+    c = images.c
+    query = (
+        sa.select(c.path, c.label, c.confidence, c.crm, c.error, c.missing_since)
+        .where(c.model_id == model_id)
+        .order_by(c.path)
+        .execution_options(yield_per=chunk)
+    )
+    with engine.connect() as conn:
+        for path, label, confidence, crm, error, missing in conn.execute(query):
+            yield path, label, confidence, crm, error, _aware(missing) if missing else None
 
 
 def upsert_class_map(
