@@ -188,9 +188,12 @@ def _cuda_usable() -> bool:
     return Path("/proc/driver/nvidia/version").exists()
 
 
-# Session options chosen by measurement (benchmarks/bench_session.py): see README "Speed".
+# Session options chosen by measurement (benchmarks/bench_session.py, and peak RSS of whole
+# scans of N and 4N files): see README "Speed and memory". The memory pattern pre-plans
+# buffers for the largest batch and holds them; the arena keeps freed buffers for reuse,
+# which keeps a long scan's memory flat (without it glibc's heap fragments and grows).
 ENABLE_MEM_PATTERN = False
-ENABLE_CPU_MEM_ARENA = False
+ENABLE_CPU_MEM_ARENA = True
 
 
 class OnnxModel:
