@@ -59,6 +59,8 @@ models = sa.Table(
     # The confidence an image needs to count in its class's average (Eq. 8); NULL until
     # the running class sums are built (modlabel.aggregate).
     sa.Column("class_min_confidence", sa.Float),
+    # The temperature the scan divides the logits by before the softmax (1: uncalibrated).
+    sa.Column("temperature", sa.Float),
 )
 
 # Paths compare byte-wise on both databases (SQLite's default; collation "C" on
@@ -86,6 +88,14 @@ images = sa.Table(
     sa.Column("missing_since", sa.DateTime(timezone=True)),
     # The figure's id in the user's table (scan --table --id-column), to join back.
     sa.Column("source_id", sa.Text),
+    # A DICOM file's header: Modality, BodyPartExamined, SOPInstanceUID (NULL otherwise).
+    sa.Column("dicom_modality", sa.String(16)),
+    sa.Column("dicom_body_part", sa.String(64)),
+    sa.Column("dicom_sop_uid", sa.String(64)),
+    # The out-of-set score and whether it passed the model's threshold (an image of none
+    # of the classes): flagged images keep their label but leave queries and averages.
+    sa.Column("ood_score", sa.Float),
+    sa.Column("out_of_set", sa.Boolean),
     sa.UniqueConstraint("model_id", "path", name="uq_images_model_path"),
 )
 sa.Index("ix_images_model_label_confidence", images.c.model_id, images.c.label, images.c.confidence)
@@ -106,6 +116,13 @@ sa.Index(
     sqlite_where=images.c.missing_since.is_not(None),
 )
 sa.Index("ix_images_model_source_id", images.c.model_id, images.c.source_id)
+sa.Index(
+    "ix_images_out_of_set",
+    images.c.model_id,
+    images.c.path,
+    postgresql_where=images.c.out_of_set,
+    sqlite_where=images.c.out_of_set,
+)
 
 class_maps = sa.Table(
     "class_maps",
