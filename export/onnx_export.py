@@ -33,7 +33,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -43,9 +43,11 @@ from typing import Any
 import numpy as np
 
 import modlabel
+from modlabel.calibration import DEFAULT_OOD_RATE
 from modlabel.decode import normalize
 from modlabel.model import ACTIVATIONS, INPUT_NAME, LOGITS, METADATA_KEY, ModelInfo, OnnxModel
 
+from .calibrate import CalibrationReport, calibrate
 from .errors import ExportError
 from .parity import check_parity, image_pixels, random_pixels
 
@@ -93,6 +95,7 @@ class ExportReport:
     samples: int
     real_images: int
     sha256: str
+    calibration: CalibrationReport | None = None
 
 
 def export_run(
@@ -104,6 +107,7 @@ def export_run(
     atol_logits: float = 1e-4,
     rtol_activations: float = 1e-4,
     seed: int = 0,
+    ood_rate: float = DEFAULT_OOD_RATE,
 ) -> ExportReport:
     """Export ``run_dir`` to ``out_path`` as a two-output ONNX file, parity-checked.
 
@@ -111,6 +115,12 @@ def export_run(
     (logits absolute, activations relative to their largest value), and
     ``ExportError`` for a run that cannot be exported; in both cases nothing is
     written.
+
+    The temperature and the out-of-set rule are fitted on the run's splits
+    (``export.calibrate``; ``ood_rate``: the share of the validation split the
+    threshold flags at most) and stored in the metadata
+    (``extra["temperature"]``, ``extra["out_of_set"]``, ``extra["calibration"]``);
+    where the run's images cannot be read, neither is stored.
     """
     started = time.perf_counter()
     run_dir, out_path = Path(run_dir), Path(out_path)
@@ -167,7 +177,14 @@ def export_run(
             "provider": CPU[0],
         },
     }
-    info = replace(info, extra={**info.extra, "export": provenance})
+    extra: dict[str, Any] = {**info.extra, "export": provenance}
+    calibrated = calibrate(run_dir, run, info, _onnx_runner(proto.SerializeToString()),
+                           ood_rate=ood_rate)  # fmt: skip
+    if calibrated is not None:
+        extra["temperature"] = calibrated.temperature
+        extra["calibration"] = calibrated.to_dict()
+        extra["out_of_set"] = calibrated.rule.to_dict()
+    info = replace(info, extra=extra)
     onnx.helper.set_model_props(proto, {METADATA_KEY: info.to_json()})
     data = proto.SerializeToString()
     _write_verified(data, out_path)
@@ -183,6 +200,7 @@ def export_run(
         samples=parity.samples,
         real_images=int(len(real)),
         sha256=_sha256(data),
+        calibration=calibrated,
     )
 
 
@@ -397,6 +415,24 @@ def run_image_paths(run_dir: str | Path, run: dict[str, Any], *, limit: int) -> 
             seen.add(row["class"])
             picked.append(Path(data_dir) / row["path"])
     return picked
+
+
+def _onnx_runner(data: bytes) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """One onnxruntime CPU session over the converted graph, as a function of a batch."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(data, sess_options=options, providers=CPU)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ExportError(f"onnxruntime cannot load the converted graph: {exc}") from None
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, activations = session.run([LOGITS, ACTIVATIONS], {INPUT_NAME: batch})
+        return logits, activations
+
+    return run
 
 
 def _run_onnx(data: bytes, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,9 +4,10 @@ Eq. 8 averages the CRMs of the images of a class that were classified
 correctly. An archive has no ground truth, so an image counts in the average
 of its predicted class when it is labeled with a confidence of at least the
 model's threshold (``models.class_min_confidence``; ``--class-min-confidence``,
-default ``config.DEFAULT_CLASS_MIN_CONFIDENCE``), is not an error and is not
-missing. Each map is normalized by its own maximum first
-(``maps.ClassAverage``), so every image weighs the same.
+default ``config.DEFAULT_CLASS_MIN_CONFIDENCE``), is not an error, is not
+missing and is not flagged out of set (``out_of_set IS NOT TRUE``). Each map
+is normalized by its own maximum first (``maps.ClassAverage``), so every image
+weighs the same.
 
 The averages are kept as running sums per (model, class) in
 ``class_maps.map_sum`` (float64) with ``image_count``. Every write of image
@@ -78,6 +79,7 @@ def _counted(model_id: int, threshold: float) -> list:
         c.missing_since.is_(None),
         c.crm.is_not(None),
         c.confidence >= threshold,
+        c.out_of_set.is_not(True),
     ]
 
 
@@ -104,19 +106,23 @@ def _contributions(conn: sa.Connection, model_id: int, threshold: float, keys: S
         # Looked up by path alone, so that every planner takes the (model_id, path) index
         # (SQLite would otherwise walk the label and confidence index); counted here.
         query = sa.select(
-            c.label, c.crm, c.confidence, c.error.is_(None), c.missing_since.is_(None)
-        ).where(c.model_id == model_id, c.path.in_(list(keys[start : start + 500])))
-        for label, blob, confidence, ok, present in conn.execute(query):
-            if _counts(label, blob, confidence, ok, present, threshold):
+            c.label, c.crm, c.confidence, c.error.is_(None), c.missing_since.is_(None),
+            c.out_of_set,
+        ).where(c.model_id == model_id, c.path.in_(list(keys[start : start + 500])))  # fmt: skip
+        for label, blob, confidence, ok, present, flagged in conn.execute(query):
+            if _counts(label, blob, confidence, ok, present, threshold, flagged):
                 sums.add(label, unit_map(blob))
     return sums
 
 
-def _counts(label, blob, confidence, ok: bool, present: bool, threshold: float) -> bool:
+def _counts(
+    label, blob, confidence, ok: bool, present: bool, threshold: float, flagged=None
+) -> bool:
     """Does a row count in its class's average (``_counted``, in Python)?"""
     return bool(
         ok
         and present
+        and flagged is not True
         and label is not None
         and blob is not None
         and confidence is not None
@@ -166,6 +172,7 @@ def track(
                 row.get("error") is None,
                 row.get("missing_since") is None,
                 threshold,
+                row.get("out_of_set"),
             ):
                 after.add(row["label"], unit_map(row["crm"]))  # fmt: skip
     else:

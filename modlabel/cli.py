@@ -269,9 +269,21 @@ def export(
             help="Least share of test images on which int8 and fp32 give the same label.",
         ),
     ] = 0.995,
+    ood_rate: Annotated[
+        float,
+        typer.Option(
+            "--ood-rate",
+            min=0.0,
+            max=0.99,
+            help="Most share of the validation split the out-of-set threshold may flag.",
+        ),
+    ] = 0.05,
     verbose: VerboseOption = False,
 ) -> None:
     """Export a run to one self-contained ONNX file with outputs logits and activations.
+
+    Fits a temperature (calibrated confidences) and an out-of-set threshold on the
+    run's validation split and stores them in the file's metadata.
 
     Example: modlabel export demo/run --out demo/model.onnx --quantize int8
     """
@@ -281,7 +293,7 @@ def export(
         _load_tensorflow(verbose)
         from modlabel.export.onnx_export import export_run
 
-        report = export_run(run, out, opset=opset)
+        report = export_run(run, out, opset=opset, ood_rate=ood_rate)
     except ModlabelError as exc:
         raise _fail(exc) from None
     typer.echo(
@@ -289,6 +301,19 @@ def export(
         f"{report.max_abs_logits_diff:.2e}, max rel. |Δactivations| "
         f"{report.max_rel_activations_diff:.2e}"
     )
+    c = report.calibration
+    if c is None:
+        typer.echo("not calibrated: the run's images cannot be read (temperature 1, no threshold)")
+    else:
+        typer.echo(
+            f"temperature {c.temperature:.4f} (fitted on {c.validation_images} val images; "
+            f"NLL {c.nll_before:.4f} -> {c.nll_after:.4f})\n"
+            f"ECE (15 bins) on {c.test_images} {c.test_split} images: "
+            f"{c.ece_before:.4f} before, {c.ece_after:.4f} after\n"
+            f"out-of-set: Mahalanobis distance of the GAP embedding, threshold "
+            f"{c.rule.threshold:.4g} (at most {c.rule.rate:.0%} of val); flags "
+            f"{c.test_flagged:.1%} of the {c.test_split} images"
+        )
     if quantize == "none":
         return
     try:
@@ -411,6 +436,14 @@ def scan(
             help="Confidence an image needs to count in its class's average map (Eq. 8).",
         ),
     ] = config.DEFAULT_CLASS_MIN_CONFIDENCE,
+    abstain: Annotated[
+        bool,
+        typer.Option(
+            "--abstain",
+            help="Store no label (NULL) for images the model flags out of set; without it "
+            "they keep their label, flagged in images.out_of_set.",
+        ),
+    ] = False,
     max_file_size: Annotated[
         str,
         typer.Option(
@@ -501,6 +534,7 @@ def scan(
                     max_file_bytes=max_bytes,
                     image_filter=ImageFilter(tuple(include or ()), tuple(exclude or ())),
                     class_min_confidence=class_min_confidence,
+                    abstain=abstain,
                     commit_rows=commit_every,
                     wait=wait,
                     db_retry=db_retry,

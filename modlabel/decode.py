@@ -23,6 +23,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .dicom import HEAD_BYTES, dicom_image, is_dicom_name, looks_like_dicom
 from .errors import ImageError
 
 # Decompression bombs are refused, not decoded: a nightly scan must not be taken
@@ -74,6 +75,10 @@ def _decode(
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
+        if _is_dicom(source, name):
+            # DICOM goes through pydicom (modlabel.dicom), then the same resampling.
+            frame = dicom_image(source, label, MAX_PIXELS)
+            return finish(_to_rgb(frame, size_hw), False), frame.size
         fp = io.BytesIO(source) if isinstance(source, bytes) else source
         with Image.open(fp) as img:
             if img.width * img.height > MAX_PIXELS:
@@ -242,5 +247,17 @@ def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 
 
 def is_image_path(path: str | Path) -> bool:
-    """True when the file name has one of the image suffixes that scan reads."""
-    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+    """True when the file name has one of the image suffixes that scan reads (DICOM's
+    ``.dcm``/``.dicom`` included; extensionless DICOM files are found by content:
+    ``source.is_image_file``)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES or is_dicom_name(path)
+
+
+def _is_dicom(source: str | Path | bytes, name: str | None) -> bool:
+    """DICOM by content (``DICM`` at byte 128, or a file meta group first) or by name."""
+    if isinstance(source, bytes):
+        return looks_like_dicom(source[:HEAD_BYTES]) or (name is not None and is_dicom_name(name))
+    if is_dicom_name(source):
+        return True
+    with open(source, "rb") as handle:  # 132 bytes: cheap beside the decode that follows
+        return looks_like_dicom(handle.read(HEAD_BYTES))

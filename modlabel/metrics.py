@@ -131,6 +131,14 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
     lines.append(f"{'':<{width}}" + "".join(f"{i:>{cell}}" for i in range(len(names))))
     for i, (name, r) in enumerate(zip(names, matrix, strict=True)):
         lines.append(f"{f'{i} {name}':<{width}}" + "".join(f"{v:>{cell}}" for v in r))
+    calibration = metrics.get("calibration")
+    if calibration:
+        lines.append("")
+        lines.append(
+            f"calibration: temperature {calibration['temperature']:.4f} (fitted on "
+            f"{calibration['fitted_on']}); ECE ({calibration['bins']} bins) "
+            f"{calibration['ece_before']:.4f} before, {calibration['ece_after']:.4f} after"
+        )
     return "\n".join(lines)
 
 

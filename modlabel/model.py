@@ -25,11 +25,14 @@ import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import ModelError
+
+if TYPE_CHECKING:
+    from .calibration import OutOfSetRule
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,25 @@ class ModelInfo:
         info.check()
         return info
 
+    @property
+    def temperature(self) -> float:
+        """The temperature T the scan divides the logits by before the softmax
+        (``extra["temperature"]``, fitted by export; 1.0 for models exported before)."""
+        return float(self.extra.get("temperature", 1.0))
+
+    @cached_property
+    def out_of_set(self) -> OutOfSetRule | None:
+        """The out-of-set rule of ``extra["out_of_set"]``; None for models exported before."""
+        from .calibration import OutOfSetRule
+
+        doc = self.extra.get("out_of_set")
+        if doc is None:
+            return None
+        try:
+            return OutOfSetRule.from_dict(doc)
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise ModelError(f"modlabel metadata's out_of_set is malformed ({exc})") from None
+
     def check(self) -> None:
         """Raise ``ModelError`` when the metadata contradicts itself."""
         n = len(self.class_names)
@@ -154,6 +176,18 @@ class ModelInfo:
             raise ModelError("metadata has a zero std")
         if self.pooling not in ("mean", "sum"):
             raise ModelError(f"unknown pooling {self.pooling!r} (mean or sum)")
+        temperature = self.extra.get("temperature", 1.0)
+        if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+            raise ModelError(f"metadata's temperature {temperature!r} is not a positive number")
+        rule = self.out_of_set
+        if rule is not None and rule.means.shape != (
+            len(self.class_names),
+            self.head_weights.shape[0],
+        ):
+            raise ModelError(
+                f"metadata's out-of-set class means have shape {rule.means.shape}; "
+                f"expected ({len(self.class_names)}, {self.head_weights.shape[0]})"
+            )
 
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -56,6 +56,7 @@ HEATMAP_PX = 256  # the class heatmaps are drawn at an integer multiple of the i
 EXAMPLE_PX = 180
 HISTOGRAM_BINS = 20
 MISSING_SHOWN = 20  # missing files listed on the page (all are in images.csv)
+OUT_OF_SET_SHOWN = 20  # out-of-set files listed on the page (all: the out-of-set query)
 ERROR_REASONS_SHOWN = 20
 ERROR_EXAMPLES = 3
 SCANS_SHOWN = 20
@@ -646,6 +647,13 @@ def _write_html(
             (display_path(p), _utc(since))
             for p, since in itertools.islice(missing_rows, MISSING_SHOWN)
         ]
+    out_of_set_count = store.count_out_of_set(engine, model.id)
+    out_of_set = [
+        (display_path(p), label, confidence, score)
+        for p, label, confidence, score in store.out_of_set_rows(
+            engine, model.id, limit=OUT_OF_SET_SHOWN
+        )
+    ]
     env = Environment(
         loader=PackageLoader("modlabel", "templates"), autoescape=select_autoescape(["html", "j2"])
     )
@@ -660,6 +668,8 @@ def _write_html(
         errors_grouped=sum(g.count for g in error_groups),
         missing=missing,
         missing_count=missing_count,
+        out_of_set=out_of_set,
+        out_of_set_count=out_of_set_count,
         scans=scans,
         scans_limit=SCANS_SHOWN,
         total=sum(counts.get(v.name, 0) for v in classes),

@@ -36,6 +36,7 @@ from sqlalchemy.engine import Engine
 
 from . import aggregate, codec, config, maps, stopping, store
 from .decode import load_pixels
+from .dicom import NO_HEADER_COLUMNS, DicomHeader, dicom_header
 from .errors import DatabaseError, ImageError, Interrupted
 from .lock import acquire_scan_lock
 from .model import OnnxModel, softmax
@@ -91,6 +92,12 @@ class _Work:
     original_wh: tuple[int, int] | None = None  # (width, height), as PIL and the database
     error: str | None = None
     unchanged: bool = False
+    dicom: DicomHeader | None = None  # the header's Modality etc., for a DICOM file
+
+    @property
+    def dicom_columns(self) -> dict[str, str | None]:
+        """The ``images.dicom_*`` columns of this file (None for a file that is not DICOM)."""
+        return self.dicom.columns() if self.dicom is not None else NO_HEADER_COLUMNS
 
 
 def scan_archive(
@@ -110,6 +117,7 @@ def scan_archive(
     wait: bool = False,
     db_retry: float = store.DEFAULT_RETRY_SECONDS,
     commit_rows: int = config.DEFAULT_COMMIT_ROWS,
+    abstain: bool = False,
 ) -> ScanStats:
     """Label every image under ``roots`` that the database lacks for ``model``.
 
@@ -129,6 +137,12 @@ def scan_archive(
     The class-level average maps are kept current as the rows change
     (``modlabel.aggregate``), counting images of at least
     ``class_min_confidence``.
+
+    Probabilities and confidences are calibrated: softmax(logits / T) with the
+    model's temperature. Each labeled image gets the model's out-of-set score
+    (``ood_score``) and flag (``out_of_set``; NULL for a model without a
+    threshold); a flagged image keeps its label, or, with ``abstain``, gets
+    none (its probabilities are kept).
 
     Raises ``InputError`` when a root does not exist (before anything is
     written), ``LockedError`` when another scan of the model runs on the
@@ -151,6 +165,7 @@ def scan_archive(
         input_size=info.input_size,
         activation_shape=info.activation_shape,
         path=str(model.path),
+        temperature=info.temperature,
     )
     scan_lock = retry(acquire_scan_lock, engine, model_id, wait=wait)
     retry.on_recovered = scan_lock.reacquire
@@ -193,6 +208,7 @@ def scan_archive(
                     on_progress=on_progress,
                     max_file_bytes=max_file_bytes,
                     commit_rows=commit_rows,
+                    abstain=abstain,
                 )
                 stats.seconds = time.perf_counter() - started
                 retry(
@@ -227,6 +243,7 @@ def _run_pipeline(
     on_progress: Callable[[int], None] | None,
     max_file_bytes: int,
     commit_rows: int = config.DEFAULT_COMMIT_ROWS,
+    abstain: bool = False,
 ) -> None:
     info = model.info
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="modlabel-decode")
@@ -254,7 +271,7 @@ def _run_pipeline(
                     stopping.check()
                 if pending_touch:
                     flush_touched()
-                writer.add(_label_batch(batch, model), batch)
+                writer.add(_label_batch(batch, model, abstain=abstain), batch)
                 _tick(on_progress, len(batch))
             writer.flush()
             flush_touched()
@@ -578,6 +595,7 @@ def _prepare(
         work.unchanged = True  # touched, e.g. copied with a new mtime: same bytes, same label
         return work
     try:
+        work.dicom = dicom_header(data)  # kept on error rows too: what the file claims to be
         pixels, work.original_wh = load_pixels(data, input_size, name=work.entry.path)
     except ImageError as exc:
         work.error = exc.reason
@@ -617,19 +635,26 @@ def _batches(
         yield batch
 
 
-def _label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any]]:
-    """Run the model on the decoded files of a batch; one row per file, errors included."""
+def _label_batch(
+    batch: Sequence[_Work], model: OnnxModel, *, abstain: bool = False
+) -> list[dict[str, Any]]:
+    """Run the model on the decoded files of a batch; one row per file, errors included.
+
+    Probabilities are softmax(logits / T); ``abstain``: no label for out-of-set images."""
     now = store.utcnow()
     ok = [w for w in batch if w.error is None]
     rows: list[dict[str, Any]] = []
     if ok:
         logits, activations = model.run(np.stack([w.inputs for w in ok]))
-        probs = softmax(logits.astype(np.float64))
         info = model.info
+        probs = softmax(logits.astype(np.float64) / info.temperature)
+        rule = info.out_of_set
+        ood = rule.scores(activations) if rule is not None else [None] * len(ok)
+        flagged = rule.flags(ood) if rule is not None else [None] * len(ok)
         crms = maps.crm(activations, info.head_weights, bias=info.head_bias, pooling=info.pooling)
         blobs = codec.encode_maps(crms)
         names = info.class_names
-        for work, p, blob in zip(ok, probs, blobs, strict=True):
+        for work, p, blob, score, out in zip(ok, probs, blobs, ood, flagged, strict=True):
             top = int(np.argmax(p))
             rows.append(
                 {
@@ -639,13 +664,16 @@ def _label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any
                     "sha256": work.sha256,
                     "width": work.original_wh[0],
                     "height": work.original_wh[1],
-                    "label": names[top],
+                    "label": None if abstain and out else names[top],
                     "confidence": float(p[top]),
                     "probabilities": {n: float(v) for n, v in zip(names, p, strict=True)},
                     "crm": blob,
                     "error": None,
                     "labeled_at": now,
                     "source_id": work.entry.source_id,
+                    "ood_score": None if score is None else float(score),
+                    "out_of_set": None if out is None else bool(out),
+                    **work.dicom_columns,
                 }
             )
     for work in batch:
@@ -665,6 +693,7 @@ def _label_batch(batch: Sequence[_Work], model: OnnxModel) -> list[dict[str, Any
                     "error": work.error,
                     "labeled_at": now,
                     "source_id": work.entry.source_id,
+                    **work.dicom_columns,
                 }
             )
     return rows

@@ -19,10 +19,13 @@ import fnmatch
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .decode import is_image_path
+from .dicom import HEAD_BYTES, looks_like_dicom
 from .errors import ImageError, InputError
 from .paths import display_fs_path, to_db
 
@@ -109,7 +112,8 @@ class ImageFilter:
     """Which files are images: ``--include`` and ``--exclude`` globs.
 
     Without ``include``, a file is an image when its suffix is one of
-    ``decode.IMAGE_SUFFIXES`` (any case); with it, when its name matches one of
+    ``decode.IMAGE_SUFFIXES`` or ``.dcm``/``.dicom`` (any case), or when it is
+    DICOM by content (``is_image_file``); with it, when its name matches one of
     the globs. ``exclude`` then removes files whose name matches. A glob with a
     ``/`` is matched against the whole path instead of the name
     (``--exclude '*/thumbnails/*'``). Globs are ``fnmatch``'s, case-sensitive.
@@ -123,9 +127,32 @@ class ImageFilter:
         if self.include:
             if not any(_glob_match(g, name, path) for g in self.include):
                 return False
-        elif not is_image_path(name):
+        elif not is_image_file(path):
             return False
         return not any(_glob_match(g, name, path) for g in self.exclude)
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True when a file is an image by its name (``decode.is_image_path``), or is DICOM
+    by content: ``DICM`` at byte 128.
+
+    PACS exports name files without a suffix (``IM000001``) or by their UID
+    (``1.2.840.113619.2.55.3.604``, a suffix of digits). Only such names are opened,
+    132 bytes each (``read_head``), so a walk stays a walk of names: a
+    ``notes.txt`` is never read.
+    """
+    if is_image_path(path):
+        return True
+    suffix = os.path.splitext(os.path.basename(path))[1]
+    if suffix and not suffix[1:].isdigit():
+        return False
+    try:
+        # Only regular files are opened: opening a device can have effects of its own.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        return looks_like_dicom(read_head(str(path), HEAD_BYTES))
+    except (OSError, ImageError):  # unreadable or gone: not taken as an image
+        return False
 
 
 def _glob_match(glob: str, name: str, path: str) -> bool:
@@ -322,18 +349,8 @@ def read_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
     Opened without blocking (a FIFO swapped in since the walk opens at once),
     checked on the open descriptor, and read to at most ``max_bytes + 1``.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        known = exc.errno in (errno.ENOENT, errno.ELOOP, errno.EACCES)
-        reason = _stat_reason(exc) if known else f"cannot open file: {exc.strerror or exc}"
-        raise ImageError(path, reason) from None
-    with os.fdopen(fd, "rb", buffering=0) as handle:
+    with _open_regular(path) as (handle, st):
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ImageError(path, f"not a regular file ({_kind(st.st_mode)})")
             if st.st_size > max_bytes:
                 raise ImageError(path, _too_large(st.st_size, max_bytes))
             chunks, total = [], 0
@@ -345,6 +362,42 @@ def read_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
         except OSError as exc:
             raise ImageError(path, f"cannot read file: {exc.strerror or exc}") from None
     return b"".join(chunks)
+
+
+def read_head(path: str, size: int) -> bytes:
+    """The first ``size`` bytes (or fewer) of a regular file; ``ImageError`` otherwise.
+
+    Opened like ``read_file``: without blocking, checked on the descriptor.
+    """
+    with _open_regular(path) as (handle, _st):
+        try:
+            return handle.read(size)
+        except OSError as exc:
+            raise ImageError(path, f"cannot read file: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def _open_regular(path: str) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+    """(unbuffered handle, its fstat) of a regular file; ``ImageError`` for anything else.
+
+    Opened without blocking (a FIFO swapped in since the walk opens at once) and
+    checked on the open descriptor, whatever the walk saw.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        known = exc.errno in (errno.ENOENT, errno.ELOOP, errno.EACCES)
+        reason = _stat_reason(exc) if known else f"cannot open file: {exc.strerror or exc}"
+        raise ImageError(path, reason) from None
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise ImageError(path, f"cannot read file: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(path, f"not a regular file ({_kind(st.st_mode)})")
+        yield handle, st
 
 
 def table_files(

@@ -398,8 +398,16 @@ def ensure_model(
     input_size: Sequence[int],
     activation_shape: Sequence[int],
     path: str,
+    temperature: float | None = None,
 ) -> int:
-    """The id of the model row for ``identity``, inserted on first use (race-free)."""
+    """The id of the model row for ``identity``, inserted on first use (race-free).
+
+    temperature: what the scan divides the logits by (the model's metadata; 1.0 for
+    an uncalibrated model); None leaves a stored one as it is.
+    """
+    update: dict[str, Any] = {"path": path}
+    if temperature is not None:
+        update["temperature"] = temperature
     with engine.begin() as conn:
         conn.execute(
             _insert(conn)(models)
@@ -412,8 +420,9 @@ def ensure_model(
                 activation_shape=list(activation_shape),
                 path=path,
                 created_at=utcnow(),
+                temperature=temperature,
             )
-            .on_conflict_do_update(index_elements=[models.c.identity], set_={"path": path})
+            .on_conflict_do_update(index_elements=[models.c.identity], set_=update)
         )
         return int(
             conn.execute(sa.select(models.c.id).where(models.c.identity == identity)).scalar_one()
@@ -658,6 +667,10 @@ def prune_missing(engine: Engine, model_id: int, *, chunk: int = 1000) -> int:
 
 
 _IMAGE_COLUMNS = tuple(c.name for c in images.columns if c.name not in ("id", "model_id", "path"))
+# The DICOM header columns of a row that has none (not DICOM, or written by other code).
+_NO_DICOM = {"dicom_modality": None, "dicom_body_part": None, "dicom_sop_uid": None}
+# The out-of-set columns of a row without a score (an error, a model without a threshold).
+_NO_OUT_OF_SET = {"ood_score": None, "out_of_set": None}
 
 
 def write_image_rows(
@@ -677,7 +690,8 @@ def write_image_rows(
 
     if not rows:
         return
-    rows = list({r["path"]: {"missing_since": None, "source_id": None, **r} for r in rows}.values())
+    defaults = {"missing_since": None, "source_id": None, **_NO_DICOM, **_NO_OUT_OF_SET}
+    rows = list({r["path"]: {**defaults, **r} for r in rows}.values())
     with engine.begin() as conn:
         stmt = _insert(conn)(images)
         stmt = stmt.on_conflict_do_update(
@@ -714,10 +728,10 @@ def _present(model_id: int) -> list:
 
 
 def class_counts(engine: Engine, model_id: int) -> dict[str, int]:
-    """Images per label of the files that are there (missing ones left out)."""
+    """Images per label of the files that are there (missing and out-of-set ones left out)."""
     query = (
         sa.select(images.c.label, sa.func.count())
-        .where(*_present(model_id), images.c.error.is_(None))
+        .where(*_present(model_id), images.c.error.is_(None), images.c.out_of_set.is_not(True))
         .group_by(images.c.label)
     )
     with engine.connect() as conn:
@@ -758,6 +772,7 @@ def example_rows(
             images.c.label == class_name,
             images.c.error.is_(None),
             images.c.confidence.is_not(None),
+            images.c.out_of_set.is_not(True),
         )
         .order_by(order, images.c.path)
         .limit(limit)
@@ -778,6 +793,7 @@ def confidence_histograms(engine: Engine, model_id: int, bins: int = 20) -> dict
     query = (
         sa.select(c.label, *counts)
         .where(*_present(model_id), c.error.is_(None), c.label.is_not(None))
+        .where(c.out_of_set.is_not(True))
         .group_by(c.label)
     )
     with engine.connect() as conn:
@@ -841,6 +857,33 @@ def count_missing(engine: Engine, model_id: int) -> int:
     )
     with engine.connect() as conn:
         return int(conn.execute(query).scalar() or 0)
+
+
+def count_out_of_set(engine: Engine, model_id: int) -> int:
+    """How many of the model's present files it flagged out of set (a partial index)."""
+    query = (
+        sa.select(sa.func.count())
+        .select_from(images)
+        .where(*_present(model_id), images.c.out_of_set.is_(True))
+    )
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar() or 0)
+
+
+def out_of_set_rows(
+    engine: Engine, model_id: int, limit: int = 20
+) -> list[tuple[str, str | None, float | None, float | None]]:
+    """(stored path, label, confidence, ood_score) of the first ``limit`` flagged files,
+    in path order."""
+    c = images.c
+    query = (
+        sa.select(c.path, c.label, c.confidence, c.ood_score)
+        .where(*_present(model_id), c.out_of_set.is_(True))
+        .order_by(c.path)
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(query)]
 
 
 def iter_image_rows(

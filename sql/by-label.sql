@@ -1,5 +1,5 @@
 -- Retrieval: the images a model labeled :label with a confidence of at least :min_confidence,
--- most confident first (files found gone are left out).
+-- most confident first (files found gone and images flagged out of set are left out).
 -- Parameters: label (a class name), min_confidence (0..1), model (identity; default: the newest).
 SELECT i.path, i.confidence, i.width, i.height, i.source_id, i.labeled_at
 FROM images i
@@ -8,4 +8,5 @@ WHERE m.identity = :model
   AND i.label = :label
   AND i.confidence >= CAST(:min_confidence AS REAL)
   AND i.missing_since IS NULL
+  AND i.out_of_set IS NOT TRUE
 ORDER BY i.confidence DESC, i.path;

@@ -8,6 +8,7 @@ WHERE m.identity = :model
   AND i.sha256 IS NOT NULL
   AND i.error IS NULL
   AND i.missing_since IS NULL
+  AND i.out_of_set IS NOT TRUE
 GROUP BY i.sha256
 HAVING COUNT(*) > 1
 ORDER BY copies DESC, first_path;

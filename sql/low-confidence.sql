@@ -7,4 +7,5 @@ WHERE m.identity = :model
   AND i.label IS NOT NULL
   AND i.confidence < CAST(:threshold AS REAL)
   AND i.missing_since IS NULL
+  AND i.out_of_set IS NOT TRUE
 ORDER BY i.label, i.confidence, i.path;

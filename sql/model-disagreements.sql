@@ -1,4 +1,5 @@
--- Images that two models labeled differently (e.g. last month's model and tonight's).
+-- Images that two models labeled differently (e.g. last month's model and tonight's);
+-- images either model flagged out of set are left out.
 -- Parameters: model_a, model_b (identities, as listed by class-counts.sql).
 SELECT a.path, a.label AS label_a, a.confidence AS confidence_a,
        b.label AS label_b, b.confidence AS confidence_b
@@ -8,4 +9,6 @@ JOIN images b ON b.path = a.path
 JOIN models mb ON mb.id = b.model_id AND mb.identity = :model_b
 WHERE a.label <> b.label
   AND a.missing_since IS NULL
+  AND a.out_of_set IS NOT TRUE
+  AND b.out_of_set IS NOT TRUE
 ORDER BY a.path;

@@ -200,14 +200,16 @@ def test_files_that_are_not_images_are_counted_as_skipped(tiny_archive, tiny_onn
     image = sorted(tiny_archive.rglob("*.jpg"))[0]
     shutil.copyfile(image, archive / "scan.jpg")
     (archive / "notes.txt").write_text("not an image")
-    (archive / "ct.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    (archive / "ct.dcm").write_bytes(b"\0" * 128 + b"DICM")  # DICOM by name, but broken
     (archive / "NOEXT").write_bytes(b"\0" * 200)
     (archive / ".hidden.jpg").write_bytes(b"hidden: neither walked nor counted")
     result = invoke("scan", archive, "--model", tiny_onnx, "--db", db)
     assert result.exit_code == 0, result.output
     engine = store.open_db(db)
     (run,) = store.list_scans(engine)
-    assert (run.seen, run.labeled, run.skipped) == (1, 1, 3)
+    # notes.txt and NOEXT (no DICM marker) are skipped; the broken ct.dcm is an error row.
+    assert (run.seen, run.labeled, run.errors, run.skipped) == (2, 1, 1, 2)
+    assert "ct.dcm: not a valid DICOM file" in result.output
 
     included = invoke(
         "scan",
@@ -222,9 +224,10 @@ def test_files_that_are_not_images_are_counted_as_skipped(tiny_archive, tiny_onn
         "*.jpg",
         "--exclude",
         "scan.*",
+        "--retry-errors",
     )
     assert included.exit_code == 0, included.output
-    assert "ct.dcm: not a recognized image format" in included.output
+    assert "ct.dcm: not a valid DICOM file" in included.output
     latest = store.list_scans(engine, limit=1)[0]
     assert (latest.seen, latest.errors, latest.skipped, latest.missing) == (1, 1, 3, 1)
 

@@ -9,8 +9,8 @@ Layouts of ``DATA``:
   proportions 5000/500/500: 1/12 of each class to validation, 1/12 to test
   (at least one image each), the rest to training.
 
-Images are found recursively under each class folder by suffix
-(``modlabel.decode.is_image_path``), in sorted order; class names are the
+Images are found recursively under each class folder by suffix, DICOM files
+also by content (``modlabel.source.is_image_file``), in sorted order; class names are the
 sorted folder names. The split is written to the run as ``split.csv`` so that
 evaluation and resume see exactly the same files.
 
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from modlabel.decode import is_image_path, load_pixels
+from modlabel.decode import load_pixels
 from modlabel.errors import ImageError
+from modlabel.source import is_image_file
 
 from .errors import DataError
 
@@ -136,7 +137,7 @@ def _list_images(root: Path, folder: Path, class_names: list[str]) -> list[tuple
         if not class_dir.is_dir():
             continue
         for path in sorted(class_dir.rglob("*")):
-            if path.is_file() and is_image_path(path) and not path.name.startswith("."):
+            if path.is_file() and not path.name.startswith(".") and is_image_file(path):
                 rows.append((path.relative_to(root).as_posix(), label))
     return rows
 

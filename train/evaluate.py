@@ -15,8 +15,13 @@ from typing import Any
 import keras
 import numpy as np
 
+from modlabel.calibration import (
+    ECE_BINS,
+    calibrated_softmax,
+    expected_calibration_error,
+    fit_temperature,
+)
 from modlabel.metrics import classification_metrics
-from modlabel.model import softmax
 
 from .data import SPLITS, make_dataset, read_split_csv
 from .errors import RunError
@@ -53,22 +58,8 @@ def evaluate_run(
         raise RunError(f"{missing[0]}: not found; pass the archive's new location as data_dir")
 
     model = keras.saving.load_model(run / "model.keras", compile=False)
-    ds = make_dataset(
-        paths,
-        labels,
-        input_size=tuple(config["input_size"]),
-        mean=config["mean"],
-        std=config["std"],
-        batch_size=batch_size or 32,
-    )
-    y_true, logits, readable = [], [], []
-    for x, y, w in ds:
-        logits.append(np.asarray(model(x, training=False)))
-        y_true.append(np.asarray(y))
-        readable.append(np.asarray(w) > 0)  # weight 0: a file that could not be decoded
-    keep = np.concatenate(readable)
-    y = np.concatenate(y_true)[keep]
-    probs = softmax(np.concatenate(logits)[keep].astype(np.float64))
+    logits, y = _logits(model, config, paths, labels, batch_size or 32)
+    probs = calibrated_softmax(logits)
     metrics = classification_metrics(y, probs, config["class_names"])
     metrics.update(
         split=split,
@@ -76,6 +67,41 @@ def evaluate_run(
         run=str(run.resolve()),
         backbone=config["backbone"],
     )
+    # Temperature scaling as `modlabel export` fits it: on the validation split.
+    val = files.paths_labels("val") if files.files.get("val") else ([], np.zeros(0))
+    val_logits, val_y = _logits(model, config, *val, batch_size or 32)
+    if val_y.size:
+        temperature = fit_temperature(val_logits, val_y)
+        metrics["calibration"] = {
+            "temperature": temperature,
+            "fitted_on": "val",
+            "bins": ECE_BINS,
+            "ece_before": expected_calibration_error(probs, y),
+            "ece_after": expected_calibration_error(calibrated_softmax(logits, temperature), y),
+        }
     name = "metrics.json" if split == "test" else f"metrics_{split}.json"
     (run / name).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _logits(
+    model: keras.Model, config: dict[str, Any], paths: list[str], labels: np.ndarray, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) float64 logits and (N,) labels of the images that decode."""
+    if not paths:
+        return np.zeros((0, len(config["class_names"]))), np.zeros(0, dtype=np.int64)
+    ds = make_dataset(
+        paths,
+        labels,
+        input_size=tuple(config["input_size"]),
+        mean=config["mean"],
+        std=config["std"],
+        batch_size=batch,
+    )
+    y_true, logits, readable = [], [], []
+    for x, y, w in ds:
+        logits.append(np.asarray(model(x, training=False)))
+        y_true.append(np.asarray(y))
+        readable.append(np.asarray(w) > 0)  # weight 0: a file that could not be decoded
+    keep = np.concatenate(readable)
+    return np.concatenate(logits)[keep].astype(np.float64), np.concatenate(y_true)[keep]

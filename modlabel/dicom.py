@@ -1,0 +1,259 @@
+"""DICOM: a hospital export's files to 8-bit pixels, and the header fields kept beside a label.
+
+Part of the decode step: ``modlabel.decode`` hands a file here when its bytes are
+DICOM (``DICM`` at byte 128, or a file meta group at byte 0) or its name ends in
+``.dcm``/``.dicom``. The pixels go the way a viewer shows them (PS3.3 C.11):
+
+1. one frame: the middle one of a multi-frame file (index ``N // 2``, 0-based);
+   only that frame is decoded (``pydicom.pixels.pixel_array(ds, index=...)``);
+2. grayscale: the Modality LUT (RescaleSlope/Intercept, or a Modality LUT table),
+   then the first window (WindowCenter/WindowWidth, with its VOILUTFunction) or
+   VOI LUT table mapped onto 0..255; without either, the frame's own min-max
+   range is stretched to 0..255. MONOCHROME1 (white is low) is inverted;
+3. colour: PALETTE COLOR through its palette, YBR_* converted to RGB, then
+   scaled to 8 bits by BitsStored.
+
+The 8-bit frame then goes through the same resampling as every other image.
+Grayscale values are converted in strips of rows, so a large frame costs its own
+pixels plus a few MB, never a full-size float64 copy.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import ImageError
+
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+PREAMBLE_BYTES = 128
+MAGIC = b"DICM"
+HEAD_BYTES = PREAMBLE_BYTES + len(MAGIC)  # what ``looks_like_dicom`` needs of a file
+
+# A file without the 128-byte preamble starts with its file meta group (0002,xxxx),
+# in explicit VR little endian: (0002,0000) UL or (0002,0001) OB.
+_META_STARTS = (b"\x02\x00\x00\x00UL", b"\x02\x00\x01\x00OB")
+
+# The widths of the images.dicom_* columns (store.images): longer values are cut.
+_MODALITY_CHARS, _BODY_PART_CHARS, _UID_CHARS = 16, 64, 64
+
+# Converted at a time: a quarter megapixel of float64 is 2 MB.
+_STRIP_PIXELS = 1 << 18
+
+
+def looks_like_dicom(head: bytes) -> bool:
+    """True when ``head`` (a file's first bytes, at least ``HEAD_BYTES``) is DICOM."""
+    return head[PREAMBLE_BYTES:HEAD_BYTES] == MAGIC or head[:6] in _META_STARTS
+
+
+def is_dicom_name(name: str | Path) -> bool:
+    """True when the file name ends in ``.dcm`` or ``.dicom`` (any case)."""
+    return Path(name).suffix.lower() in DICOM_SUFFIXES
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """The header fields stored beside a label (``images.dicom_*``); None when absent."""
+
+    modality: str | None  # (0008,0060) Modality: CT, MR, US, CR, DX, OP, SM, ...
+    body_part: str | None  # (0018,0015) BodyPartExamined: CHEST, HEAD, ...
+    sop_instance_uid: str | None  # (0008,0018) SOPInstanceUID: the image's identity
+
+    def columns(self) -> dict[str, str | None]:
+        """The ``images`` columns of this header."""
+        return {
+            "dicom_modality": self.modality,
+            "dicom_body_part": self.body_part,
+            "dicom_sop_uid": self.sop_instance_uid,
+        }
+
+
+NO_HEADER_COLUMNS: dict[str, str | None] = {
+    "dicom_modality": None,
+    "dicom_body_part": None,
+    "dicom_sop_uid": None,
+}
+
+
+def dicom_header(data: bytes) -> DicomHeader | None:
+    """The header fields of DICOM bytes; None when the bytes are not DICOM or unreadable.
+
+    Cheap: the header is parsed up to the pixel data, which is never read.
+    """
+    if not looks_like_dicom(data[:HEAD_BYTES]):
+        return None
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(
+            io.BytesIO(data),
+            force=True,
+            stop_before_pixels=True,
+            specific_tags=["Modality", "BodyPartExamined", "SOPInstanceUID"],
+        )
+        return DicomHeader(
+            modality=_text(ds.get("Modality"), _MODALITY_CHARS),
+            body_part=_text(ds.get("BodyPartExamined"), _BODY_PART_CHARS),
+            sop_instance_uid=_text(ds.get("SOPInstanceUID"), _UID_CHARS),
+        )
+    except Exception:  # a corrupt header: the pixel decode gives the reason
+        return None
+
+
+def _text(value: object, width: int) -> str | None:
+    text = str(value).strip() if value is not None else ""
+    return text[:width] or None
+
+
+def dicom_image(source: str | Path | bytes, label: str, max_pixels: int) -> Image.Image:
+    """One frame of a DICOM file as an 8-bit PIL image (mode ``L`` or ``RGB``), full size.
+
+    Raises ``ImageError`` with the reason: no pixel data, an unsupported
+    transfer syntax, a frame over ``max_pixels``, a corrupt file.
+    """
+    import pydicom
+
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else source
+        ds = pydicom.dcmread(fp, force=True)
+        if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise ImageError(label, _why_no_pixels(ds))
+        syntax = _transfer_syntax(ds)
+        _check_decoder(syntax, label)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        if rows * columns > max_pixels:
+            raise ImageError(label, f"image too large ({columns}x{rows} pixels)")
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frame = pydicom.pixels.pixel_array(ds, index=frames // 2 if frames > 1 else None)
+        if frame.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
+            frame = frame[0]  # a one-frame file that still says NumberOfFrames
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        if frame.ndim == 2 and photometric != "PALETTE COLOR":
+            return Image.fromarray(_gray_to_8bit(frame, ds, invert=photometric == "MONOCHROME1"))
+        return Image.fromarray(_color_to_8bit(frame, ds, photometric), "RGB")
+    except ImageError:
+        raise
+    except Exception as exc:  # pydicom and its decoder plugins raise many kinds
+        raise ImageError(label, f"cannot decode DICOM: {type(exc).__name__}: {exc}") from None
+
+
+def _why_no_pixels(ds) -> str:
+    """The reason a dataset read (by force) has no pixel data: not DICOM, or not an image."""
+    if getattr(ds, "preamble", None) is None and "TransferSyntaxUID" not in ds.file_meta:
+        return "not a DICOM file (no 'DICM' marker at byte 128)"
+    if len(ds) == 0:
+        return "not a valid DICOM file (no data elements)"
+    return "DICOM file without pixel data (not an image object)"
+
+
+def _transfer_syntax(ds):
+    """The dataset's transfer syntax; for a file without one, what it was read as."""
+    from pydicom import uid
+
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is not None:
+        return uid.UID(str(syntax))
+    implicit, little = ds.original_encoding
+    if implicit:
+        syntax = uid.ImplicitVRLittleEndian
+    else:
+        syntax = uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
+    ds.file_meta.TransferSyntaxUID = syntax  # pydicom decodes by it
+    return syntax
+
+
+def _check_decoder(syntax, label: str) -> None:
+    from pydicom.pixels import get_decoder
+
+    name = f"{syntax.name} ({syntax})" if syntax.is_transfer_syntax else str(syntax)
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise ImageError(label, f"unsupported DICOM transfer syntax {name}") from None
+    if not decoder.is_available:
+        raise ImageError(label, f"no decoder installed for DICOM transfer syntax {name}")
+
+
+def _gray_to_8bit(frame: np.ndarray, ds, *, invert: bool) -> np.ndarray:
+    """(rows, columns) stored values to uint8 through the Modality LUT and the VOI."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    to_8bit = _window(ds)
+    if to_8bit is None and "VOILUTSequence" in ds:
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        scale = 255.0 / (2**bits - 1)
+
+        def to_8bit(values: np.ndarray) -> np.ndarray:
+            return apply_voi_lut(values, ds, prefer_lut=True) * scale
+
+    rows = max(1, _STRIP_PIXELS // max(1, frame.shape[1]))
+    strips = [frame[top : top + rows] for top in range(0, frame.shape[0], rows)]  # views
+
+    def modality(strip: np.ndarray) -> np.ndarray:
+        return np.asarray(apply_modality_lut(strip, ds), dtype=np.float64)
+
+    if to_8bit is None:  # no window: the frame's own range, as for other 16-bit images
+        # Two passes over the strips rather than one float64 copy of the whole frame.
+        ranges = [(float(v.min()), float(v.max())) for v in map(modality, strips)]
+        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+
+        def to_8bit(values: np.ndarray) -> np.ndarray:
+            return (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+
+    out = np.empty(frame.shape, np.uint8)
+    top = 0
+    for strip in strips:
+        eight = np.clip(np.rint(to_8bit(modality(strip))), 0, 255).astype(np.uint8)
+        out[top : top + len(strip)] = 255 - eight if invert else eight
+        top += len(strip)
+    return out
+
+
+def _window(ds) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The first window of the header as a function of modality values to 0..255 (floats).
+
+    PS3.3 C.11.2.1.2: LINEAR (the default), LINEAR_EXACT and SIGMOID, with the
+    output range 0..255. None when the header has no usable window.
+    """
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None:
+        return None
+    c, w = _first(center), _first(width)
+    function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+    if function == "SIGMOID" and w > 0:
+        return lambda x: 255.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+    if function == "LINEAR_EXACT" and w > 0:
+        return lambda x: ((x - c) / w + 0.5) * 255.0
+    if w >= 1:
+        # LINEAR: x <= c - 0.5 - (w-1)/2 gives 0, x > c - 0.5 + (w-1)/2 gives 255.
+        return lambda x: ((x - (c - 0.5)) / max(w - 1.0, 1e-9) + 0.5) * 255.0
+    return None
+
+
+def _first(value: object) -> float:
+    """The first of a multi-valued element (several windows: the first is the default)."""
+    from pydicom.multival import MultiValue
+
+    return float(value[0] if isinstance(value, (MultiValue, list, tuple)) else value)
+
+
+def _color_to_8bit(frame: np.ndarray, ds, photometric: str) -> np.ndarray:
+    """(rows, columns, 3) RGB uint8 of a colour frame (RGB, YBR_* already as RGB, palette)."""
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        frame = apply_color_lut(frame, ds)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    else:
+        bits = int(ds.get("BitsStored", 8))
+    if frame.ndim == 2:
+        frame = np.repeat(frame[..., None], 3, axis=2)
+    if bits <= 8 and frame.dtype == np.uint8:
+        return np.ascontiguousarray(frame[..., :3])
+    scale = 255.0 / (2 ** max(bits, 1) - 1)
+    return np.clip(np.rint(frame[..., :3] * scale), 0, 255).astype(np.uint8)
