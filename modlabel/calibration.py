@@ -77,6 +77,11 @@ def fit_temperature(
 
     The NLL is convex in 1/T, so unimodal in log T and the section finds its minimum.
     logits: (N, C); labels: (N,) int class indices.
+
+    When the minimum sits on the lower bound, the split is classified so cleanly that the
+    likelihood keeps falling as T goes to 0: it holds no evidence of how confident the
+    model should be, and sharpening would make every wrong or out-of-set image look
+    certain. T = 1 (no calibration) is returned then.
     """
     if len(labels) == 0:
         raise ValueError("no samples to fit a temperature on")
@@ -97,7 +102,10 @@ def fit_temperature(
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
             fb = cost(b)
-    return math.exp((lo + hi) / 2.0)
+    fitted = math.exp((lo + hi) / 2.0)
+    if fitted <= bounds[0] * (1.0 + 1e-3):
+        return 1.0
+    return fitted
 
 
 def expected_calibration_error(

@@ -295,3 +295,12 @@ def test_rule_round_trips_through_metadata():
     np.testing.assert_array_equal(back.whitening, rule.whitening)
     np.testing.assert_array_equal(back.scores_of(emb), rule.scores_of(emb))
     assert math.isfinite(back.threshold)
+
+
+def test_a_perfectly_separated_split_keeps_the_temperature_at_one():
+    """The likelihood of a split classified without error keeps falling as T -> 0: no
+    evidence to calibrate on, and sharpening would make every image look certain."""
+    labels = np.arange(7).repeat(10)
+    logits = np.full((70, 7), -5.0)
+    logits[np.arange(70), labels] = 5.0
+    assert fit_temperature(logits, labels) == 1.0
