@@ -467,6 +467,30 @@ def scan(
         ),
     ] = config.DEFAULT_DB_RETRY_SECONDS,
     device: DeviceOption = "auto",
+    engine_name: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="Where files are decoded and labeled: local (this process) or ray (a Ray "
+            "cluster's actors, pip install 'modlabel[ray]'; the paths must be readable on "
+            "every node). The database is written from here either way.",
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="--engine ray: the cluster (auto, host:port or ray://host:port; default: "
+            "$RAY_ADDRESS, a cluster started here, else a new local one).",
+        ),
+    ] = None,
+    actors: Annotated[
+        int, typer.Option("--actors", min=1, help="--engine ray: actors, one model each.")
+    ] = 2,
+    gpus_per_actor: Annotated[
+        float,
+        typer.Option("--gpus-per-actor", min=0, help="--engine ray: GPUs per actor (0: CPU)."),
+    ] = 0.0,
 ) -> None:
     """Label every new or changed image under PATHS and store labels and CRMs.
 
@@ -497,7 +521,18 @@ def scan(
         max_bytes = parse_size(max_file_size)
     except ValueError as exc:
         raise _fail(ModlabelError(f"--max-file-size: {exc}")) from None
+    if engine_name not in ("local", "ray"):
+        raise _fail(ModlabelError(f"--engine: local or ray, not {engine_name!r}"))
+    if engine_name == "ray" and blob_column is not None:
+        raise _fail(ModlabelError("--engine ray reads files, not --blob-column figures"))
     try:
+        run_pipeline = None
+        if engine_name == "ray":
+            from .scan_ray import ray_pipeline
+
+            run_pipeline = ray_pipeline(
+                address=address, actors=actors, gpus_per_actor=gpus_per_actor, device=device
+            )
         with _signals_interrupt():
             onnx_model = OnnxModel(model_path, device=device)
             url = config.resolve_db_url(db)
@@ -538,6 +573,7 @@ def scan(
                     commit_rows=commit_every,
                     wait=wait,
                     db_retry=db_retry,
+                    run_pipeline=run_pipeline,
                 )
             finally:
                 if bar is not None:

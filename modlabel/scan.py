@@ -118,6 +118,7 @@ def scan_archive(
     db_retry: float = store.DEFAULT_RETRY_SECONDS,
     commit_rows: int = config.DEFAULT_COMMIT_ROWS,
     abstain: bool = False,
+    run_pipeline: Pipeline | None = None,
 ) -> ScanStats:
     """Label every image under ``roots`` that the database lacks for ``model``.
 
@@ -150,7 +151,14 @@ def scan_archive(
     database stays unreachable past ``db_retry`` seconds or refuses a write,
     and ``Interrupted`` (or ``KeyboardInterrupt``) when stopped by a signal;
     what was committed stays, and the next run goes on from there.
+
+    ``run_pipeline`` turns the files that need work into written rows; the
+    default decodes and labels them here (``_run_pipeline``), and
+    ``modlabel.scan_ray.ray_pipeline`` on a Ray cluster. Listing, change
+    detection, the lock, the run record and the writes stay in this process.
     """
+    if run_pipeline is None:
+        run_pipeline = _run_pipeline
     if entries is None:
         check_roots(roots)
     info = model.info
@@ -195,7 +203,7 @@ def scan_archive(
             changed = lookup.entries(entries)
         with _Heartbeat(engine, scan_id):
             try:
-                _run_pipeline(
+                run_pipeline(
                     changed,
                     model,
                     engine,
@@ -227,6 +235,10 @@ def scan_archive(
     finally:
         scan_lock.release()
     return stats
+
+
+# What turns the files that need work into written rows: _run_pipeline's signature.
+Pipeline = Callable[..., None]
 
 
 def _run_pipeline(
