@@ -61,6 +61,34 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def postgres_database(postgres_url: str):
+    """A factory of new, empty PostgreSQL databases on the test server: ``f(prefix) -> URL``.
+
+    For tests that need a database of their own (the session's one is shared). They are
+    dropped with the server's test databases at the end of the session.
+    """
+    created: list[str] = []
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+
+    def create(prefix: str = "test") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        created.append(name)
+        return (
+            sa.engine.make_url(postgres_url)
+            .set(database=name)
+            .render_as_string(hide_password=False)
+        )
+
+    yield create
+    with admin.connect() as conn:
+        for name in created:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
 def tiny_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic archive: 7 classes x TINY_PER_CLASS JPEGs around TINY_SIZE px."""
     from modlabel.synth import render_archive

@@ -4,7 +4,6 @@ tables of figures with ids and blobs, on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +23,7 @@ def db(request, tmp_path) -> str:
     """The SQLAlchemy URL of a new, empty database of either kind."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'labels.db'}"
-    base = request.getfixturevalue("postgres_url")
-    name = f"scale_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+    return request.getfixturevalue("postgres_database")("scale")
 
 
 def invoke(*args: object):

@@ -4,7 +4,6 @@ rows stream out."""
 from __future__ import annotations
 
 import itertools
-import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -23,13 +22,7 @@ def scanned(request, tiny_archive, tiny_onnx, tmp_path) -> str:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'labels.db'}"
     else:
-        base = request.getfixturevalue("postgres_url")
-        name = f"query_{uuid.uuid4().hex[:10]}"
-        admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        admin.dispose()
-        url = sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+        url = request.getfixturevalue("postgres_database")("query")
     assert invoke("scan", tiny_archive, "--model", tiny_onnx, "--db", url).exit_code == 0
     return url
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -210,13 +209,7 @@ def scanned(request, tmp_path, tiny_onnx):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'labels.db'}"
     else:  # a database of its own: the session's one is shared by the other tests
-        base = request.getfixturevalue("postgres_url")
-        name = f"dicom_{uuid.uuid4().hex[:10]}"
-        admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        admin.dispose()
-        url = sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+        url = request.getfixturevalue("postgres_database")("dicom")
     engine = store.open_db(url)
     folder = _archive(tmp_path / "archive")
     stats = scan_archive([folder], OnnxModel(tiny_onnx), engine, class_min_confidence=0.0)

@@ -4,7 +4,6 @@ database, on SQLite and on PostgreSQL (EXPLAIN, not timing)."""
 from __future__ import annotations
 
 import re
-import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -25,13 +24,7 @@ def populated(request, tmp_path_factory):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('plans') / 'plans.db'}"
     else:
-        base = request.getfixturevalue("postgres_url")
-        name = f"plans_{uuid.uuid4().hex[:10]}"
-        admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        admin.dispose()
-        url = sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+        url = request.getfixturevalue("postgres_database")("plans")
     engine = store.open_db(url)
     now = datetime(2026, 11, 25, tzinfo=timezone.utc)
     identities = []

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import onnx
@@ -39,22 +38,12 @@ from modlabel.paths import display_path, from_db, to_db
 from modlabel.scan import scan_archive
 
 
-def new_postgres_database(base: str, prefix: str = "nightly") -> str:
-    """A new, empty database on the server of ``base``; its URL."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path) -> str:
     """A new, empty database of either kind."""
     if request.param == "sqlite":
         return str(tmp_path / "labels.db")
-    return new_postgres_database(request.getfixturevalue("postgres_url"))
+    return request.getfixturevalue("postgres_database")("nightly")
 
 
 def sa_url(db: str) -> str:
@@ -488,9 +477,9 @@ def test_a_read_only_sqlite_database_exits_with_the_database_code(
 
 
 def test_a_read_only_postgresql_database_exits_with_the_database_code(
-    tiny_archive, tiny_onnx, postgres_url
+    tiny_archive, tiny_onnx, postgres_url, postgres_database
 ):
-    url = new_postgres_database(postgres_url, "readonly")
+    url = postgres_database("readonly")
     store.open_db(url).dispose()  # the schema, then no more writes
     name = sa.engine.make_url(url).database
     admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
@@ -511,9 +500,9 @@ def test_a_missing_root_exits_with_the_input_code(tiny_onnx, tmp_path):
 
 
 def test_no_password_in_the_report_the_logs_or_the_scans_table(
-    tiny_archive, tiny_onnx, tmp_path, postgres_url
+    tiny_archive, tiny_onnx, tmp_path, postgres_database
 ):
-    db_url = new_postgres_database(postgres_url, "secret")
+    db_url = postgres_database("secret")
     url = sa.engine.make_url(db_url).set(password="SECRET-pw")  # trust auth ignores it
     secret_url = url.render_as_string(hide_password=False)
     broken = tmp_path / "broken.jpg"

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +36,7 @@ def db(request, tmp_path) -> str:
     """The SQLAlchemy URL of a new, empty database of either kind."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'labels.db'}"
-    base = request.getfixturevalue("postgres_url")
-    name = f"ray_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+    return request.getfixturevalue("postgres_database")("ray")
 
 
 def _rows(url: str) -> dict[str, dict]:
