@@ -676,7 +676,9 @@ def report(
     faithfulness: Annotated[
         int,
         typer.Option(
-            min=0, help="With ground truth: images per class for the faithfulness test (0: none)."
+            min=0,
+            help="With ground truth: correctly classified images sampled for the "
+            "faithfulness test (deletion and insertion curves; 0: none).",
         ),
     ] = 0,
 ) -> None:

@@ -12,6 +12,9 @@ DEFAULT_DB_FILE = "modlabel.db"
 # already share one image), but its memory grows with it: VGG16 at 300 px peaks near 0.7 GB
 # at 8 and 1.8-3.6 GB at 32 (benchmarks/bench_session.py).
 DEFAULT_BATCH_SIZE = 8
+# Large images are converted to 8 bits in strips of about this many pixels, never whole as
+# floats (modlabel.decode, modlabel.dicom): a few MB of scratch memory however large the image.
+DECODE_STRIP_PIXELS = 1 << 18
 # Labeled rows per database transaction of a scan (--commit-every); see scan.FLUSH_SECONDS.
 DEFAULT_COMMIT_ROWS = 256
 # How long a scan waits out an unreachable database (a restart, a failover), in seconds.

@@ -23,6 +23,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import config
 from .dicom import HEAD_BYTES, dicom_image, is_dicom_name, looks_like_dicom
 from .errors import ImageError
 
@@ -131,7 +132,7 @@ def _exif_orientation(img: Image.Image) -> int:
 
 # Pixels converted at a time by _to_rgb: a quarter megapixel, whose float64 values
 # take 2 MB (smaller strips only add Python overhead; larger ones, memory).
-_STRIP_PIXELS = 1 << 18
+_STRIP_PIXELS = config.DECODE_STRIP_PIXELS
 # 16-bit, 32-bit and float grayscale: their used range is stretched to 8 bits.
 _STRETCHED_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import config
 from .errors import ImageError
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -43,7 +44,7 @@ _META_STARTS = (b"\x02\x00\x00\x00UL", b"\x02\x00\x01\x00OB")
 _MODALITY_CHARS, _BODY_PART_CHARS, _UID_CHARS = 16, 64, 64
 
 # Converted at a time: a quarter megapixel of float64 is 2 MB.
-_STRIP_PIXELS = 1 << 18
+_STRIP_PIXELS = config.DECODE_STRIP_PIXELS
 
 
 def looks_like_dicom(head: bytes) -> bool:

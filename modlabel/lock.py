@@ -62,10 +62,8 @@ def acquire_scan_lock(engine: Engine, model_id: int, *, wait: bool = False) -> S
 def _lock_for(engine: Engine, model_id: int) -> ScanLock:
     if engine.dialect.name == "postgresql":
         return PostgresAdvisoryLock(engine, model_id)
-    database = engine.url.database or ""
-    if database.startswith("file:"):  # a SQLite URI filename (?mode=ro&uri=true)
-        database = database[len("file:") :].split("?", 1)[0]
-    if engine.dialect.name == "sqlite" and database and database != ":memory:":
+    database = store.sqlite_file(engine.url)
+    if database is not None:
         return FileLock(Path(f"{database}.lock-{model_id}"))
     return NoLock()  # an in-memory database belongs to one process
 

@@ -266,27 +266,13 @@ def _run_pipeline(
             changed,
             window=max(2 * batch_size, 4 * workers),
         )
-        pending_touch: list[tuple[str, int, float]] = []
-        writer = _RowWriter(engine, model_id, stats, progress, retry, commit_rows)
-
-        def flush_touched() -> None:
-            stats.unchanged += len(pending_touch)
-            _sync(progress, stats)
-            retry(store.touch_files, engine, model_id, pending_touch, progress)
-            _tick(on_progress, len(pending_touch))
-            pending_touch.clear()
-
+        writer = _RowWriter(engine, model_id, stats, progress, retry, commit_rows, on_progress)
         try:
-            for batch in _batches(prepared, pending_touch, batch_size):
-                if stopping.requested():
-                    writer.flush()  # what is labeled is kept, then the scan stops
-                    stopping.check()
-                if pending_touch:
-                    flush_touched()
+            for batch in _batches(prepared, writer.touched, batch_size):
+                writer.stop_if_asked()
+                writer.flush_touched()
                 writer.add(_label_batch(batch, model, abstain=abstain), batch)
-                _tick(on_progress, len(batch))
-            writer.flush()
-            flush_touched()
+            writer.finish()
         except BaseException:
             writer.flush_once()  # a signal or a failure keeps the labels already made
             raise
@@ -303,7 +289,9 @@ FLUSH_SECONDS = 2.0
 
 
 class _RowWriter:
-    """Buffers labeled rows and writes them, with the scan's counts, in one transaction."""
+    """The write side of a pipeline (local or Ray): buffers labeled rows and writes them,
+    with the scan's counts, in one transaction; records the new stat of touched files;
+    ticks the progress; stops the scan at a safe point when a signal asked for it."""
 
     def __init__(
         self,
@@ -313,6 +301,7 @@ class _RowWriter:
         progress: store.ScanProgress,
         retry: store.DbRetry,
         commit_rows: int,
+        on_progress: Callable[[int], None] | None = None,
     ) -> None:
         self.engine = engine
         self.model_id = model_id
@@ -320,8 +309,10 @@ class _RowWriter:
         self.progress = progress
         self.retry = retry
         self.commit_rows = max(1, commit_rows)
+        self.on_progress = on_progress
         self.rows: list[dict[str, Any]] = []
         self.works: list[_Work] = []
+        self.touched: list[tuple[str, int, float]] = []  # (stored path, size, mtime)
         self.since = 0.0
 
     def add(self, rows: list[dict[str, Any]], batch: Sequence[_Work]) -> None:
@@ -331,6 +322,27 @@ class _RowWriter:
         self.works.extend(batch)
         if len(self.rows) >= self.commit_rows or time.monotonic() - self.since >= FLUSH_SECONDS:
             self.flush()
+        _tick(self.on_progress, len(batch))
+
+    def flush_touched(self) -> None:
+        """Record the new stat of files whose content did not change (same hash)."""
+        if not self.touched:
+            return
+        self.stats.unchanged += len(self.touched)
+        _sync(self.progress, self.stats)
+        self.retry(store.touch_files, self.engine, self.model_id, self.touched, self.progress)
+        _tick(self.on_progress, len(self.touched))
+        self.touched.clear()
+
+    def stop_if_asked(self) -> None:
+        """On SIGTERM or Ctrl-C: keep what is labeled, then raise ``Interrupted``."""
+        if stopping.requested():
+            self.flush()
+            stopping.check()
+
+    def finish(self) -> None:
+        self.flush()
+        self.flush_touched()
 
     def flush(self) -> None:
         if not self.rows:

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from . import config, stopping, store
+from . import config, store
 from .errors import ModlabelError
 from .model import OnnxModel
-from .scan import Pipeline, ScanStats, _label_batch, _prepare, _RowWriter, _sync, _tick, _Work
+from .scan import Pipeline, ScanStats, _label_batch, _prepare, _RowWriter, _Work
 from .source import BlobEntry
 
 # Files handed to Ray per Dataset: the driver holds this many work items at a time (not the
@@ -132,16 +132,7 @@ def ray_pipeline(
         abstain: bool = False,
     ) -> None:
         del workers  # decoding threads of the local pipeline; Ray's actors decode here
-        writer = _RowWriter(engine, model_id, stats, progress, retry, commit_rows)
-        touched: list[tuple[str, int, float]] = []
-
-        def flush_touched() -> None:
-            stats.unchanged += len(touched)
-            _sync(progress, stats)
-            retry(store.touch_files, engine, model_id, touched, progress)
-            _tick(on_progress, len(touched))
-            touched.clear()
-
+        writer = _RowWriter(engine, model_id, stats, progress, retry, commit_rows, on_progress)
         iterator = iter(changed)
         try:
             while chunk := list(itertools.islice(iterator, RAY_CHUNK)):
@@ -170,22 +161,17 @@ def ray_pipeline(
                     max_task_retries=-1,
                 )
                 for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                    if stopping.requested():
-                        writer.flush()  # what is labeled is kept, then the scan stops
-                        stopping.check()
+                    writer.stop_if_asked()
                     works = [pickle.loads(b) for b in out["work"]]
                     rows = [pickle.loads(b) for b in out["row"]]
                     done = [(w, r) for w, r in zip(works, rows, strict=True) if not w.unchanged]
-                    touched.extend(
+                    writer.touched.extend(
                         (w.key, w.entry.size_bytes, w.entry.mtime) for w in works if w.unchanged
                     )
-                    if touched:
-                        flush_touched()
+                    writer.flush_touched()
                     if done:
                         writer.add([r for _, r in done], [w for w, _ in done])
-                        _tick(on_progress, len(done))
-            writer.flush()
-            flush_touched()
+            writer.finish()
         except BaseException:
             writer.flush_once()  # a signal or a failure keeps the labels already made
             raise

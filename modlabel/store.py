@@ -208,17 +208,24 @@ def open_db(
     return engine
 
 
-def _require_sqlite_file(url: str) -> None:
+def sqlite_file(url: str | sa.engine.URL) -> Path | None:
+    """The file of a SQLite URL (a plain path or a ``file:...?mode=ro`` URI filename);
+    None for other databases, in-memory SQLite, or a URL that does not parse."""
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
-        return  # open_db says what is wrong with it
+        return None
     database = parsed.database or ""
     if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
-        return
+        return None
     if database.startswith("file:"):
         database = database[len("file:") :].split("?", 1)[0]
-    if not Path(database).exists():
+    return Path(database)
+
+
+def _require_sqlite_file(url: str) -> None:
+    database = sqlite_file(url)  # a URL that does not parse: open_db says what is wrong
+    if database is not None and not database.exists():
         raise DatabaseError(f"no database at {database}: run `modlabel scan` first, or check --db")
 
 
