@@ -16,6 +16,18 @@ DICOM (``DICM`` at byte 128, or a file meta group at byte 0) or its name ends in
 The 8-bit frame then goes through the same resampling as every other image.
 Grayscale values are converted in strips of rows, so a large frame costs its own
 pixels plus a few MB, never a full-size float64 copy.
+
+A file is parsed once (``read_dataset``) for its header and its pixels, and every
+size it declares is checked before anything proportional to it is allocated:
+
+* a Deflated Explicit VR Little Endian dataset is inflated to at most the byte limit
+  a file may have (``--max-file-size``), never whole first;
+* Rows x Columns of a frame, and either side, within decode's limits; a frame count
+  that the pixel data can really hold (native: the bytes are there; encapsulated: at
+  least one fragment a frame);
+* an encapsulated frame's own codestream header (JPEG's SOF, JPEG-LS's SOF55,
+  JPEG 2000's SIZ) must declare the size the DICOM header says, since its decoder
+  allocates what the codestream declares.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import config
+from . import config, limits
 from .errors import ImageError
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -81,29 +93,102 @@ NO_HEADER_COLUMNS: dict[str, str | None] = {
 }
 
 
-def dicom_header(data: bytes) -> DicomHeader | None:
+def dicom_header(data: bytes, max_bytes: int | None = None) -> DicomHeader | None:
     """The header fields of DICOM bytes; None when the bytes are not DICOM or unreadable.
 
-    Cheap: the header is parsed up to the pixel data, which is never read.
+    Parsed as ``read_dataset`` parses (a deflated dataset inflated within ``max_bytes``).
     """
     if not looks_like_dicom(data[:HEAD_BYTES]):
         return None
-    import pydicom
-
     try:
-        ds = pydicom.dcmread(
-            io.BytesIO(data),
-            force=True,
-            stop_before_pixels=True,
-            specific_tags=["Modality", "BodyPartExamined", "SOPInstanceUID"],
-        )
-        return DicomHeader(
-            modality=_text(ds.get("Modality"), _MODALITY_CHARS),
-            body_part=_text(ds.get("BodyPartExamined"), _BODY_PART_CHARS),
-            sop_instance_uid=_text(ds.get("SOPInstanceUID"), _UID_CHARS),
-        )
+        return header_of(read_dataset(data, "<bytes>", max_bytes=max_bytes))
     except Exception:  # a corrupt header: the pixel decode gives the reason
         return None
+
+
+def header_of(ds) -> DicomHeader:
+    """The ``images.dicom_*`` fields of a parsed dataset."""
+    return DicomHeader(
+        modality=_text(ds.get("Modality"), _MODALITY_CHARS),
+        body_part=_text(ds.get("BodyPartExamined"), _BODY_PART_CHARS),
+        sop_instance_uid=_text(ds.get("SOPInstanceUID"), _UID_CHARS),
+    )
+
+
+# A deflated dataset is inflated to at most this many bytes unless told otherwise: the
+# largest file a scan reads (source.DEFAULT_MAX_FILE_BYTES).
+DEFAULT_INFLATED_BYTES = 256 * 1024 * 1024
+
+
+def read_dataset(source: str | Path | bytes, label: str, *, max_bytes: int | None = None):
+    """Parse a DICOM file (its bytes, or a path) once, whole, for header and pixels.
+
+    A Deflated Explicit VR Little Endian dataset is inflated to at most ``max_bytes``
+    (default ``DEFAULT_INFLATED_BYTES``): pydicom's own reader inflates it whole, twice,
+    before any check, so a 4 MB file could take gigabytes. Raises ``ImageError``.
+    """
+    import pydicom
+    from pydicom import uid
+    from pydicom.filereader import read_preamble
+
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    limit = DEFAULT_INFLATED_BYTES if max_bytes is None else max_bytes
+    fp = io.BytesIO(data)
+    try:
+        preamble = read_preamble(fp, True)
+        meta = _read_meta(fp)
+    except Exception:
+        meta = None
+    if (
+        meta is not None
+        and str(meta.get("TransferSyntaxUID", "")) == uid.DeflatedExplicitVRLittleEndian
+    ):
+        start = fp.tell()
+        inflated = _inflate(data, start, limit, label)
+        from pydicom.dataset import FileDataset
+        from pydicom.filereader import read_dataset as read_plain
+
+        try:
+            dataset = read_plain(io.BytesIO(inflated), is_implicit_VR=False, is_little_endian=True)
+        except Exception as exc:
+            raise ImageError(label, f"cannot read deflated DICOM: {_why(exc)}") from None
+        ds = FileDataset(label, dataset, preamble=preamble, file_meta=meta,
+                         is_implicit_VR=False, is_little_endian=True)  # fmt: skip
+        ds.set_original_encoding(False, True, dataset._character_set)
+        # Inflated, the dataset is Explicit VR Little Endian: pydicom decodes it as such.
+        ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+        return ds
+    try:
+        return pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:
+        raise ImageError(label, f"cannot read DICOM: {_why(exc)}") from None
+
+
+def _read_meta(fp):
+    from pydicom.filereader import _read_file_meta_info
+
+    return _read_file_meta_info(fp)
+
+
+def _inflate(data: bytes, start: int, limit: int, label: str) -> bytes:
+    import zlib
+
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(memoryview(data)[start:], limit + 1)
+    except zlib.error as exc:
+        raise ImageError(label, f"deflated DICOM is corrupt ({exc})") from None
+    if len(out) > limit:
+        raise ImageError(
+            label,
+            f"deflated DICOM inflates to more than {limit:,} bytes (the file size limit, "
+            "--max-file-size)",
+        )
+    return out
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _text(value: object, width: int) -> str | None:
@@ -111,26 +196,32 @@ def _text(value: object, width: int) -> str | None:
     return text[:width] or None
 
 
-def dicom_image(source: str | Path | bytes, label: str, max_pixels: int) -> Image.Image:
-    """One frame of a DICOM file as an 8-bit PIL image (mode ``L`` or ``RGB``), full size.
+def dicom_image(
+    source, label: str, max_pixels: int, *, max_bytes: int | None = None
+) -> Image.Image:
+    """One frame of a DICOM file (bytes, a path, or a dataset ``read_dataset`` parsed) as an
+    8-bit PIL image (mode ``L`` or ``RGB``), full size.
 
-    Raises ``ImageError`` with the reason: no pixel data, an unsupported
-    transfer syntax, a frame over ``max_pixels``, a corrupt file.
+    Raises ``ImageError`` with the reason: no pixel data, an unsupported transfer
+    syntax, a declared size over the limits, a corrupt file.
     """
     import pydicom
 
     try:
-        fp = io.BytesIO(source) if isinstance(source, bytes) else source
-        ds = pydicom.dcmread(fp, force=True)
+        ds = source if hasattr(source, "dir") else read_dataset(source, label, max_bytes=max_bytes)
         if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             raise ImageError(label, _why_no_pixels(ds))
         syntax = _transfer_syntax(ds)
         _check_decoder(syntax, label)
         rows, columns = int(ds.Rows), int(ds.Columns)
+        limits.check_declared_size(label, columns, rows)
         if rows * columns > max_pixels:
             raise ImageError(label, f"image too large ({columns}x{rows} pixels)")
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        frame = pydicom.pixels.pixel_array(ds, index=frames // 2 if frames > 1 else None)
+        frames = _frame_count(ds, label)
+        index = frames // 2 if frames > 1 else None
+        if syntax.is_encapsulated and "PixelData" in ds:
+            _check_codestream(ds, index or 0, frames, rows, columns, label)
+        frame = pydicom.pixels.pixel_array(ds, index=index)
         if frame.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
             frame = frame[0]  # a one-frame file that still says NumberOfFrames
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -139,8 +230,115 @@ def dicom_image(source: str | Path | bytes, label: str, max_pixels: int) -> Imag
         return Image.fromarray(_color_to_8bit(frame, ds, photometric), "RGB")
     except ImageError:
         raise
+    except MemoryError:
+        raise
     except Exception as exc:  # pydicom and its decoder plugins raise many kinds
-        raise ImageError(label, f"cannot decode DICOM: {type(exc).__name__}: {exc}") from None
+        raise ImageError(label, f"cannot decode DICOM: {_why(exc)}") from None
+
+
+# The sample sizes a frame may declare, and the most samples a pixel may have.
+_BITS_ALLOCATED = (1, 8, 16, 32, 64)
+_MAX_SAMPLES = 4
+
+
+def _frame_count(ds, label: str) -> int:
+    """NumberOfFrames, checked against what the pixel data can really hold."""
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 8) or 8)
+    except (TypeError, ValueError) as exc:
+        raise ImageError(label, f"DICOM header has a malformed size ({exc})") from None
+    if frames < 1:
+        raise ImageError(label, f"DICOM header declares {frames} frames")
+    if not 1 <= samples <= _MAX_SAMPLES or bits not in _BITS_ALLOCATED:
+        raise ImageError(label, f"DICOM header declares {samples} samples of {bits} bits a pixel")
+    if "PixelData" not in ds:
+        return frames
+    data = ds.PixelData
+    length = len(data) if data is not None else 0
+    if _transfer_syntax(ds).is_encapsulated:
+        from pydicom.encaps import parse_fragments
+
+        try:
+            fragments, _offsets = parse_fragments(data)
+        except Exception as exc:
+            raise ImageError(label, f"DICOM pixel data is corrupt ({_why(exc)})") from None
+        if frames > max(fragments, 1):
+            raise ImageError(
+                label,
+                f"DICOM header declares {frames:,} frames but the pixel data holds "
+                f"{fragments:,} fragments",
+            )
+        return frames
+    frame_bits = int(ds.Rows) * int(ds.Columns) * samples * bits
+    if frames * frame_bits > 8 * length + 8 * 2:  # a padding byte or two is allowed
+        raise ImageError(
+            label,
+            f"DICOM header declares {frames:,} frames of {ds.Columns}x{ds.Rows} but the "
+            f"pixel data holds {length:,} bytes",
+        )
+    return frames
+
+
+def _check_codestream(ds, index: int, frames: int, rows: int, columns: int, label: str) -> None:
+    """The frame's own codestream must declare the header's size: its decoder allocates
+    what the codestream says, whatever Rows and Columns say."""
+    from pydicom.encaps import get_frame
+
+    try:
+        frame = get_frame(ds.PixelData, index, number_of_frames=frames)
+    except Exception as exc:
+        raise ImageError(label, f"DICOM pixel data is corrupt ({_why(exc)})") from None
+    declared = codestream_size(frame)
+    if declared is None:
+        return  # RLE and other codings carry no size of their own: the header's is used
+    kind, width, height, components = declared
+    if (width, height) != (columns, rows) or not 1 <= components <= _MAX_SAMPLES:
+        raise ImageError(
+            label,
+            f"the {kind} codestream declares {width}x{height} pixels with {components} "
+            f"components, but the DICOM header says {columns}x{rows}",
+        )
+
+
+# JPEG start-of-frame markers (baseline, extended, progressive, lossless; Huffman and
+# arithmetic), and JPEG-LS's SOF55.
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
+                       0xCE, 0xCF, 0xF7})  # fmt: skip
+
+
+def codestream_size(data: bytes) -> tuple[str, int, int, int] | None:
+    """(kind, width, height, components) that a JPEG, JPEG-LS or JPEG 2000 codestream
+    declares in its header, read without decoding; None for data of another kind."""
+    import struct
+
+    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 42:  # J2K: SOC, then SIZ
+        xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", data[8:24])
+        (csiz,) = struct.unpack(">H", data[40:42])
+        return "JPEG 2000", xsiz - xosiz, ysiz - yosiz, csiz
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None  # not a marker where one must be: let the decoder say why
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker in _JPEG_SOF and pos + 10 <= len(data):
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            kind = "JPEG-LS" if marker == 0xF7 else "JPEG"
+            return kind, width, height, data[pos + 9]
+        if marker in (0xDA, 0xD9):  # scan data before any frame header
+            return None
+        pos += 2 + length
+    return None
 
 
 def _why_no_pixels(ds) -> str:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modlabel import decode
+from modlabel import decode, limits
 from modlabel.errors import ImageError
 from modlabel.source import FileEntry, walk_files
 
@@ -67,7 +67,7 @@ def test_missing_file_is_an_error(tmp_path):
 
 
 def test_huge_images_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(decode, "MAX_PIXELS", 100)
+    monkeypatch.setattr(limits, "MAX_PIXELS", 100)
     Image.new("L", (20, 20)).save(tmp_path / "big.png")
     with pytest.raises(ImageError, match="too large"):
         decode.open_rgb(tmp_path / "big.png")
