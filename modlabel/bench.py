@@ -8,7 +8,9 @@ compete, one after the other:
 * the bare model: onnxruntime on batches already decoded and normalized in memory;
 * the whole scan: ``scan_archive`` from the files to rows in a fresh SQLite
   database, its images/s, its ratio to the bare model and its peak RSS;
-* decoding: files to normalized model inputs, images/s (on the decoding threads);
+* decoding: files to normalized model inputs, images/s, in the scan's isolated decode
+  workers (``decode_pool``), and, beside it, on threads of one process as scans decoded
+  before the workers (what the isolation costs or gains);
 * the maps: CRM and its compression, as a share of the model's inference time;
 * the database: rows/s written (upserts with the class sums kept) to ``--db``;
 * with ``--compare keras RUN``: the Keras + ``tf.GradientTape`` Grad-CAM that a
@@ -45,7 +47,9 @@ class ModelBench:
     bare: float = 0.0  # images/s
     scan: float = 0.0  # images/s
     scan_peak_rss_mib: float = 0.0
-    decode: float = 0.0  # images/s
+    decode: float = 0.0  # images/s, isolated decode workers (as the scan decodes)
+    decode_threads: float = 0.0  # images/s, threads of one process (unisolated)
+    worker_peak_rss_mib: float = 0.0  # the largest decode worker of the scan
     maps_share: float = 0.0  # CRM + codec time / inference time
     keras: float | None = None  # images/s of the Keras GradientTape Grad-CAM
 
@@ -74,9 +78,12 @@ class BenchResult:
                 f"  bare model (inputs in memory)  {m.bare:9.2f} images/s",
                 f"  whole scan (files -> rows)     {m.scan:9.2f} images/s  "
                 f"({m.scan_ratio:.2f} of the bare model)",
-                f"  decode (files -> inputs)       {m.decode:9.2f} images/s",
+                f"  decode, isolated workers       {m.decode:9.2f} images/s",
+                f"  decode, threads (unisolated)   {m.decode_threads:9.2f} images/s  "
+                f"(workers are {m.decode / m.decode_threads if m.decode_threads else 0:.2f}x)",
                 f"  CRM + codec                    {100 * m.maps_share:9.2f} % of inference time",
-                f"  peak RSS of the scan           {m.scan_peak_rss_mib:9.0f} MiB",
+                f"  peak RSS of the scan           {m.scan_peak_rss_mib:9.0f} MiB  "
+                f"(a decode worker: {m.worker_peak_rss_mib:.0f} MiB)",
             ]
             if m.keras is not None:
                 lines.append(
@@ -144,10 +151,13 @@ def _measure_round(
     bench.device = bare["device"]
     decode = _worker("decode", model=bench.model, folder=str(folder))["rate"]
     bench.decode = max(bench.decode, decode)
+    threads = _worker("decode_threads", model=bench.model, folder=str(folder))["rate"]
+    bench.decode_threads = max(bench.decode_threads, threads)
     scan = _worker("scan", model=bench.model, folder=str(folder), batch=batch_size,
                    device=device, db=str(tmp / f"scan-{uuid.uuid4().hex}.db"))  # fmt: skip
     bench.scan = max(bench.scan, scan["rate"])
     bench.scan_peak_rss_mib = max(bench.scan_peak_rss_mib, scan["peak_mib"])
+    bench.worker_peak_rss_mib = max(bench.worker_peak_rss_mib, scan["worker_peak_mib"])
     if keras_run is not None:
         rate = _worker("keras", run=str(keras_run), folder=str(folder), batch=batch_size)["rate"]
         bench.keras = max(bench.keras or 0.0, rate)
@@ -232,9 +242,31 @@ def _measure_bare(model: str, folder: str, batch: int, device: str) -> dict[str,
 
 
 def _measure_decode(model: str, folder: str) -> dict[str, Any]:
+    """Files to normalized inputs in the scan's own decode workers, as a scan runs them."""
+    import time
+
+    from .decode_pool import DecodeRequest
+    from .model import OnnxModel
+    from .scan import DecodeOptions, decoder_pool
+    from .source import DEFAULT_MAX_FILE_BYTES
+
+    onnx_model = OnnxModel(model, device="cpu")
+    files = _image_files(Path(folder))
+    with decoder_pool(onnx_model, DecodeOptions(), DEFAULT_MAX_FILE_BYTES) as pool:
+        # Every worker started and warm, as through most of a long scan; then the figure.
+        list(pool.map(files[: 4 * pool.workers], lambda p: DecodeRequest(str(p))))
+        start = time.perf_counter()
+        done = list(pool.map(files, lambda p: DecodeRequest(str(p))))
+        rate = len(done) / (time.perf_counter() - start)
+    return {"rate": rate}
+
+
+def _measure_decode_threads(model: str, folder: str) -> dict[str, Any]:
+    """The same on threads of one process, unisolated: what scans did before the workers."""
     import time
     from concurrent.futures import ThreadPoolExecutor
 
+    from . import config
     from .decode import load_pixels
     from .model import OnnxModel
 
@@ -246,7 +278,7 @@ def _measure_decode(model: str, folder: str) -> dict[str, Any]:
         return onnx_model.preprocess(load_pixels(path.read_bytes(), size)[0])
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2) as pool:  # the scan's default decoding threads
+    with ThreadPoolExecutor(max_workers=config.DEFAULT_DECODERS) as pool:
         list(pool.map(decode, files))
     return {"rate": len(files) / (time.perf_counter() - start)}
 
@@ -256,17 +288,23 @@ def _measure_scan(model: str, folder: str, batch: int, device: str, db: str) -> 
     import time
 
     from .config import sqlite_url
+    from .decode_pool import start_server
     from .model import OnnxModel
     from .scan import scan_archive
     from .store import open_db
 
+    start_server()  # as `modlabel scan` does: the decoders start while the model loads
     onnx_model = OnnxModel(model, device=device)
     engine = open_db(sqlite_url(db))
     start = time.perf_counter()
     stats = scan_archive([folder], onnx_model, engine, batch_size=batch)
     rate = stats.labeled / (time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"rate": rate, "peak_mib": peak}
+    from .decode_pool import _close_zygote
+
+    _close_zygote()  # reaped: the workers' peaks count among this process's children
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"rate": rate, "peak_mib": peak, "worker_peak_mib": workers}
 
 
 def _measure_db(url: str, rows: int = 5000, batch: int | None = None) -> dict[str, Any]:
@@ -369,6 +407,7 @@ def _measure_keras(run: str, folder: str, batch: int) -> dict[str, Any]:
 _MEASUREMENTS = {
     "bare": _measure_bare,
     "decode": _measure_decode,
+    "decode_threads": _measure_decode_threads,
     "scan": _measure_scan,
     "db": _measure_db,
     "keras": _measure_keras,

@@ -30,14 +30,94 @@ def sqlite_url(path: str | Path) -> str:
 
 
 def resolve_db_url(flag: str | None) -> str:
-    """--db, else $MODLABEL_DB, else ./modlabel.db. A bare path means a SQLite file."""
-    value = flag or os.environ.get(DB_ENV) or DEFAULT_DB_FILE
+    """--db, else $MODLABEL_DB, else ./modlabel.db, as a SQLAlchemy URL.
+
+    A bare path means a SQLite file; ``postgresql://`` uses psycopg 3; a libpq
+    connection string (``host=db dbname=archive user=modlabel``) is taken as the
+    PostgreSQL URL it means, never as a file name. Raises ``UsageError`` (exit 2)
+    for a value that is none of these (a URL that does not parse, a port that is no
+    number). Every password it holds is remembered for masking (``redaction``).
+    """
+    from . import redaction
+
+    value = (flag or os.environ.get(DB_ENV) or DEFAULT_DB_FILE).strip()
     if "://" not in value:
-        return sqlite_url(value)
-    if value.startswith("postgresql://") or value.startswith("postgres://"):
+        if _looks_like_libpq(value):
+            value = _libpq_to_url(value)
+        else:
+            return sqlite_url(value)
+    elif value.startswith("postgresql://") or value.startswith("postgres://"):
         # Use psycopg 3, the driver modlabel depends on, rather than psycopg2.
         value = "postgresql+psycopg://" + value.split("://", 1)[1]
+    _check_url(value)
+    redaction.remember_url(value)
     return value
+
+
+# libpq's connection keywords (PostgreSQL's "Parameter Key Words"), the ones a user writes.
+_LIBPQ_KEYS = frozenset(
+    {"host", "hostaddr", "port", "dbname", "user", "password", "passfile", "connect_timeout",
+     "client_encoding", "options", "application_name", "sslmode", "sslcert", "sslkey",
+     "sslrootcert", "sslpassword", "service", "target_session_attrs", "gssencmode"}
+)  # fmt: skip
+
+
+def _looks_like_libpq(value: str) -> bool:
+    """``key=value`` words whose keys are libpq's (a file name rarely is all that)."""
+    import re
+
+    pairs = re.findall(r"(\w+)\s*=", value)
+    return (
+        bool(pairs)
+        and all(key in _LIBPQ_KEYS for key in pairs)
+        and ("dbname" in pairs or "host" in pairs or "service" in pairs or "user" in pairs)
+    )
+
+
+def _libpq_to_url(value: str) -> str:
+    """A libpq connection string as the SQLAlchemy URL of the same connection."""
+    import sqlalchemy as sa
+
+    from .errors import UsageError
+
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = {k: str(v) for k, v in conninfo_to_dict(value).items()}
+    except Exception as exc:  # noqa: BLE001 - psycopg's parse error names the problem
+        from . import redaction
+
+        raise UsageError(
+            f"--db: not a valid libpq connection string: {redaction.redact(str(exc))}"
+        ) from None
+    port = params.pop("port", None)
+    if port is not None and not port.isdigit():
+        raise UsageError(f"--db: the port {port!r} is not a number")
+    url = sa.engine.URL.create(
+        "postgresql+psycopg",
+        username=params.pop("user", None),
+        password=params.pop("password", None),
+        host=params.pop("host", None),
+        port=int(port) if port is not None else None,
+        database=params.pop("dbname", None),
+        query=params,
+    )
+    return url.render_as_string(hide_password=False)
+
+
+def _check_url(value: str) -> None:
+    import sqlalchemy as sa
+
+    from . import redaction
+    from .errors import UsageError
+
+    try:
+        sa.engine.make_url(value)
+    except (sa.exc.ArgumentError, ValueError, TypeError) as exc:
+        shown = redaction.redact(value)
+        raise UsageError(
+            f"--db: not a database URL: {shown} ({redaction.redact(str(exc))})"
+        ) from None
 
 
 def resolve_model_path(flag: Path | None) -> Path | None:
@@ -46,3 +126,18 @@ def resolve_model_path(flag: Path | None) -> Path | None:
         return flag
     env = os.environ.get(MODEL_ENV)
     return Path(env) if env else None
+
+
+# Decode worker processes (modlabel.decode_pool): how many (--decoders), the address space
+# each may use (--decode-memory: a 100-megapixel RGB image decodes to 400 MB in PIL, and a
+# worker starts at about 250 MB), and how long one file may take (--decode-timeout).
+DEFAULT_DECODERS = 2
+DEFAULT_DECODE_MEMORY = 2 * 1024**3
+DEFAULT_DECODE_TIMEOUT = 60.0
+# A scan marks the files gone under a root missing only when they are at most this share
+# of the root's stored files (--max-missing), and in any case up to MISSING_FLOOR files;
+# more looks like a share that did not mount, and marks none (exit 8; --allow-missing).
+DEFAULT_MAX_MISSING_SHARE = 0.10
+MISSING_FLOOR = 10
+# prune deletes the rows of files missing for at least this long (--missing-for).
+DEFAULT_PRUNE_GRACE_SECONDS = 7 * 24 * 3600.0

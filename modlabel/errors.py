@@ -20,7 +20,20 @@ class ExitCode(IntEnum):
     DATABASE = 5  # the database cannot be reached, opened or written
     LOCKED = 6  # another scan of the same model holds the database's lock
     INTERRUPTED = 7  # stopped by a signal (SIGINT, SIGTERM) before it finished
+    VANISHED = 8  # a root looks vanished (an unmounted share): nothing was marked missing
     INTERNAL = 70  # a bug in modlabel (EX_SOFTWARE); MODLABEL_DEBUG=1 shows the traceback
+
+
+# A reason stored or printed is one line of at most this many characters.
+MAX_REASON_CHARS = 500
+
+
+def one_line(text: object, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` as one line: runs of white space (newlines included) become one space, and
+    a text longer than ``limit`` is cut with an ellipsis. Stored errors, ``scans.reason``
+    and every message a command prints go through this."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "\u2026"
 
 
 class ModlabelError(Exception):
@@ -34,7 +47,7 @@ class ImageError(ModlabelError):
 
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path = str(path)
-        self.reason = reason
+        self.reason = one_line(reason)
         super().__init__(f"{self.path}: {reason}")
 
 
@@ -63,6 +76,29 @@ class LockedError(ModlabelError):
 
 
 class Interrupted(ModlabelError):
-    """A scan stopped by a signal; what it committed stays."""
+    """A scan stopped by a signal at a safe point; what it committed stays."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
+class VanishedError(ModlabelError):
+    """A scan would have marked a mass of files missing (an unmounted share, an emptied
+    mount point): it marked none, and says so."""
+
+    exit_code = ExitCode.VANISHED
+
+
+class UsageError(ModlabelError):
+    """An option's value that cannot be used (a size, a port, an output path)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class StopRequested(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
+    """A stop signal that arrived in an ``stopping.interruptible()`` block.
+
+    A BaseException, like ``KeyboardInterrupt``: no ``except Exception`` in a library
+    swallows it on its way to the command's edge (exit 7).
+    """
 
     exit_code = ExitCode.INTERRUPTED

@@ -72,10 +72,10 @@ import sqlalchemy as sa
 from PIL import Image, ImageFilter
 from sqlalchemy.engine import Engine
 
-from . import codec, maps, store
+from . import codec, maps, spreadsheet, store
 from .aggregate import ClassMap, class_map_from_sum
-from .decode import load_pixels
-from .errors import ImageError, ModelError, ModlabelError
+from .decode_pool import DecodeRequest, image_pool
+from .errors import ModelError, ModlabelError
 from .localize import (
     TABLE3_SIZE,
     GroundTruth,
@@ -86,7 +86,6 @@ from .localize import (
 )
 from .model import OnnxModel, softmax
 from .paths import display_path, from_db
-from .source import read_file
 
 EVAL_METHODS: tuple[str, ...] = ("cam", "gradcam", "crm", "cam_squared")
 RANDOM = "random"  # the faithfulness baseline: pixels in a random order
@@ -813,12 +812,14 @@ def _faithfulness(
         m: {"deletion": [], "insertion": []} for m in names
     }
     shown = []
-    for i in picked:
-        file, class_index = correct[int(i)]
-        try:
-            pixels, _ = load_pixels(read_file(file), info.input_size, name=file)
-        except ImageError:
+    chosen = [correct[int(i)] for i in picked]
+    # Read and decoded in isolated workers, exactly as a scan decodes them.
+    with image_pool(info.input_size) as pool:
+        decoded = list(pool.map(chosen, lambda item: DecodeRequest(item[0])))
+    for (file, class_index), image in decoded:
+        if image.pixels is None:
             continue  # changed since the localization pass read it
+        pixels = image.pixels
         logits, activations = model.run(model.preprocess(pixels[None]))
         if int(np.argmax(logits[0])) != class_index:
             continue
@@ -1018,7 +1019,7 @@ def _write_table(
     if "csv" in formats:
         columns = list(dict.fromkeys(k for row in rows for k in row))
         with (folder / f"{name}.csv").open("w", encoding="utf-8", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer = spreadsheet.SafeDictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
         files.append(f"{EVALUATION_DIR}/{name}.csv")

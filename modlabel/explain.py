@@ -9,18 +9,16 @@ are still explained.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from . import maps, overlay
-from .decode import load_pixels, open_rgb
-from .errors import ImageError
+from . import maps, overlay, stopping
+from .decode_pool import DecodeRequest, image_pool
 from .model import OnnxModel, softmax
-from .source import read_file
 
 DEFAULT_METHODS = ("cam", "gradcam", "crm")
 BATCH_SIZE = 16
@@ -63,47 +61,53 @@ def explain_images(
     out.mkdir(parents=True, exist_ok=True)
     results = [ExplainResult(path=str(p)) for p in paths]
     names = _figure_names(paths)
-    for start in range(0, len(results), batch_size):
-        loaded = []
-        for i in range(start, min(start + batch_size, len(results))):
-            try:
-                loaded.append(_load(results[i].path, model.info.input_size, i))
-            except ImageError as exc:
-                results[i].error = exc.reason
-        if not loaded:
-            continue
-        batch = model.preprocess(np.stack([item.pixels for item in loaded]))
-        logits, activations = model.run(batch)
-        probs = softmax(logits)
-        maps_by_method = maps.compute_maps(
-            activations,
-            model.info.head_weights,
-            bias=model.info.head_bias,
-            methods=methods,
-            logits=logits,
-            pooling=model.info.pooling,
-        )
-        for row, item in enumerate(loaded):
-            result = results[item.index]
-            c = int(np.argmax(logits[row]))
-            result.class_index = c
-            result.label = model.info.class_names[c]
-            result.confidence = float(probs[row, c])
-            per_method = {name: m[row] for name, m in maps_by_method.items()}
-            result.roi = {
-                name: maps.roi_stats(m, model.info.input_size) for name, m in per_method.items()
-            }
-            result.figure = out / names[item.index]
-            figure_png(item.display, per_method, result, result.figure)
+    with image_pool(model.info.input_size, display_px=DISPLAY_PX) as pool:
+        decoded = pool.map(range(len(results)), lambda i: DecodeRequest(results[i].path))
+        while batch := list(itertools.islice(decoded, batch_size)):
+            loaded = []
+            for i, image in batch:
+                if image.cancelled:
+                    stopping.check()
+                if image.error is not None or image.cancelled:
+                    results[i].error = image.error or "decoding stopped"
+                else:
+                    loaded.append(_Loaded(i, image.pixels, image.display))
+            if loaded:
+                _explain_batch(loaded, model, methods, results, names, out)
     return results
 
 
-def _load(path: str, input_size: tuple[int, int], index: int) -> _Loaded:
-    data = read_file(path)  # regular files only, bounded, as scan reads them
-    pixels, _ = load_pixels(data, input_size, name=path)  # exactly what scan feeds the model
-    display = open_rgb(data, name=path)
-    display.thumbnail((DISPLAY_PX, DISPLAY_PX), Image.Resampling.BILINEAR)
-    return _Loaded(index, pixels, np.asarray(display, dtype=np.uint8))
+def _explain_batch(
+    loaded: list[_Loaded],
+    model: OnnxModel,
+    methods: Sequence[str],
+    results: list[ExplainResult],
+    names: list[str],
+    out: Path,
+) -> None:
+    batch = model.preprocess(np.stack([item.pixels for item in loaded]))
+    logits, activations = model.run(batch)
+    probs = softmax(logits)
+    maps_by_method = maps.compute_maps(
+        activations,
+        model.info.head_weights,
+        bias=model.info.head_bias,
+        methods=methods,
+        logits=logits,
+        pooling=model.info.pooling,
+    )
+    for row, item in enumerate(loaded):
+        result = results[item.index]
+        c = int(np.argmax(logits[row]))
+        result.class_index = c
+        result.label = model.info.class_names[c]
+        result.confidence = float(probs[row, c])
+        per_method = {name: m[row] for name, m in maps_by_method.items()}
+        result.roi = {
+            name: maps.roi_stats(m, model.info.input_size) for name, m in per_method.items()
+        }
+        result.figure = out / names[item.index]
+        figure_png(item.display, per_method, result, result.figure)
 
 
 def _figure_names(paths: Sequence[str | Path]) -> list[str]:

@@ -57,12 +57,11 @@ from typing import Any
 
 import numpy as np
 
-from . import maps
-from .decode import load_pixels
-from .errors import ImageError, ModlabelError
+from . import maps, stopping
+from .decode_pool import DecodeRequest, image_pool
+from .errors import ModlabelError
 from .groundtruth import GROUND_TRUTH_NAME
 from .model import OnnxModel
-from .source import read_file
 
 DEFAULT_METHODS: tuple[str, ...] = ("cam", "gradcam", "crm", "crm_output", "cam_squared")
 TABLE3_SIZE = (300, 300)  # the paper counts pixels of 300x300 images
@@ -529,21 +528,30 @@ def localize_images(
                 on_batch(scored)
             batch.clear()
 
-    for record, image_path in images:
-        if record.class_name not in index_of:
-            raise ModlabelError(
-                f"{source}: class {record.class_name!r} of {record.path} is not one of "
-                f"the model's classes {info.class_names}"
-            )
-        try:
-            pixels, original = load_pixels(read_file(image_path), info.input_size, name=image_path)
-        except ImageError as exc:
-            unreadable.append({"path": record.path, "reason": exc.reason})
-            continue
-        batch.append((record, pixels, original, image_path))
-        if len(batch) >= batch_size:
-            flush()
-    flush()
+    def checked(items: Iterable[tuple[GroundTruth, str]]) -> Iterator[tuple[GroundTruth, str]]:
+        for record, image_path in items:
+            if record.class_name not in index_of:
+                raise ModlabelError(
+                    f"{source}: class {record.class_name!r} of {record.path} is not one of "
+                    f"the model's classes {info.class_names}"
+                )
+            yield record, image_path
+
+    # Read and decoded in isolated workers, exactly as a scan decodes them.
+    with image_pool(info.input_size) as pool:
+        for (record, image_path), image in pool.map(
+            checked(images), lambda item: DecodeRequest(item[1]), window=2 * batch_size
+        ):
+            if image.cancelled:
+                stopping.check()
+            if image.error is not None or image.cancelled:
+                reason = image.error or "decoding stopped"
+                unreadable.append({"path": record.path, "reason": reason})
+                continue
+            batch.append((record, image.pixels, image.original_wh, image_path))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
 
     class_order = [name for name in info.class_names if name in per_class]
     rows = []

@@ -118,18 +118,31 @@ def open_query(
             )
             yield QueryResult(list(result.keys()), _rows(result, query.name))
     except sa.exc.DBAPIError as exc:
-        raise ModlabelError(f"query {query.name!r} failed: {exc.orig}") from None
+        raise ModlabelError(f"query {query.name!r} failed: {_why(exc)}") from None
+
+
+def _why(exc: sa.exc.DBAPIError) -> str:
+    from .store import describe_db_error
+
+    text = describe_db_error(exc)
+    if "not authorized" in text:
+        return f"{text} (queries only read: ATTACH and PRAGMAs that write are refused)"
+    return text
 
 
 @contextmanager
 def _read_only(conn: sa.Connection) -> Iterator[None]:
-    """Queries read, never write: a read-only transaction on PostgreSQL, ``query_only``
-    on SQLite (a statement that writes fails, and nothing is changed)."""
+    """Queries read, never write: a read-only transaction on PostgreSQL; on SQLite
+    ``query_only`` and an authorizer that refuses everything but reading (ATTACH, which
+    would create a file, and PRAGMAs that write, ``query_only = OFF`` among them)."""
     if conn.dialect.name == "sqlite":
         conn.exec_driver_sql("PRAGMA query_only = ON")
+        driver = conn.connection.driver_connection
+        driver.set_authorizer(_sqlite_reads_only)
         try:
             yield
         finally:
+            driver.set_authorizer(None)
             conn.rollback()
             conn.exec_driver_sql("PRAGMA query_only = OFF")
             conn.commit()
@@ -142,12 +155,42 @@ def _read_only(conn: sa.Connection) -> Iterator[None]:
         conn.rollback()
 
 
+# PRAGMAs that only read, whatever their argument (a table's name). Any other PRAGMA
+# with an argument sets something (``query_only = OFF``, ``writable_schema = ON``).
+_READING_PRAGMAS = frozenset(
+    {"table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
+     "foreign_key_list", "foreign_key_check", "integrity_check", "quick_check",
+     "compile_options", "function_list", "pragma_list", "collation_list", "module_list",
+     "database_list", "page_count", "freelist_count", "data_version"}
+)  # fmt: skip
+# PRAGMAs that act even without an argument; every other one only reads its value then.
+_ACTING_PRAGMAS = frozenset(
+    {"optimize", "shrink_memory", "wal_checkpoint", "incremental_vacuum", "wal_autocheckpoint"}
+)
+
+
+def _sqlite_reads_only(action: int, arg1: str | None, arg2: str | None, *_rest: object) -> int:
+    """SQLite's authorizer callback for user queries: reading is allowed, nothing else."""
+    import sqlite3
+
+    if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
+                  sqlite3.SQLITE_RECURSIVE, sqlite3.SQLITE_TRANSACTION):  # fmt: skip
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_UPDATE and arg1 in ("sqlite_master", "sqlite_temp_master"):
+        return sqlite3.SQLITE_OK  # SQLite asks this while it reads the schema for a query
+    if action == sqlite3.SQLITE_PRAGMA:
+        name = (arg1 or "").lower()
+        if name in _READING_PRAGMAS or (arg2 is None and name not in _ACTING_PRAGMAS):
+            return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
 def _rows(result: sa.CursorResult, name: str) -> Iterator[tuple]:
     try:
         for row in result:
             yield tuple(row)
     except sa.exc.DBAPIError as exc:
-        raise ModlabelError(f"query {name!r} failed: {exc.orig}") from None
+        raise ModlabelError(f"query {name!r} failed: {_why(exc)}") from None
 
 
 def _with_models(engine: Engine, query: NamedQuery, params: dict[str, Any]) -> dict[str, Any]:

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import csv
 import io
 import itertools
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,11 +42,10 @@ import numpy as np
 from PIL import Image, ImageOps
 from sqlalchemy.engine import Engine
 
-from . import __version__, aggregate, codec, config, maps, overlay, rois, store
-from .decode import open_rgb
-from .errors import ImageError, ModlabelError
+from . import __version__, aggregate, codec, config, maps, overlay, rois, spreadsheet, store
+from .decode_pool import DecodePool, DecodeRequest, image_pool
+from .errors import ModlabelError
 from .paths import display_path, from_db
-from .source import read_file
 
 if TYPE_CHECKING:
     from . import evaluation
@@ -221,9 +219,10 @@ def class_heatmap_png(average: np.ndarray, roi: rois.ClassRoi) -> str:
     return _png_b64(overlay.class_overlay(average, heatmap_size(roi.input_hw), roi=roi))
 
 
-def example_png(path: str, crm_map: np.ndarray) -> str:
-    """An archive image, shrunk for the page, with its CRM overlaid."""
-    img = open_rgb(read_file(path), name=path)  # regular files only, bounded
+def example_png(display: np.ndarray, crm_map: np.ndarray) -> str:
+    """An archive image (as a decode worker shrank it, ``decode_pool.image_pool``), fit to
+    the page's thumbnail box, with its CRM overlaid."""
+    img = Image.fromarray(display)
     # Fit to the thumbnail box, small images enlarged too, so that examples line up.
     img = ImageOps.contain(img, (EXAMPLE_PX, EXAMPLE_PX), Image.Resampling.BILINEAR)
     blended = overlay.overlay(np.asarray(img), crm_map, threshold=maps.DISPLAY_FRACTION)
@@ -342,7 +341,7 @@ def write_roi_files(out_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
     """class_rois.csv (regions as a JSON list in one column) and class_rois.json (a list)."""
 
     def write_csv(f: IO[str]) -> None:
-        writer = csv.writer(f)
+        writer = spreadsheet.writer(f)
         writer.writerow(ROI_COLUMNS)
         for row in rows:
             writer.writerow([json.dumps(row[k]) if k == "regions" else row[k] for k in ROI_COLUMNS])
@@ -414,7 +413,7 @@ def write_images_csv(
 
     def write(f: IO[str]) -> None:
         nonlocal written
-        writer = csv.writer(f)
+        writer = spreadsheet.writer(f)
         writer.writerow(IMAGE_COLUMNS)
         rows = store.iter_image_rows(engine, model_row.id, chunk=chunk)
         with contextlib.closing(rows):
@@ -528,13 +527,19 @@ def build_report(
     classes = [view for view in every_class if view.count or view.averaged]
     html_path = None
     if "html" in wanted:
+        # The example images are read and decoded in isolated workers, as a scan's are.
+        pool = image_pool(display_px=EXAMPLE_PX) if examples_per_class > 0 else None
         histograms = store.confidence_histograms(engine, model_row.id, HISTOGRAM_BINS)
-        for view in classes:
-            shown_threshold = threshold if averaged_over == BY_CONFIDENCE else None
-            view.histogram = confidence_histogram(
-                histograms.get(view.name, [0] * HISTOGRAM_BINS), shown_threshold
-            )
-            _add_examples(engine, model_row.id, view, examples_per_class)
+        try:
+            for view in classes:
+                shown_threshold = threshold if averaged_over == BY_CONFIDENCE else None
+                view.histogram = confidence_histogram(
+                    histograms.get(view.name, [0] * HISTOGRAM_BINS), shown_threshold
+                )
+                _add_examples(engine, model_row.id, view, examples_per_class, pool)
+        finally:
+            if pool is not None:
+                pool.close()
         html_path = _write_html(
             out_dir,
             model=model_row,
@@ -587,8 +592,10 @@ def _class_view(
     return view
 
 
-def _add_examples(engine: Engine, model_id: int, view: ClassView, limit: int) -> None:
-    if limit <= 0:
+def _add_examples(
+    engine: Engine, model_id: int, view: ClassView, limit: int, pool: DecodePool | None
+) -> None:
+    if limit <= 0 or pool is None:
         return
     most = store.example_rows(engine, model_id, view.name, limit)
     shown = {ex["path"] for ex in most}
@@ -597,18 +604,21 @@ def _add_examples(engine: Engine, model_id: int, view: ClassView, limit: int) ->
         for ex in store.example_rows(engine, model_id, view.name, limit, least_confident=True)
         if ex["path"] not in shown  # a small class: its least confident are among the most
     ]
-    view.most_confident = [_example_view(ex) for ex in most]
-    view.least_confident = [_example_view(ex) for ex in least]
+    views = list(_example_views(most + least, pool))
+    view.most_confident = views[: len(most)]
+    view.least_confident = views[len(most) :]
 
 
-def _example_view(ex: dict[str, Any]) -> ExampleView:
-    try:
-        png, note = example_png(from_db(ex["path"]), codec.decode_map(ex["crm"])), ""
-    except ImageError as exc:
-        png, note = None, exc.reason
-    except codec.MapCodecError as exc:
-        png, note = None, str(exc)
-    return ExampleView(display_path(ex["path"]), float(ex["confidence"]), png, note)
+def _example_views(rows: list[dict[str, Any]], pool: DecodePool) -> Iterator[ExampleView]:
+    decoded = pool.map(rows, lambda ex: DecodeRequest(from_db(ex["path"])))
+    for ex, image in decoded:
+        png, note = None, image.error or ("decoding stopped" if image.cancelled else "")
+        if not note:
+            try:
+                png = example_png(image.display, codec.decode_map(ex["crm"]))
+            except codec.MapCodecError as exc:
+                note = str(exc)
+        yield ExampleView(display_path(ex["path"]), float(ex["confidence"]), png, note)
 
 
 def _utc(moment: datetime | None) -> str:

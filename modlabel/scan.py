@@ -2,11 +2,11 @@
 
 Everything streams. Files are looked up in the database a chunk at a time;
 unchanged files (same size and mtime, or same content hash) are never decoded
-or labeled again; changed and new files are read and decoded by a small
-thread pool while the model runs, labeled in batches, and each batch is
-written in its own transaction, so an interrupted scan keeps everything it
-finished. A file that cannot be read becomes a row with an error, and the scan
-goes on.
+or labeled again; changed and new files are read and decoded by isolated
+worker processes (``modlabel.decode_pool``) while the model runs, labeled in
+batches, and each batch is written in its own transaction, so an interrupted
+scan keeps everything it finished. A file that cannot be read, or that crashes
+or exhausts its decoder, becomes a row with an error, and the scan goes on.
 
 The nightly job around it: a scan first takes the lock of its (database,
 model) (``modlabel.lock``), marks runs that died without a word as
@@ -19,14 +19,13 @@ database can still be reached.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
+import json
 import logging
+import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,16 +33,24 @@ from typing import Any
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from . import aggregate, codec, config, maps, stopping, store
-from .decode import load_pixels
-from .dicom import NO_HEADER_COLUMNS, DicomHeader, dicom_header
-from .errors import DatabaseError, ImageError, Interrupted
+from . import aggregate, codec, config, decode_pool, maps, stopping, store
+from .decode_pool import Decoded, DecodePool, DecodeRequest, DecodeSpec
+from .dicom import NO_HEADER_COLUMNS, DicomHeader
+from .errors import (
+    ImageError,
+    Interrupted,
+    ModlabelError,
+    StopRequested,
+    VanishedError,
+    one_line,
+)
 from .lock import acquire_scan_lock
 from .model import OnnxModel, softmax
-from .paths import display_fs_path, to_db
+from .paths import display_fs_path, display_path, to_db
 from .source import (
     DEFAULT_MAX_FILE_BYTES,
     GONE,
+    BlobEntry,
     FileEntry,
     ImageFilter,
     Unreadable,
@@ -80,6 +87,16 @@ class ScanStats:
         return self.labeled / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How files are decoded: ``decoders`` worker processes, each under an address space of
+    ``memory_bytes`` and a time limit of ``timeout`` seconds a file (``decode_pool``)."""
+
+    decoders: int = config.DEFAULT_DECODERS
+    memory_bytes: int = config.DEFAULT_DECODE_MEMORY
+    timeout: float = config.DEFAULT_DECODE_TIMEOUT
+
+
 @dataclass
 class _Work:
     """One file on its way through the pipeline."""
@@ -106,7 +123,7 @@ def scan_archive(
     engine: Engine,
     *,
     batch_size: int = config.DEFAULT_BATCH_SIZE,
-    workers: int = 2,
+    decoding: DecodeOptions = DecodeOptions(),
     on_progress: Callable[[int], None] | None = None,
     entries: Iterable[FileEntry | Unreadable] | None = None,
     retry_errors: bool = False,
@@ -118,6 +135,7 @@ def scan_archive(
     db_retry: float = store.DEFAULT_RETRY_SECONDS,
     commit_rows: int = config.DEFAULT_COMMIT_ROWS,
     abstain: bool = False,
+    missing_guard: MissingGuard | None = None,
     run_pipeline: Pipeline | None = None,
 ) -> ScanStats:
     """Label every image under ``roots`` that the database lacks for ``model``.
@@ -161,6 +179,7 @@ def scan_archive(
         run_pipeline = _run_pipeline
     if entries is None:
         check_roots(roots)
+    decode_pool.start_server()  # the decoders' imports overlap the database's first calls
     info = model.info
     retry = store.DbRetry(db_retry, what=f"database {store.safe_url(engine.url)}")
     model_id = retry(
@@ -185,7 +204,16 @@ def scan_archive(
         stats.scan_id = scan_id
         progress = store.ScanProgress(scan_id)
         started = time.perf_counter()
-        lookup = _Lookup(engine, model_id, stats, progress, retry, on_progress, retry_errors)
+        lookup = _Lookup(
+            engine,
+            model_id,
+            stats,
+            progress,
+            retry,
+            on_progress,
+            retry_errors,
+            missing_guard or MissingGuard(),
+        )
         if entries is None:
             counts = WalkCounts()
             changed = lookup.folders(
@@ -212,13 +240,15 @@ def scan_archive(
                     progress,
                     retry,
                     batch_size=batch_size,
-                    workers=workers,
+                    decoding=decoding,
                     on_progress=on_progress,
                     max_file_bytes=max_file_bytes,
                     commit_rows=commit_rows,
                     abstain=abstain,
                 )
                 stats.seconds = time.perf_counter() - started
+                if lookup.refusals:  # labels were written; nothing was marked missing
+                    raise VanishedError("; ".join(lookup.refusals))
                 retry(
                     store.finish_scan,
                     engine,
@@ -251,21 +281,14 @@ def _run_pipeline(
     retry: store.DbRetry,
     *,
     batch_size: int,
-    workers: int,
+    decoding: DecodeOptions,
     on_progress: Callable[[int], None] | None,
     max_file_bytes: int,
     commit_rows: int = config.DEFAULT_COMMIT_ROWS,
     abstain: bool = False,
 ) -> None:
-    info = model.info
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="modlabel-decode")
-    try:
-        prepared = _bounded_map(
-            pool,
-            lambda w: _prepare(w, info.input_size, model.preprocess, max_file_bytes),
-            changed,
-            window=max(2 * batch_size, 4 * workers),
-        )
+    with decoder_pool(model, decoding, max_file_bytes) as pool:
+        prepared = prepare_all(pool, changed, max_file_bytes, window=max(2 * batch_size, 8))
         writer = _RowWriter(engine, model_id, stats, progress, retry, commit_rows, on_progress)
         try:
             for batch in _batches(prepared, writer.touched, batch_size):
@@ -276,9 +299,63 @@ def _run_pipeline(
         except BaseException:
             writer.flush_once()  # a signal or a failure keeps the labels already made
             raise
-    finally:
-        # On an error or a signal, queued decodes are dropped rather than run.
-        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def decoder_pool(model: OnnxModel, decoding: DecodeOptions, max_file_bytes: int) -> DecodePool:
+    """The decode workers of a scan: the model's input size, normalized as it expects."""
+    info = model.info
+    spec = DecodeSpec(
+        size_hw=(int(info.input_size[0]), int(info.input_size[1])),
+        mean=tuple(float(v) for v in info.mean),
+        std=tuple(float(v) for v in info.std),
+        max_bytes=max_file_bytes,
+    )
+    return DecodePool(
+        spec,
+        workers=decoding.decoders,
+        memory_bytes=decoding.memory_bytes,
+        timeout=decoding.timeout,
+    )
+
+
+def prepare_all(
+    pool: DecodePool, works: Iterable[_Work], max_file_bytes: int, *, window: int
+) -> Iterator[_Work]:
+    """Each work with its file read, hashed and decoded by ``pool``, in order."""
+    for work, decoded in pool.map(works, lambda w: _request(w, max_file_bytes), window=window):
+        yield _apply(work, decoded)
+
+
+def _request(work: _Work, max_file_bytes: int) -> DecodeRequest | None:
+    """What a decode worker is to do for a work (runs on a pool thread), or None when
+    its error is known already."""
+    if work.error is not None:
+        return None
+    data = None
+    if isinstance(work.entry, BlobEntry):
+        try:
+            data = work.entry.read(max_file_bytes)  # the table's bytes, fetched here
+        except ImageError as exc:
+            work.error = exc.reason
+            return None
+    known = work.known.sha256 if work.known is not None else None
+    return DecodeRequest(work.entry.path, data=data, known_sha256=known)
+
+
+def _apply(work: _Work, decoded: Decoded | None) -> _Work:
+    """A work with what its decode gave (pixels normalized for the model, or an error)."""
+    if decoded is None:
+        return work
+    if decoded.cancelled:  # the workers were stopped: a stop, never the file's error
+        stopping.check()
+        raise Interrupted("decoding stopped")
+    work.sha256 = decoded.sha256
+    work.unchanged = decoded.unchanged  # touched: same bytes, same label
+    work.dicom = decoded.dicom  # kept on error rows too: what the file claims to be
+    work.error = decoded.error
+    work.inputs = decoded.pixels
+    work.original_wh = decoded.original_wh
+    return work
 
 
 # Labeled rows are committed in transactions of up to ``commit_rows`` rows
@@ -357,7 +434,7 @@ class _RowWriter:
             store.DbRetry(0)(
                 store.write_image_rows, self.engine, self.model_id, self.rows, self.progress
             )
-        except DatabaseError:
+        except ModlabelError:  # unreachable, or cut short by the stop: the next run redoes it
             return
         self._count()
 
@@ -381,7 +458,7 @@ def _record_end(engine: Engine, scan_id: int, stats: ScanStats, exc: BaseExcepti
     """Write how a scan ended badly to its row, if the database can still be reached."""
     if isinstance(exc, KeyboardInterrupt):
         status, reason = store.INTERRUPTED, "interrupted (SIGINT)"
-    elif isinstance(exc, Interrupted):
+    elif isinstance(exc, (Interrupted, StopRequested)):
         status, reason = store.INTERRUPTED, str(exc)
     elif isinstance(exc, Exception) and hasattr(exc, "exit_code"):
         status, reason = store.FAILED, str(exc)
@@ -393,13 +470,13 @@ def _record_end(engine: Engine, scan_id: int, stats: ScanStats, exc: BaseExcepti
             engine,
             scan_id,
             status=status,
-            reason=reason,
+            reason=one_line(reason, 2000),
             seen=stats.seen,
             unchanged=stats.unchanged,
             skipped=stats.skipped,
             missing=stats.missing,
         )
-    except DatabaseError as unrecorded:
+    except ModlabelError as unrecorded:
         # The row stays "running" until its heartbeat lapses, then shows as interrupted.
         log.debug("could not record the end of scan #%s: %s", scan_id, unrecorded)
 
@@ -434,14 +511,99 @@ def _tick(on_progress: Callable[[int], None] | None, n: int) -> None:
         on_progress(n)
 
 
+@dataclass(frozen=True)
+class MissingGuard:
+    """When a scan marks nothing missing: a root that looks vanished.
+
+    A share that did not mount, or a mount point left empty, must not turn the
+    archive's labels into "missing" (and ``prune`` then into nothing). A root's
+    stored files found gone are marked missing only once its walk is over, and
+    only when fewer than the limit are: at most ``share`` of the root's stored
+    files that were there (and ``MISSING_FLOOR`` files in any case), or at most
+    ``count`` files. A root that walks empty while files are stored under it marks
+    none. ``allow``: mark them all (a real mass deletion, confirmed).
+    """
+
+    share: float | None = config.DEFAULT_MAX_MISSING_SHARE
+    count: int | None = None
+    allow: bool = False
+
+    def refusal(self, root: str, gone: int, live: int, empty: bool) -> str | None:
+        """Why ``gone`` of ``live`` stored files under ``root`` are not marked missing, or
+        None when they may be."""
+        if self.allow or gone == 0:
+            return None
+        shown = display_path(root)
+        if empty:
+            return (
+                f"{shown} is empty, but {live} files are stored under it (a share that did "
+                "not mount?): nothing was marked missing; --allow-missing marks them"
+            )
+        if self.count is not None:
+            limit = self.count
+        else:
+            limit = max(int(math.ceil((self.share or 0.0) * live)), config.MISSING_FLOOR)
+        if gone <= limit:
+            return None
+        what = f"{self.count}" if self.count is not None else f"{self.share:.0%} of {live}"
+        return (
+            f"{gone} of the {live} files stored under {shown} are gone, more than "
+            f"--max-missing allows ({what}): nothing was marked missing; check the archive, "
+            "then --allow-missing marks them"
+        )
+
+
+class _GoneList:
+    """Stored paths found gone under one root, to be marked missing once the walk is
+    over: held in memory up to a chunk, then spilled to a temporary file (flat memory)."""
+
+    def __init__(self) -> None:
+        self.head: list[str] = []
+        self.spill: Any = None
+        self.count = 0
+
+    def add(self, path: str) -> None:
+        self.count += 1
+        if len(self.head) < LOOKUP_CHUNK:
+            self.head.append(path)
+            return
+        if self.spill is None:
+            import tempfile
+
+            self.spill = tempfile.TemporaryFile(mode="w+", encoding="utf-8")  # noqa: SIM115
+        self.spill.write(json.dumps(path) + "\n")  # one line per path, whatever it holds
+
+    def chunks(self) -> Iterator[list[str]]:
+        if self.head:
+            yield self.head
+        if self.spill is not None:
+            self.spill.seek(0)
+            chunk = []
+            for line in self.spill:
+                chunk.append(json.loads(line))
+                if len(chunk) >= LOOKUP_CHUNK:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+
+    def clear(self) -> None:
+        self.head, self.count = [], 0
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
+
+
 class _Lookup:
     """Which files need work: each is compared with what the database holds for it.
 
     Folder roots are walked in the byte order of the stored paths and merged
     with the stored rows under the folder, read page by page in that order: a
-    stored row that the walk passes by is a file that is gone (marked missing),
-    and neither stream is ever held whole. Other sources (a table of figures,
-    a file given as a root) are looked up a chunk at a time.
+    stored row that the walk passes by is a file that is gone, and neither stream
+    is ever held whole. Other sources (a table of figures, a file given as a root)
+    are looked up a chunk at a time. Files found gone are marked missing when a
+    root's walk is over, if ``guard`` lets them (``MissingGuard``); otherwise its
+    reason is kept in ``refusals`` and nothing is marked.
     """
 
     def __init__(
@@ -453,6 +615,7 @@ class _Lookup:
         retry: store.DbRetry,
         on_progress: Callable[[int], None] | None,
         retry_errors: bool,
+        guard: MissingGuard,
     ) -> None:
         self.engine = engine
         self.model_id = model_id
@@ -461,8 +624,11 @@ class _Lookup:
         self.retry = retry
         self.on_progress = on_progress
         self.retry_errors = retry_errors
-        self.gone: list[str] = []  # stored paths found gone, to mark missing
+        self.guard = guard
+        self.gone = _GoneList()  # the current root's stored paths found gone
+        self.live = 0  # the current root's stored files that were there before this scan
         self.back: list[str] = []  # stored paths marked missing, found back unchanged
+        self.refusals: list[str] = []
 
     def folders(
         self,
@@ -472,14 +638,19 @@ class _Lookup:
     ) -> Iterator[_Work]:
         for root in roots:
             root_str = str(root)
+            skipped_before = counts.skipped
             if Path(root_str).is_dir():
-                yield from self._merge(to_db(root_str), walk(root_str))
+                walked = yield from self._merge(to_db(root_str), walk(root_str))
+                empty = walked == 0 and counts.skipped == skipped_before
+                self._settle(root_str, empty=empty)
             else:
                 yield from self.entries(walk(root_str))
             self.stats.skipped = counts.skipped
         self._flush(force=True)
 
-    def entries(self, items: Iterable[FileEntry | Unreadable]) -> Iterator[_Work]:
+    def entries(
+        self, items: Iterable[FileEntry | Unreadable], *, source: str = "the table"
+    ) -> Iterator[_Work]:
         iterator = iter(items)
         while chunk := list(itertools.islice(iterator, LOOKUP_CHUNK)):
             stopping.check()
@@ -492,23 +663,33 @@ class _Lookup:
                     self._skip()
                     continue
                 in_chunk.add(key)
-                work = self._decide(item, key, known.get(key))
+                old = known.get(key)
+                if old is not None and not old.missing:
+                    self.live += 1
+                work = self._decide(item, key, old)
                 if work is not None:
                     yield work
             self._flush()
+        self._settle(source, empty=False)
         self._flush(force=True)
 
-    def _merge(self, folder: str, walked: Iterable[FileEntry | Unreadable]) -> Iterator[_Work]:
+    def _merge(self, folder: str, walked: Iterable[FileEntry | Unreadable]):
+        """The works of one folder root; returns how many entries its walk yielded."""
         stored = _StoredPages(self.engine, self.model_id, folder, self.retry)
         kept: str | None = None  # rows under an unreadable folder are not "gone"
+        count = 0
         for item in walked:
             if self.stats.seen % LOOKUP_CHUNK == 0:
                 stopping.check()
             self.stats.seen += 1
+            count += 1
             key = to_db(_path(item))
             while (head := stored.peek()) is not None and head[0] < key:
                 self._pass_by(stored.pop(), kept)
-            old = stored.pop()[1] if head is not None and head[0] == key else None
+            old = None
+            if head is not None and head[0] == key:
+                old = stored.pop()[1]
+                self.live += not old.missing
             if isinstance(item, tuple) and item[1].startswith("cannot list directory"):
                 kept = key + "/"
             work = self._decide(item, key, old)
@@ -517,11 +698,31 @@ class _Lookup:
             self._flush()
         while stored.peek() is not None:
             self._pass_by(stored.pop(), kept)
+        return count
 
     def _pass_by(self, row: tuple[str, store.KnownFile], kept: str | None) -> None:
         path, known = row
-        if not known.missing and not (kept is not None and path.startswith(kept)):
-            self.gone.append(path)
+        if known.missing:
+            return
+        self.live += 1
+        if not (kept is not None and path.startswith(kept)):
+            self.gone.add(path)
+
+    def _settle(self, root: str, *, empty: bool) -> None:
+        """A root's walk is over: mark its gone files missing, unless the guard refuses."""
+        refusal = self.guard.refusal(root, self.gone.count, self.live, empty)
+        if refusal is not None:
+            self.refusals.append(refusal)
+            log.warning("%s", refusal)
+        else:
+            for chunk in self.gone.chunks():
+                stopping.check()
+                _sync(self.progress, self.stats)
+                self.stats.missing += self.retry(
+                    store.set_missing, self.engine, self.model_id, chunk, True, self.progress
+                )
+        self.gone.clear()
+        self.live = 0
 
     def _decide(
         self, item: FileEntry | Unreadable, key: str, old: store.KnownFile | None
@@ -529,7 +730,8 @@ class _Lookup:
         """The work for one file, or None when nothing is to be read."""
         if isinstance(item, tuple):
             if item[1] == GONE and old is not None and not old.failed:
-                self.gone.append(key)  # a listed file that is gone (a table of figures)
+                if not old.missing:
+                    self.gone.add(key)  # a listed file that is gone (a table of figures)
                 return self._skip()
             if old is not None and old.failed and not self.retry_errors:
                 return self._skip()  # still unreadable: the stored error stands
@@ -548,12 +750,6 @@ class _Lookup:
         return None
 
     def _flush(self, *, force: bool = False) -> None:
-        if self.gone and (force or len(self.gone) >= LOOKUP_CHUNK):
-            _sync(self.progress, self.stats)
-            self.stats.missing += self.retry(
-                store.set_missing, self.engine, self.model_id, self.gone, True, self.progress
-            )
-            self.gone = []
         if self.back and (force or len(self.back) >= LOOKUP_CHUNK):
             _sync(self.progress, self.stats)
             self.stats.returned += self.retry(
@@ -598,48 +794,6 @@ class _StoredPages:
 
 def _path(item: FileEntry | Unreadable) -> str:
     return item.path if isinstance(item, FileEntry) else item[0]
-
-
-def _prepare(
-    work: _Work,
-    input_size: Sequence[int],
-    preprocess: Callable[[np.ndarray], np.ndarray],
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-) -> _Work:
-    """Read, hash, decode and normalize one file (runs in a worker thread)."""
-    if work.error is not None:
-        return work
-    try:
-        data = work.entry.read(max_file_bytes)
-    except ImageError as exc:
-        work.error = exc.reason
-        return work
-    work.sha256 = hashlib.sha256(data).hexdigest()
-    if work.known is not None and work.known.sha256 == work.sha256:
-        work.unchanged = True  # touched, e.g. copied with a new mtime: same bytes, same label
-        return work
-    try:
-        work.dicom = dicom_header(data)  # kept on error rows too: what the file claims to be
-        pixels, work.original_wh = load_pixels(data, input_size, name=work.entry.path)
-    except ImageError as exc:
-        work.error = exc.reason
-        return work
-    # Normalizing here, in the worker, keeps the model's thread free for inference.
-    work.inputs = preprocess(pixels)
-    return work
-
-
-def _bounded_map(
-    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], *, window: int
-) -> Iterator[Any]:
-    """``pool.map`` in order, but with at most ``window`` items in flight (flat memory)."""
-    queue: deque[Future] = deque()
-    for item in items:
-        queue.append(pool.submit(fn, item))
-        if len(queue) >= window:
-            yield queue.popleft().result()
-    while queue:
-        yield queue.popleft().result()
 
 
 def _batches(

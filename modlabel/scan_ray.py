@@ -5,8 +5,9 @@ the roots, compares them with the database, holds the scan's lock and run
 record, and writes every row through ``scan._RowWriter``, so counts, class
 sums and exit codes are those of a local scan. The files that need work go to
 a Ray Data ``map_batches`` over an actor pool: each actor loads the model once
-(``OnnxModel``), reads and decodes its files itself (``scan._prepare``: the
-paths must be readable on every node) and labels them (``scan._label_batch``).
+(``OnnxModel``), reads and decodes its files itself, in decode workers of its own as a
+local scan does (``scan.prepare_all``: the paths must be readable on every
+node), and labels them (``scan._label_batch``).
 Rows come back to the driver as they are made.
 
 Ray is imported here only, and this module only for ``--engine ray``.
@@ -27,7 +28,16 @@ from sqlalchemy.engine import Engine
 from . import config, store
 from .errors import ModlabelError
 from .model import OnnxModel
-from .scan import Pipeline, ScanStats, _label_batch, _prepare, _RowWriter, _Work
+from .scan import (
+    DecodeOptions,
+    Pipeline,
+    ScanStats,
+    _label_batch,
+    _RowWriter,
+    _Work,
+    decoder_pool,
+    prepare_all,
+)
 from .source import BlobEntry
 
 # Files handed to Ray per Dataset: the driver holds this many work items at a time (not the
@@ -74,19 +84,31 @@ def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
 
 
 class _Labeler:
-    """One Ray actor: one onnxruntime session, labeling batches of pickled ``_Work``."""
+    """One Ray actor: one onnxruntime session and its decode workers (``decode_pool``, as
+    a local scan's), labeling batches of pickled ``_Work``."""
 
-    def __init__(self, model_path: str, device: str, abstain: bool, max_file_bytes: int) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        device: str,
+        abstain: bool,
+        max_file_bytes: int,
+        decoding: DecodeOptions,
+    ) -> None:
         self.model = OnnxModel(Path(model_path), device=device)
         self.abstain = abstain
         self.max_file_bytes = max_file_bytes
+        self.pool = decoder_pool(self.model, decoding, max_file_bytes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        info = self.model.info
-        works = [
-            _prepare(pickle.loads(b), info.input_size, self.model.preprocess, self.max_file_bytes)
-            for b in batch["work"]
-        ]
+        works = list(
+            prepare_all(
+                self.pool,
+                (pickle.loads(b) for b in batch["work"]),
+                self.max_file_bytes,
+                window=len(batch["work"]) or 1,
+            )
+        )
         todo = [w for w in works if not w.unchanged]
         by_key = {}
         if todo:
@@ -125,13 +147,12 @@ def ray_pipeline(
         retry: store.DbRetry,
         *,
         batch_size: int,
-        workers: int,
+        decoding: DecodeOptions,
         on_progress: Callable[[int], None] | None,
         max_file_bytes: int,
         commit_rows: int = config.DEFAULT_COMMIT_ROWS,
         abstain: bool = False,
     ) -> None:
-        del workers  # decoding threads of the local pipeline; Ray's actors decode here
         writer = _RowWriter(engine, model_id, stats, progress, retry, commit_rows, on_progress)
         iterator = iter(changed)
         try:
@@ -150,6 +171,7 @@ def ray_pipeline(
                         "device": actor_device,
                         "abstain": abstain,
                         "max_file_bytes": max_file_bytes,
+                        "decoding": decoding,
                     },
                     batch_size=batch_size,
                     batch_format="numpy",

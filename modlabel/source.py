@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from . import stopping
 from .decode import is_image_path
 from .dicom import HEAD_BYTES, looks_like_dicom
 from .errors import ImageError, InputError
@@ -87,9 +88,13 @@ def parse_size(text: str) -> int:
         size = float(number) * units[unit]
     except ValueError:
         raise ValueError(f"not a size: {text!r} (e.g. 256M, 2G)") from None
-    if size <= 0:
-        raise ValueError(f"a size must be positive, not {text!r}")
+    if not 0 < size < MAX_SIZE:
+        raise ValueError(f"a size must be positive and below 1 PiB, not {text!r}")
     return int(size)
+
+
+# No size modlabel is given means more than this (1 PiB): larger is a typo.
+MAX_SIZE = float(1 << 50)
 
 
 def check_roots(roots: Iterable[str | Path]) -> None:
@@ -257,6 +262,53 @@ def _walk_dir(
     image_filter: ImageFilter,
     counts: WalkCounts,
 ) -> Iterator[FileEntry | Unreadable]:
+    """The walk under ``top``, depth first in stored-path order, at any depth: an explicit
+    stack of folders (one sorted listing each), never a recursion. A stop asked for
+    (``stopping``) ends it between any two entries, whether they are images or not."""
+    listing = _listing(top, follow_symlinks)
+    if isinstance(listing, str):
+        yield (top, listing)
+        return
+    stack: list[Iterator[tuple[str, bool, os.stat_result | OSError | None]]] = [iter(listing)]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        stopping.check()
+        path, is_dir, target = entry
+        if is_dir:
+            try:
+                st = target if isinstance(target, os.stat_result) else os.stat(path)
+            except OSError as exc:
+                yield (path, f"cannot list directory: {_stat_reason(exc)}")
+                continue
+            dir_key = (st.st_dev, st.st_ino)
+            if dir_key in visited:  # a link loop, or a second link to one folder
+                continue
+            visited.add(dir_key)
+            inner = _listing(path, follow_symlinks)
+            if isinstance(inner, str):
+                yield (path, inner)
+            else:
+                stack.append(iter(inner))
+            continue
+        if not image_filter.is_image(path):
+            counts.skipped += 1
+            continue
+        try:
+            st = os.stat(path)  # a link's target: the bytes that would be read
+        except OSError as exc:
+            yield (path, _stat_reason(exc))
+            continue
+        yield _classify(path, st, max_bytes)
+
+
+def _listing(
+    top: str, follow_symlinks: bool
+) -> list[tuple[str, bool, os.stat_result | OSError | None]] | str:
+    """A folder's entries (path, is a folder, a followed link's stat) in the order of their
+    stored paths, a folder sorting as "name/"; or the reason it cannot be listed."""
     try:
         with os.scandir(top) as it:
             listed = [
@@ -265,8 +317,7 @@ def _walk_dir(
                 if not e.name.startswith(".")
             ]
     except OSError as exc:
-        yield (top, f"cannot list directory: {exc.strerror or exc}")
-        return
+        return f"cannot list directory: {exc.strerror or exc}"
     entries = []
     for name, is_dir, is_link in listed:
         path = os.path.join(top, name)
@@ -280,29 +331,7 @@ def _walk_dir(
         # A folder sorts as "name/": its files come where their full paths sort.
         entries.append((to_db(name) + ("/" if is_dir else ""), path, is_dir, target))
     entries.sort(key=lambda item: item[0])
-    for _key, path, is_dir, target in entries:
-        if is_dir:
-            try:
-                st = target if isinstance(target, os.stat_result) else os.stat(path)
-            except OSError as exc:
-                yield (path, f"cannot list directory: {_stat_reason(exc)}")
-                continue
-            dir_key = (st.st_dev, st.st_ino)
-            if dir_key not in visited:  # a link loop, or a second link to one folder
-                visited.add(dir_key)
-                yield from _walk_dir(
-                    path, follow_symlinks, max_bytes, visited, image_filter, counts
-                )
-            continue
-        if not image_filter.is_image(path):
-            counts.skipped += 1
-            continue
-        try:
-            st = os.stat(path)  # a link's target: the bytes that would be read
-        except OSError as exc:
-            yield (path, _stat_reason(exc))
-            continue
-        yield _classify(path, st, max_bytes)
+    return [(path, is_dir, target) for _key, path, is_dir, target in entries]
 
 
 def _classify(path: str, st: os.stat_result, max_bytes: int) -> FileEntry | Unreadable:

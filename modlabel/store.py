@@ -24,9 +24,11 @@ or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,8 +39,9 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from . import redaction
 from .config import DEFAULT_DB_RETRY_SECONDS as DEFAULT_RETRY_SECONDS
-from .errors import DatabaseError
+from .errors import DatabaseError, Interrupted, one_line
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +144,8 @@ scans = sa.Table(
     "scans",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id"), nullable=False),
+    # NULL for a run that ended before it knew its model (stopped, or refused at the start).
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id"), nullable=True),
     sa.Column("roots", sa.JSON, nullable=False),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("finished_at", sa.DateTime(timezone=True)),
@@ -174,38 +178,61 @@ def utcnow() -> datetime:
 
 
 def open_db(
-    url: str, *, migrate: bool = True, retry_seconds: float = 0.0, create: bool = True
+    url: str,
+    *,
+    migrate: bool = True,
+    retry_seconds: float = 0.0,
+    create: bool = True,
+    check: bool = True,
 ) -> Engine:
-    """An engine for ``url`` with the schema upgraded to the newest version.
+    """An engine for ``url``: with ``migrate``, the schema upgraded to the newest version
+    (the commands that write: scan, prune, ``db upgrade``); without it, a schema that is
+    not this modlabel's is refused with one line (``check_schema``: the commands that only
+    read never write the schema).
 
     Connections are pre-pinged, so a connection that died with a server restart
     is replaced instead of failing the next statement. ``retry_seconds``: how
-    long a database that cannot be reached yet is waited for (0: fail at once).
-    ``create=False`` (for commands that only read) refuses a SQLite file that
-    does not exist instead of creating an empty one.
+    long a database that cannot be reached yet is waited for (0: fail at once);
+    a database that does not exist, a failed password and a denied permission are
+    not waited for. ``create=False`` (for commands that only read) refuses a SQLite
+    file that does not exist instead of creating an empty one. ``check=False`` skips the
+    schema's check (``modlabel db status``, which reports it).
     """
     if not create:
         _require_sqlite_file(url)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
-        # Waiting on a lock beats failing when two jobs touch the same file.
-        kwargs["connect_args"] = {"timeout": 60}
+        # A short wait on a lock; longer waits are DbRetry's, which a stop ends.
+        kwargs["connect_args"] = {"timeout": SQLITE_BUSY_SECONDS}
     elif url.startswith("postgresql"):
-        kwargs["connect_args"] = {"connect_timeout": 10}
+        kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_SECONDS}
     try:
         engine = sa.create_engine(url, **kwargs)
-    except sa.exc.ArgumentError as exc:
-        raise DatabaseError(f"not a database URL: {safe_url(url)} ({exc})") from None
+    except (sa.exc.ArgumentError, ValueError) as exc:
+        raise DatabaseError(f"not a database URL: {safe_url(url)} ({one_line(exc)})") from None
     except ModuleNotFoundError as exc:
         raise DatabaseError(f"no driver for {safe_url(url)}: {exc}") from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_connect)
         sa.event.listen(engine, "begin", _sqlite_begin)
+    else:
+        sa.event.listen(engine, "begin", _postgres_begin)
+    _guard_statements(engine)
     retry = DbRetry(retry_seconds, what=f"database {safe_url(url)}")
     retry(_ping, engine)
     if migrate:
         retry(upgrade_schema, engine)
+    elif check:
+        retry(check_schema, engine)
     return engine
+
+
+# A SQLite writer waits this long for another's lock before DbRetry takes over; a
+# PostgreSQL connection attempt gives up after PG_CONNECT_SECONDS.
+SQLITE_BUSY_SECONDS = 1.0
+PG_CONNECT_SECONDS = 5
+# After a stop was asked for, a statement may take this long (the scan records its end).
+STOPPING_STATEMENT_MS = 1500
 
 
 def sqlite_file(url: str | sa.engine.URL) -> Path | None:
@@ -249,16 +276,112 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: sa.Connection) -> None:
+    from . import stopping
+
+    if stopping.requested():  # on the way out: a lock is not waited for long
+        conn.exec_driver_sql(f"PRAGMA busy_timeout = {STOPPING_STATEMENT_MS}")
     immediate = conn.get_execution_options().get("sqlite_immediate", False)
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+def _postgres_begin(conn: sa.Connection) -> None:
+    from . import stopping
+
+    if stopping.requested():  # on the way out: no statement waits long on a lock
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {STOPPING_STATEMENT_MS}")
+
+
+def _guard_statements(engine: Engine) -> None:
+    """A stop cancels what the database is doing for this process: a statement that
+    waits on another's lock ends at once (PostgreSQL's cancel request, SQLite's
+    interrupt) instead of holding the scan past its stop."""
+    from . import stopping
+
+    running: dict[int, Any] = {}  # id of the DBAPI connection -> the connection
+    lock = threading.Lock()
+
+    def cancel_all() -> None:
+        with lock:
+            connections = list(running.values())
+        for dbapi in connections:
+            with contextlib.suppress(Exception):
+                if hasattr(dbapi, "cancel_safe"):
+                    dbapi.cancel_safe(timeout=1.0)
+                elif hasattr(dbapi, "cancel"):
+                    dbapi.cancel()
+                else:
+                    dbapi.interrupt()  # sqlite3
+
+    def before(conn, _cursor, _statement, _params, _context, _many) -> None:
+        dbapi = conn.connection.driver_connection
+        with lock:
+            running[id(dbapi)] = dbapi
+
+    def after(conn, *_args) -> None:
+        with lock:
+            running.pop(id(conn.connection.driver_connection), None)
+
+    def failed(context) -> None:
+        if context.connection is not None:
+            with contextlib.suppress(Exception):
+                after(context.connection)
+
+    sa.event.listen(engine, "before_cursor_execute", before)
+    sa.event.listen(engine, "after_cursor_execute", after)
+    sa.event.listen(engine, "handle_error", failed)
+    engine._modlabel_stop_hook = stopping.on_stop(cancel_all)  # noqa: SLF001
+    engine._modlabel_stop_hook.__enter__()  # noqa: SLF001 - for the engine's life
+
+
 def safe_url(url: str | sa.engine.URL) -> str:
-    """The URL without its password, for every message, log line and record."""
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except (sa.exc.ArgumentError, ValueError, TypeError):
-        return "<unparsable database URL>"
+    """The URL without its password or secret parameters, for every message, log line and
+    record (``redaction.safe_url``)."""
+    return redaction.safe_url(url)
+
+
+def _alembic_config():
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def schema_revisions(engine: Engine) -> tuple[str | None, str, bool]:
+    """(the database's schema revision or None, this modlabel's newest, whether this
+    modlabel knows the database's revision)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_alembic_config())
+    head = script.get_current_head()
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    known = {rev.revision for rev in script.walk_revisions()}
+    return current, head, current is None or current in known
+
+
+def _newer(current: str) -> DatabaseError:
+    return DatabaseError(
+        f"the database was written by a newer modlabel (its schema revision {current!r} "
+        "is unknown to this one): upgrade modlabel"
+    )
+
+
+def check_schema(engine: Engine) -> None:
+    """Refuse, with one line, a schema that is not this modlabel's: none yet, one behind
+    (says which command upgrades it) or one ahead (written by a newer modlabel)."""
+    current, head, known = schema_revisions(engine)
+    if current == head:
+        return
+    if current is None:
+        raise DatabaseError("the database holds no labels yet: run `modlabel scan` first")
+    if not known:
+        raise _newer(current)
+    raise DatabaseError(
+        f"the database's schema is at revision {current}, and this modlabel reads {head}: "
+        "run `modlabel db upgrade` (or the next `modlabel scan` upgrades it)"
+    )
 
 
 def upgrade_schema(engine: Engine) -> None:
@@ -268,18 +391,16 @@ def upgrade_schema(engine: Engine) -> None:
     under a lock (an advisory lock on PostgreSQL, a write transaction taken
     up front on SQLite), and the second process finds the schema at head.
     A database already at head is only read (a read-only database opens).
+    A revision this modlabel does not know (a newer modlabel's) is refused.
     """
     from alembic import command
-    from alembic.config import Config
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
 
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    head = ScriptDirectory.from_config(cfg).get_current_head()
-    with engine.connect() as conn:
-        if MigrationContext.configure(conn).get_current_revision() == head:
-            return
+    current, head, known = schema_revisions(engine)
+    if current == head:
+        return
+    if not known:
+        raise _newer(current)
+    cfg = _alembic_config()
     with engine.connect().execution_options(sqlite_immediate=True) as conn, conn.begin():
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
@@ -314,7 +435,9 @@ def is_transient(exc: BaseException) -> bool:
         import psycopg
 
         if isinstance(exc, psycopg.OperationalError) and state is None:
-            return True  # no answer at all: refused, reset, closed
+            # No answer at all (refused, reset, closed) is waited out; a server that
+            # answered "no" (no such database, a wrong password) is not.
+            return not _refused(str(exc))
         return state is not None and state.startswith(_TRANSIENT_SQLSTATES)
     if module == "sqlite3":
         message = str(exc).lower()
@@ -322,14 +445,34 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+# What a PostgreSQL server says when it answered but refused: no retry can mend these.
+_REFUSALS = (
+    "does not exist",
+    "password authentication failed",
+    "no password supplied",
+    "authentication failed",
+    "permission denied",
+    "no pg_hba.conf entry",
+    "is not permitted to log in",
+    "too many connections for role",
+    "database is not accepting connections",
+)
+
+
+def _refused(message: str) -> bool:
+    return any(part in message for part in _REFUSALS)
+
+
 def describe_db_error(exc: BaseException) -> str:
     """One line on what went wrong, without the SQL or a password."""
     orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
-    text = " ".join(str(orig).split()) or type(orig).__name__
+    text = redaction.redact(one_line(str(orig))) or type(orig).__name__
     if "readonly database" in text or "read-only transaction" in text:
         return f"it is read-only ({text})"
     if "file is not a database" in text:
         return "not a SQLite database file (file is not a database)"
+    if "malformed" in text or "disk image" in text:
+        return f"the database file is damaged ({text}): restore it from a backup"
     return text
 
 
@@ -365,7 +508,11 @@ class DbRetry:
             try:
                 result = fn(*args, **kwargs)
             except sa.exc.DBAPIError as exc:
+                from . import stopping
+
                 reason = describe_db_error(exc)
+                if stopping.requested():  # a statement cut short by the stop, or failing
+                    raise Interrupted(stopping.reason()) from None
                 if not is_transient(exc):
                     raise DatabaseError(f"{self.what}: {reason}") from None
                 now = time.monotonic()
@@ -630,13 +777,22 @@ def set_missing(
     return changed
 
 
+def _missing_since(model_id: int, older_than: datetime | None) -> list:
+    c = images.c
+    conditions = [c.model_id == model_id, c.missing_since.is_not(None)]
+    if older_than is not None:
+        conditions.append(c.missing_since <= older_than)
+    return conditions
+
+
 def iter_missing(
-    engine: Engine, model_id: int, *, chunk: int = 1000
+    engine: Engine, model_id: int, *, older_than: datetime | None = None, chunk: int = 1000
 ) -> Iterator[tuple[str, datetime]]:
-    """(stored path, missing since) of the model's missing files, in path order, streamed."""
+    """(stored path, missing since) of the model's missing files (missing since
+    ``older_than`` or before, when given), in path order, streamed."""
     query = (
         sa.select(images.c.path, images.c.missing_since)
-        .where(images.c.model_id == model_id, images.c.missing_since.is_not(None))
+        .where(*_missing_since(model_id, older_than))
         .order_by(images.c.path)
         .execution_options(yield_per=chunk)
     )
@@ -644,8 +800,27 @@ def iter_missing(
         yield from ((p, _aware(t)) for p, t in conn.execute(query))
 
 
-def prune_missing(engine: Engine, model_id: int, *, chunk: int = 1000) -> int:
-    """Delete the model's rows of missing files, ``chunk`` per transaction; returns how many."""
+def count_prunable(engine: Engine, model_id: int, *, older_than: datetime | None = None) -> int:
+    """How many rows ``prune_missing`` would delete."""
+    query = (
+        sa.select(sa.func.count()).select_from(images).where(*_missing_since(model_id, older_than))
+    )
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar() or 0)
+
+
+def count_rows(engine: Engine, model_id: int) -> int:
+    """Every row of the model: labels, errors and missing files."""
+    query = sa.select(sa.func.count()).select_from(images).where(images.c.model_id == model_id)
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar() or 0)
+
+
+def prune_missing(
+    engine: Engine, model_id: int, *, older_than: datetime | None = None, chunk: int = 1000
+) -> int:
+    """Delete the model's rows of missing files (missing since ``older_than`` or before,
+    when given), ``chunk`` per transaction; returns how many."""
     from . import aggregate
 
     deleted = 0
@@ -654,7 +829,7 @@ def prune_missing(engine: Engine, model_id: int, *, chunk: int = 1000) -> int:
             paths = (
                 conn.execute(
                     sa.select(images.c.path)
-                    .where(images.c.model_id == model_id, images.c.missing_since.is_not(None))
+                    .where(*_missing_since(model_id, older_than))
                     .limit(chunk)
                 )
                 .scalars()
@@ -665,9 +840,7 @@ def prune_missing(engine: Engine, model_id: int, *, chunk: int = 1000) -> int:
             with aggregate.track(conn, model_id, paths):
                 conn.execute(
                     images.delete().where(
-                        images.c.model_id == model_id,
-                        images.c.path.in_(paths),
-                        images.c.missing_since.is_not(None),
+                        images.c.path.in_(paths), *_missing_since(model_id, older_than)
                     )
                 )
             deleted += len(paths)
@@ -992,6 +1165,44 @@ def start_scan(engine: Engine, model_id: int, roots: Sequence[str]) -> int:
         )
 
 
+def record_run(
+    engine: Engine, model_id: int | None, roots: Sequence[str], *, status: str, reason: str
+) -> int:
+    """The ``scans`` row of a run that ended before its scan began (a stop during start-up,
+    a refusal at the start): finished at once, with its status and reason."""
+    now = utcnow()
+    with engine.begin() as conn:
+        return int(
+            conn.execute(
+                scans.insert().values(
+                    model_id=model_id,
+                    roots=list(roots),
+                    started_at=now,
+                    finished_at=now,
+                    seen=0,
+                    labeled=0,
+                    unchanged=0,
+                    errors=0,
+                    skipped=0,
+                    missing=0,
+                    status=status,
+                    reason=redaction.redact(one_line(reason, 2000)),
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    alive_until=None,
+                )
+            ).inserted_primary_key[0]
+        )
+
+
+def model_id_of(engine: Engine, sha256: str) -> int | None:
+    """The id of the model row of the ONNX file with this content hash, if it has one."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(models.c.id).where(models.c.sha256 == sha256).order_by(models.c.id.desc())
+        ).scalar()
+
+
 def heartbeat(engine: Engine, scan_id: int) -> None:
     """Renew a running scan's ``alive_until``."""
     with engine.begin() as conn:
@@ -1024,7 +1235,7 @@ def finish_scan(
             .where(scans.c.id == scan_id)
             .values(
                 status=status,
-                reason=reason,
+                reason=redaction.redact(one_line(reason, 2000)) if reason else None,
                 finished_at=utcnow(),
                 seen=seen,
                 unchanged=unchanged,
@@ -1057,7 +1268,7 @@ def interrupt_stale_scans(engine: Engine, model_id: int) -> int:
 @dataclass(frozen=True)
 class ScanRow:
     id: int
-    model_id: int
+    model_id: int | None
     roots: list[str]
     started_at: datetime
     finished_at: datetime | None

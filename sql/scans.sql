@@ -7,6 +7,6 @@ SELECT s.id, m.identity AS model,
        s.started_at, s.finished_at, s.host, s.pid,
        s.seen, s.labeled, s.unchanged, s.errors, s.reason
 FROM scans s
-JOIN models m ON m.id = s.model_id
+LEFT JOIN models m ON m.id = s.model_id
 ORDER BY s.id DESC
 LIMIT 20;

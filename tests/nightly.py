@@ -134,3 +134,38 @@ class ThrowawayPostgres:
 
     def cleanup(self) -> None:
         self.server.cleanup()
+
+
+# Runs one command and prints the peak RSS (KiB) of its largest process: the command
+# itself or any descendant it waited for (the decode workers, through their zygote).
+_MEASURE = (
+    "import resource, subprocess, sys\n"
+    "done = subprocess.run(sys.argv[1:], stdin=subprocess.DEVNULL)\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, done.returncode)\n"
+)
+
+
+def run_measured(
+    *args: object, timeout: float = 300, env: dict | None = None
+) -> tuple[subprocess.CompletedProcess, float]:
+    """``run_cli`` in a measuring wrapper: (its result, the peak RSS in MiB of its largest
+    process, ``ru_maxrss`` of its children)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        wrapper = subprocess.run(
+            [sys.executable, "-c", _MEASURE, *modlabel_cmd(*args)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            timeout=timeout,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+        )
+        lines = wrapper.stdout.decode().strip().splitlines()
+        peak_kib, code = (int(v) for v in lines[-1].split())
+        out.seek(0)
+        err.seek(0)
+        stdout = b"\n".join(line.encode() for line in lines[:-1])
+        result = subprocess.CompletedProcess(wrapper.args, code, stdout, err.read())
+    return result, peak_kib / 1024

@@ -135,10 +135,12 @@ def test_a_deleted_file_is_marked_missing_leaves_counts_and_can_be_pruned(
                    "-p", "min_confidence=0", "--format", "csv")  # fmt: skip
     assert str(gone) not in query.output and query.exit_code == 0
 
-    dry = invoke("prune", "--db", db, "--dry-run")
-    assert dry.exit_code == 0 and str(gone) in dry.output and "1 missing files" in dry.output
+    within_grace = invoke("prune", "--db", db)  # missing for less than 7 days: kept
+    assert within_grace.exit_code == 0 and "pruned 0 rows" in within_grace.output
+    dry = invoke("prune", "--db", db, "--dry-run", "--missing-for", "0")
+    assert dry.exit_code == 0 and str(gone) in dry.output and "1 rows of files" in dry.output
     assert len(_image_rows(engine)) == len(files)  # nothing deleted by a dry run
-    pruned = invoke("prune", "--db", db)
+    pruned = invoke("prune", "--db", db, "--missing-for", "0")
     assert pruned.exit_code == 0 and "pruned 1 rows" in pruned.output
     assert str(gone) not in {r.path for r in _image_rows(engine)}
     assert len(_image_rows(engine)) == len(files) - 1

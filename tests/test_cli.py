@@ -203,7 +203,7 @@ def test_version():
 def test_scan_on_a_terminal_shows_progress_and_a_summary(
     tiny_archive, tiny_onnx, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr("modlabel.cli._interactive", lambda: True)
+    monkeypatch.setattr("modlabel.cli.scan.interactive", lambda: True)
     result = invoke("scan", tiny_archive, "--model", tiny_onnx, "--db", tmp_path / "t.db")
     assert result.exit_code == 0, result.output
     total = len(list(Path(tiny_archive).rglob("*.jpg")))

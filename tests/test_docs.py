@@ -14,6 +14,12 @@ from modlabel.queries import list_queries
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 COMMANDS = sorted(get_command(app).commands)
+# Commands of a group (``modlabel db upgrade``), as "group sub".
+SUBCOMMANDS = sorted(
+    f"{name} {sub}"
+    for name, group in get_command(app).commands.items()
+    for sub in getattr(group, "commands", {})
+)
 
 
 def test_the_cli_has_the_documented_commands():
@@ -30,7 +36,14 @@ def test_every_command_has_help_with_an_example(command):
         assert "Example:" in result.output and f"modlabel {command}" in result.output
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_command_of_a_group_has_help_with_an_example(command):
+    result = CliRunner().invoke(app, [*command.split(), "-h"])
+    assert result.exit_code == 0, result.output
+    assert "Example:" in result.output and f"modlabel {command}" in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS + SUBCOMMANDS)
 def test_readme_documents_every_command(command):
     assert f"modlabel {command}" in README.read_text()
 

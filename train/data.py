@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modlabel import spreadsheet
 from modlabel.decode import load_pixels
 from modlabel.errors import ImageError
 from modlabel.source import is_image_file
@@ -170,7 +171,7 @@ def _carve(
 def write_split_csv(split: Split, path: Path) -> None:
     """split.csv: one row per image: split, class, path relative to the data dir."""
     with path.open("w", newline="") as f:
-        writer = csv.writer(f)
+        writer = spreadsheet.writer(f)  # file names are the archive's: no formulas run
         writer.writerow(["split", "class", "path"])
         for name in SPLITS:
             for rel, label in split.files[name]:
@@ -182,7 +183,8 @@ def read_split_csv(path: Path, root: str | Path, class_names: list[str]) -> Spli
     split = Split(Path(root), list(class_names), {s: [] for s in SPLITS})
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
-            split.files[row["split"]].append((row["path"], index[row["class"]]))
+            path_text, label = spreadsheet.restore(row["path"]), spreadsheet.restore(row["class"])
+            split.files[row["split"]].append((path_text, index[label]))
     split.source = {s: f"from {path.name}" for s in SPLITS}
     return split
 

@@ -21,9 +21,11 @@ from modlabel.calibration import (
     expected_calibration_error,
     fit_temperature,
 )
+from modlabel.decode import normalize
+from modlabel.decode_pool import DecodeRequest, image_pool
 from modlabel.metrics import classification_metrics
 
-from .data import SPLITS, make_dataset, read_split_csv
+from .data import SPLITS, read_split_csv
 from .errors import RunError
 
 
@@ -87,21 +89,33 @@ def evaluate_run(
 def _logits(
     model: keras.Model, config: dict[str, Any], paths: list[str], labels: np.ndarray, batch: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(N, C) float64 logits and (N,) labels of the images that decode."""
+    """(N, C) float64 logits and (N,) labels of the images that decode.
+
+    The images are read and decoded in isolated workers, exactly as a scan decodes them
+    (``modlabel.decode_pool``): an evaluation of an archive's images is as safe as a scan."""
     if not paths:
         return np.zeros((0, len(config["class_names"]))), np.zeros(0, dtype=np.int64)
-    ds = make_dataset(
-        paths,
-        labels,
-        input_size=tuple(config["input_size"]),
-        mean=config["mean"],
-        std=config["std"],
-        batch_size=batch,
-    )
-    y_true, logits, readable = [], [], []
-    for x, y, w in ds:
-        logits.append(np.asarray(model(x, training=False)))
-        y_true.append(np.asarray(y))
-        readable.append(np.asarray(w) > 0)  # weight 0: a file that could not be decoded
-    keep = np.concatenate(readable)
-    return np.concatenate(logits)[keep].astype(np.float64), np.concatenate(y_true)[keep]
+    size = tuple(int(v) for v in config["input_size"])
+    logits, y_true, pending, pending_y = [], [], [], []
+
+    def flush() -> None:
+        if pending:
+            inputs = normalize(np.stack(pending), config["mean"], config["std"])
+            logits.append(np.asarray(model(inputs, training=False)))
+            y_true.append(np.asarray(pending_y))
+            pending.clear()
+            pending_y.clear()
+
+    with image_pool(size) as pool:
+        items = list(zip(paths, labels, strict=True))
+        for (_path, label), image in pool.map(items, lambda item: DecodeRequest(str(item[0]))):
+            if image.pixels is None:
+                continue  # a file that cannot be decoded is left out, as before
+            pending.append(image.pixels)
+            pending_y.append(label)
+            if len(pending) >= batch:
+                flush()
+        flush()
+    if not logits:
+        return np.zeros((0, len(config["class_names"]))), np.zeros(0, dtype=np.int64)
+    return np.concatenate(logits).astype(np.float64), np.concatenate(y_true)

@@ -25,6 +25,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from modlabel import spreadsheet
+
 from .data import Split
 
 RANGES = {
@@ -141,7 +143,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 def _append_row(path: Path, row: dict[str, Any]) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = spreadsheet.SafeDictWriter(f, fieldnames=COLUMNS)
         if new:
             writer.writeheader()
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

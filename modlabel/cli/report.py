@@ -1,0 +1,115 @@
+"""``report``: what the database knows, as an HTML page and files to take elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import ModlabelError
+from .app import app
+from .edge import command, fail
+from .options import DbOption, db_url, output_dir
+
+
+@command(app)
+def report(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the report's files to.")],
+    db: DbOption = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", help="Model identity (or prefix) to report on; default: the newest."
+        ),
+    ] = None,
+    examples: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Example images per class: this many most and as many least confident."
+        ),
+    ] = 4,
+    min_confidence: Annotated[
+        float | None,
+        typer.Option(
+            "--min-confidence",
+            min=0,
+            max=1,
+            help="Confidence an image needs to count in its class's average map "
+            "(default: the threshold the scans keep the averages for).",
+        ),
+    ] = None,
+    formats: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="What to write, comma-separated: html (report.html), rois (class_rois.csv "
+            "and .json), maps (class_maps/<class>.png, .nobox.png, .npy), images "
+            "(images.csv, streamed), or all.",
+        ),
+    ] = "all",
+    truth: Annotated[
+        Path | None,
+        typer.Option(
+            "--truth",
+            help="Ground truth to evaluate against: a ground_truth.jsonl as `modlabel synth` "
+            "writes it, or a CSV of path,label. Class averages are then taken over the "
+            "correctly classified images.",
+        ),
+    ] = None,
+    truth_from_folders: Annotated[
+        bool,
+        typer.Option(
+            "--truth-from-folders", help="Ground truth: each image's class is its folder's name."
+        ),
+    ] = False,
+    faithfulness: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="With ground truth: correctly classified images sampled for the "
+            "faithfulness test (deletion and insertion curves; 0: none).",
+        ),
+    ] = 0,
+) -> None:
+    """Write a report: a self-contained HTML page (per class the count, the average CRM with
+    its ROI box, a confidence histogram, the most and least confident images; the scans,
+    failed and missing files) and the class ROIs, class maps and image rows as files.
+
+    Example: modlabel report --db labels.db --out report/ --format html,rois
+    """
+    from ..report import build_report, parse_formats
+    from ..store import open_db, safe_url
+
+    output_dir(out, create=False)  # made once the options are known to be good
+    try:
+        wanted = parse_formats(formats)
+        truth_data = None
+        if truth is not None or truth_from_folders:
+            from ..evaluation import load_truth  # only with ground truth
+
+            truth_data = load_truth(truth, from_folders=truth_from_folders)
+        elif faithfulness:
+            raise ModlabelError("--faithfulness needs --truth or --truth-from-folders")
+        url = db_url(db)
+        result = build_report(
+            open_db(url, create=False, migrate=False),
+            out,
+            model_identity=model,
+            examples_per_class=examples,
+            min_confidence=min_confidence,
+            db_label=safe_url(url),
+            formats=wanted,
+            truth=truth_data,
+            faithfulness=faithfulness,
+        )
+    except ModlabelError as exc:
+        raise fail(exc) from None
+    typer.echo(
+        f"report: {out} ({result.total_images} images, "
+        f"{len(result.classes)} classes, {result.errors} errors)"
+    )
+    names = [path.relative_to(out).as_posix() for path in result.files]
+    top = [name for name in names if "/" not in name]
+    in_maps = len(names) - len(top)
+    typer.echo("wrote " + ", ".join(top + ([f"class_maps/ ({in_maps} files)"] if in_maps else [])))

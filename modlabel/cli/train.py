@@ -1,0 +1,249 @@
+"""Commands that make a model: ``synth`` (a synthetic archive), ``train``, ``evaluate``
+and ``export`` (TensorFlow, imported only here and only when they run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import ModlabelError
+from .app import app
+from .edge import command, fail, interactive
+from .options import VerboseOption
+
+
+def _load_tensorflow(verbose: bool) -> None:
+    """TensorFlow, quiet unless ``verbose``; a clear error where it is not installed."""
+    try:
+        from modlabel.train import load_tensorflow
+
+        load_tensorflow(verbose=verbose)
+    except ModuleNotFoundError as exc:
+        raise ModlabelError(
+            f"training and export need TensorFlow ({exc}): pip install 'modlabel[train]'"
+        ) from None
+
+
+@command(app)
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the archive to.")],
+    per_class: Annotated[int, typer.Option("--per-class", min=1, help="Images per class.")] = 50,
+    size: Annotated[
+        int,
+        typer.Option(
+            "--size", min=32, help="Typical image side in pixels (each image varies around it)."
+        ),
+    ] = 256,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Random seed; the same seed gives the same archive.")
+    ] = 0,
+) -> None:
+    """Render a synthetic archive of the paper's seven modalities with ground-truth boxes.
+
+    Example: modlabel synth demo/archive --per-class 100 --size 256 --seed 0
+    """
+    from ..synth import render_archive
+
+    summary = render_archive(out, per_class=per_class, size=size, seed=seed, progress=interactive())
+    total = summary.total
+    typer.echo(f"wrote {total} images in {len(summary.counts)} classes to {out}")
+    typer.echo(f"ground truth: {summary.ground_truth}")
+
+
+@command(app)
+def train(
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder-per-class archive, optionally with train/ val/ test/ subfolders."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
+    backbone: Annotated[str, typer.Option(help="tiny, vgg16, inceptionv3 or xception.")] = "tiny",
+    input_size: Annotated[
+        int, typer.Option("--input-size", min=32, help="Square input side in pixels.")
+    ] = 300,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Maximum epochs; early stopping may end sooner "
+            "(default 30; with --resume, the run's own).",
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 10,
+    seed: Annotated[
+        int, typer.Option(help="Seed for the split, initialization and augmentation.")
+    ] = 0,
+    weights: Annotated[
+        str, typer.Option(help="imagenet, none, or a local .h5 / .weights.h5 file.")
+    ] = "none",
+    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 1e-3,
+    beta_1: Annotated[float, typer.Option("--beta-1", help="Adam's momentum.")] = 0.9,
+    l2: Annotated[float, typer.Option(help="L2 penalty on the added layers.")] = 1e-4,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 5,
+    search: Annotated[
+        int,
+        typer.Option(min=0, help="Randomized search trials before the final training (0: none)."),
+    ] = 0,
+    search_epochs: Annotated[
+        int, typer.Option("--search-epochs", min=1, help="Epochs of each search trial.")
+    ] = 2,
+    head_filters: Annotated[
+        int | None,
+        typer.Option(
+            "--head-filters", min=1, help="Filters of the added conv (default 512; tiny 128)."
+        ),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Resume from the run's last checkpoint.")] = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Train the paper's conv/GAP/dense head on a backbone (TensorFlow).
+
+    Example: modlabel train demo/archive --out demo/run --backbone tiny --input-size 128
+    """
+    try:
+        _load_tensorflow(verbose)
+        from modlabel.train.fit import train_run
+
+        run_dir = train_run(
+            data,
+            out,
+            backbone=backbone,
+            input_size=(input_size, input_size),
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            weights=weights,
+            learning_rate=learning_rate,
+            beta_1=beta_1,
+            l2=l2,
+            patience=patience,
+            search=search,
+            search_epochs=search_epochs,
+            head_filters=head_filters,
+            resume=resume,
+            verbose=True,
+        )
+    except ModlabelError as exc:
+        raise fail(exc) from None
+    typer.echo(f"run written to {run_dir}")
+
+
+@command(app)
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `modlabel train`.")],
+    split: Annotated[str, typer.Option(help="Which split to evaluate on.")] = "test",
+    verbose: VerboseOption = False,
+) -> None:
+    """Compute the paper's Table 2 metrics on a run's test split, or --split val (TensorFlow).
+
+    Example: modlabel evaluate demo/run
+    """
+    try:
+        _load_tensorflow(verbose)
+        from modlabel.metrics import format_metrics_table
+        from modlabel.train.evaluate import evaluate_run
+
+        metrics = evaluate_run(run, split=split)
+    except ModlabelError as exc:
+        raise fail(exc) from None
+    typer.echo(format_metrics_table(metrics))
+
+
+@command(app)
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `modlabel train`.")],
+    out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    quantize: Annotated[
+        str,
+        typer.Option(
+            help="none, or int8: also write a static int8 model beside --out "
+            "(M.onnx -> M.int8.onnx), calibrated on the training split and refused "
+            "when its labels agree with fp32's on less than --min-agreement of the test split."
+        ),
+    ] = "none",
+    calibration: Annotated[
+        int, typer.Option(min=1, help="Training images to calibrate int8 on (fewer if fewer).")
+    ] = 64,
+    min_agreement: Annotated[
+        float,
+        typer.Option(
+            "--min-agreement",
+            min=0.0,
+            max=1.0,
+            help="Least share of test images on which int8 and fp32 give the same label.",
+        ),
+    ] = 0.995,
+    ood_rate: Annotated[
+        float,
+        typer.Option(
+            "--ood-rate",
+            min=0.0,
+            max=0.99,
+            help="Most share of the validation split the out-of-set threshold may flag.",
+        ),
+    ] = 0.05,
+    verbose: VerboseOption = False,
+) -> None:
+    """Export a run to one self-contained ONNX file with outputs logits and activations.
+
+    Fits a temperature (calibrated confidences) and an out-of-set threshold on the
+    run's validation split and stores them in the file's metadata.
+
+    Example: modlabel export demo/run --out demo/model.onnx --quantize int8
+    """
+    if quantize not in ("none", "int8"):
+        raise typer.BadParameter(f"{quantize!r}: choose none or int8", param_hint="--quantize")
+    try:
+        _load_tensorflow(verbose)
+        from modlabel.export.onnx_export import export_run
+
+        report = export_run(run, out, opset=opset, ood_rate=ood_rate)
+    except ModlabelError as exc:
+        raise fail(exc) from None
+    typer.echo(
+        f"wrote {report.out_path} (opset {report.opset}); parity: max |Δlogits| "
+        f"{report.max_abs_logits_diff:.2e}, max rel. |Δactivations| "
+        f"{report.max_rel_activations_diff:.2e}"
+    )
+    c = report.calibration
+    if c is None:
+        typer.echo("not calibrated: the run's images cannot be read (temperature 1, no threshold)")
+    else:
+        typer.echo(
+            f"temperature {c.temperature:.4f} (fitted on {c.validation_images} val images; "
+            f"NLL {c.nll_before:.4f} -> {c.nll_after:.4f})\n"
+            f"ECE (15 bins) on {c.test_images} {c.test_split} images: "
+            f"{c.ece_before:.4f} before, {c.ece_after:.4f} after\n"
+            f"out-of-set: Mahalanobis distance of the GAP embedding, threshold "
+            f"{c.rule.threshold:.4g} (at most {c.rule.rate:.0%} of val); flags "
+            f"{c.test_flagged:.1%} of the {c.test_split} images"
+        )
+    if quantize == "none":
+        return
+    try:
+        from modlabel.export.quantize import int8_path, quantize_run
+
+        q = quantize_run(
+            run,
+            report.out_path,
+            int8_path(report.out_path),
+            calibration=calibration,
+            min_agreement=min_agreement,
+        )
+    except ModlabelError as exc:
+        raise fail(exc) from None
+    f = q.fidelity
+    typer.echo(
+        f"wrote {q.out_path} (int8, {q.options.describe()}; calibrated on "
+        f"{q.calibration_images} training images)\n"
+        f"label agreement with fp32: {f.agreement:.2%} of {f.images} {q.evaluation_split} "
+        f"images (--min-agreement {q.min_agreement:g})\n"
+        f"logits correlation: {f.logits_correlation:.5f}\n"
+        f"CRM correlation per image: min {f.crm_correlation_min:.5f}, "
+        f"mean {f.crm_correlation_mean:.5f}"
+    )
