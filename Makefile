@@ -12,7 +12,7 @@ DEMO_PER_CLASS ?= 120
 DEMO_INPUT ?= 128
 DEMO_EPOCHS ?= 15
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-runtime lint bench clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,26 @@ demo: $(STAMP)
 
 test: $(STAMP) $(CHROMIUM)
 	$(BIN)/pytest -q
+	$(MAKE) --no-print-directory test-runtime
+
+# The runtime without TensorFlow: a second venv of `pip install -e .` and what these tests
+# import (onnx builds the toy model of tests/toy_onnx.py; pgserver the PostgreSQL), where
+# tests/test_toy_onnx.py and tests/test_runtime_no_tf.py scan, report and query with the toy
+# model and check that TensorFlow cannot be imported. Its wheels come from pip's cache,
+# which the main venv's install has filled; --no-compile leaves the bytecode to the modules
+# the tests import.
+RUNTIME_VENV ?= .venv-runtime
+RUNTIME_STAMP := $(RUNTIME_VENV)/.installed
+RUNTIME_TESTS := tests/test_toy_onnx.py tests/test_runtime_no_tf.py
+
+test-runtime: $(RUNTIME_STAMP)
+	MODLABEL_TEST_RUNTIME_VENV=1 $(RUNTIME_VENV)/bin/pytest -q $(RUNTIME_TESTS)
+
+$(RUNTIME_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(RUNTIME_VENV)
+	@echo '*' > $(RUNTIME_VENV)/.gitignore  # git then ignores the venv, as 3.13's venv does
+	$(RUNTIME_VENV)/bin/pip install --quiet --no-compile -e . onnx pytest pgserver
+	touch $@
 
 # The report's browser test (tests/test_report.py) renders the page in Debian's chromium.
 # Installed once where it is missing (CI runs as root on Debian); never skipped.
@@ -48,6 +68,7 @@ $(CHROMIUM):
 lint: $(STAMP)
 	$(BIN)/ruff check modlabel train export tests benchmarks
 	$(BIN)/ruff format --check modlabel train export tests benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

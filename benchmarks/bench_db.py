@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
-from modlabel import aggregate, codec, store
+from modlabel import codec, store
 from modlabel.queries import list_queries, open_query
 from modlabel.report import build_report
 
@@ -75,6 +75,7 @@ def fill(engine, rows: int, seed: int = 0) -> list[int]:
             for i in range(start, min(rows, start + CHUNK)):
                 failed = i % 50 == 0
                 confidence = float(rng.beta(8, 1))
+                dicom = i % 10 == 3  # a tenth of the archive is DICOM
                 batch.append(
                     {
                         "model_id": model_id,
@@ -92,6 +93,16 @@ def fill(engine, rows: int, seed: int = 0) -> list[int]:
                         "labeled_at": now + timedelta(microseconds=i),
                         "missing_since": now if i % 100 == 7 else None,
                         "source_id": None,
+                        # What a scan stores beside the label since modlabel computes each
+                        # image's figures once (runner-up, ROI share, out-of-set flag).
+                        "runner_up": None if failed else LABELS[(i + 3) % 7],
+                        "runner_up_probability": None if failed else (1 - confidence) / 2,
+                        "roi_share": None if failed else 0.3 + (i % 40) / 100,
+                        "ood_score": None if failed else float(i % 300),
+                        "out_of_set": None if failed else i % 100 == 11,
+                        "dicom_modality": ("CT", "MR", "US", "DX")[i % 4] if dicom else None,
+                        "dicom_body_part": "CHEST" if dicom else None,
+                        "error_kind": "corrupt" if failed else None,
                     }
                 )
             with engine.begin() as conn:
@@ -157,7 +168,7 @@ def query_times(engine) -> dict[str, tuple[float, int]]:
 
 def class_average_costs(engine, model_id: int) -> tuple[float, float]:
     """(seconds to write 100 new labeled rows with the sums kept, seconds of a full rebuild)."""
-    t_full, _ = timed(aggregate.rebuild_class_maps, engine, model_id, LABELS, 0.9)
+    t_full, _ = timed(store.rebuild_class_maps, engine, model_id, LABELS, 0.9)
     rng = np.random.default_rng(1)
     crms = random_crms(rng, 100)
     now = store.utcnow()
@@ -179,7 +190,7 @@ def class_average_costs(engine, model_id: int) -> tuple[float, float]:
         for i in range(100)
     ]
     t_incremental, _ = timed(store.write_image_rows, engine, model_id, rows)
-    counts, sums = aggregate.class_sums(engine, model_id, 0.9)
+    counts, sums = store.sum_class_maps(engine, model_id, 0.9)
     stored = {r["class_name"]: r["image_count"] for r in store.load_class_maps(engine, model_id)}
     assert stored == {k: v for k, v in counts.items() if v}, "running sums drifted"
     return t_incremental, t_full

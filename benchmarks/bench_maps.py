@@ -40,7 +40,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modlabel import codec, maps  # noqa: E402
-from modlabel.model import ModelInfo, OnnxModel  # noqa: E402
+from modlabel.metadata import ModelInfo  # noqa: E402
+from modlabel.model import OnnxModel  # noqa: E402
 
 BUILTIN = {
     "vgg16@300": ("vgg16", (300, 300)),
@@ -64,6 +65,7 @@ def build_onnx(backbone: str, input_size: tuple[int, int], path: Path) -> Path:
     import onnx
     import tensorflow as tf
     import tf2onnx
+
     from modlabel.train.backbones import ACTIVATION_LAYER, HEAD_LAYER, activation_shape, build_model
 
     keras.utils.set_random_seed(0)
@@ -115,9 +117,9 @@ def all_maps(model: OnnxModel, logits: np.ndarray, activations: np.ndarray) -> d
     )
 
 
-def all_terms(model: OnnxModel, logits: np.ndarray, activations: np.ndarray) -> maps.HeadTerms:
+def all_terms(model: OnnxModel, logits: np.ndarray, activations: np.ndarray) -> maps.Terms:
     info = model.info
-    return maps.head_terms(
+    return maps.terms(
         activations, info.head_weights, bias=info.head_bias, logits=logits, pooling=info.pooling
     )
 
@@ -149,9 +151,9 @@ def bench(path: Path, batch: int, repeats: int, threads: int) -> dict[str, objec
     scan = best_seconds(lambda: scan_path(model, activations), cheap)
     blobs = all_maps_and_blobs(model, logits, activations)
     terms = all_terms(model, logits, activations)
-    parts = {"head_terms": best_seconds(lambda: all_terms(model, logits, activations), cheap)}
+    parts = {"terms": best_seconds(lambda: all_terms(model, logits, activations), cheap)}
     for name, method in maps.METHODS.items():
-        parts[name] = best_seconds(lambda method=method: method(terms), cheap)
+        parts[name] = best_seconds(lambda method=method: method.fn(terms), cheap)
     batches = list(all_maps(model, logits, activations).values())
     encode = best_seconds(lambda: [codec.encode_maps(b) for b in batches], cheap)
     parts["encode/map"] = encode / len(blobs)
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"{r['model']:<14} " + " ".join(f"{us:>11.1f}" for us in r["parts_us"].values()))
     print(
-        "# head_terms: the shared (N*H*W, K) x (K, C) product, scores and classes; each method "
+        "# terms: the shared (N*H*W, K) x (K, C) product, scores and classes; each method "
         "from those terms; encode/map: encode_maps of the 5 batches, per map"
     )
     return 0

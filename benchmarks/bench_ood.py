@@ -34,11 +34,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from modlabel.export.calibrate import split_images
 from PIL import Image
 
 from modlabel import calibration as cal
+from modlabel import ood
 from modlabel.decode import load_pixels
+from modlabel.export.calibrate import split_images
 from modlabel.model import OnnxModel
 from modlabel.source import ImageFilter
 
@@ -97,7 +98,7 @@ def outputs(model: OnnxModel, sources: list) -> tuple[np.ndarray, np.ndarray]:
         pixels = [load_pixels(s, model.info.input_size)[0] for s in sources[start : start + 32]]
         lg, act = model.run(model.preprocess(np.stack(pixels)))
         logits.append(lg.astype(np.float64))
-        emb.append(cal.gap_embedding(act))
+        emb.append(ood.gap_embedding(act))
     return np.concatenate(logits), np.concatenate(emb)
 
 
@@ -106,7 +107,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("model", type=Path)
     parser.add_argument("--incoming", type=Path, help="a second archive of the same classes")
-    parser.add_argument("--rate", type=float, default=cal.DEFAULT_OOD_RATE)
+    parser.add_argument("--rate", type=float, default=ood.DEFAULT_OOD_RATE)
     parser.add_argument("--per-group", type=int, default=50, help="synthetic images per group")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -121,17 +122,17 @@ def main() -> None:
     temperature = float(model.info.extra.get("temperature") or 0) or cal.fit_temperature(
         split["val"][0], split["val"][2]
     )
-    means = cal.class_means(split["train"][1], split["train"][2], classes)
-    precision = cal.shared_precision(split["train"][1], split["train"][2], means)
+    means = ood.class_means(split["train"][1], split["train"][2], classes)
+    precision = ood.shared_precision(split["train"][1], split["train"][2], means)
     candidates = {
-        "energy T=1": lambda lg, e: cal.energy_score(lg, 1.0),
-        f"energy T={temperature:.2f}": lambda lg, e: cal.energy_score(lg, temperature),
-        f"1-MSP T={temperature:.2f}": lambda lg, e: cal.max_softmax_score(lg, temperature),
-        "Mahalanobis (GAP)": lambda lg, e: cal.mahalanobis_score(e, means, precision),
-        "cosine (GAP)": lambda lg, e: cal.cosine_score(e, means),
+        "energy T=1": lambda lg, e: ood.energy_score(lg, 1.0),
+        f"energy T={temperature:.2f}": lambda lg, e: ood.energy_score(lg, temperature),
+        f"1-MSP T={temperature:.2f}": lambda lg, e: ood.max_softmax_score(lg, temperature),
+        "Mahalanobis (GAP)": lambda lg, e: ood.mahalanobis_score(e, means, precision),
+        "cosine (GAP)": lambda lg, e: ood.cosine_score(e, means),
     }
     thresholds = {
-        name: cal.rate_threshold(score(split["val"][0], split["val"][1]), args.rate)
+        name: ood.rate_threshold(score(split["val"][0], split["val"][1]), args.rate)
         for name, score in candidates.items()
     }
 

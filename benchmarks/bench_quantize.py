@@ -66,7 +66,7 @@ def contenders() -> dict[str, dict]:
 
 def nchw_graph(model):
     """The fp32 graph without its input Transpose: input ``image`` (N, 3, H, W)."""
-    from modlabel.model import INPUT_NAME
+    from modlabel.metadata import INPUT_NAME
 
     graph = model.graph
     first = next(n for n in graph.node if INPUT_NAME in n.input)
@@ -113,6 +113,7 @@ def build(run: Path, fp32: Path, out_dir: Path, names: list[str], calibration: i
     """Quantize each contender into out_dir; returns name -> {path, fidelity, seconds}."""
     import onnx
     import onnxruntime as ort
+
     from modlabel.export.quantize import (
         CALIBRATION_SPLIT,
         CalibrationImages,
@@ -122,8 +123,8 @@ def build(run: Path, fp32: Path, out_dir: Path, names: list[str], calibration: i
         quantize_model,
         split_image_paths,
     )
-
-    from modlabel.model import METADATA_KEY, OnnxModel
+    from modlabel.metadata import METADATA_KEY
+    from modlabel.model import OnnxModel
 
     info = OnnxModel(fp32, providers=["CPUExecutionProvider"]).info
     metadata = {METADATA_KEY: info.to_json()}
@@ -204,10 +205,9 @@ def main() -> None:
     if args.run is None or args.fp32 is None:
         parser.error("RUN and FP32 are required")
 
+    from modlabel.decode import normalize
     from modlabel.export.parity import image_pixels
     from modlabel.export.quantize import split_image_paths
-
-    from modlabel.decode import normalize
     from modlabel.model import OnnxModel
 
     names = list(contenders())

@@ -32,7 +32,7 @@ archive, model_path, db, batch, actors, cpus = sys.argv[1:7]
 run_pipeline = None
 if int(actors):
     import ray
-    from modlabel.scan_ray import ray_pipeline
+    from modlabel.scan.ray import ray_pipeline
     ray.init(num_cpus=int(cpus), include_dashboard=False, log_to_driver=False)
     run_pipeline = ray_pipeline(actors=int(actors))
 model = OnnxModel(model_path)

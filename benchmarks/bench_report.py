@@ -27,7 +27,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from modlabel import aggregate, store
+from modlabel import store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_db import LABELS, fill  # noqa: E402
@@ -82,7 +82,7 @@ def prepare(url: str, rows: int) -> float:
     engine = store.open_db(url)
     start = time.perf_counter()
     model_id, _ = fill(engine, rows)
-    aggregate.rebuild_class_maps(engine, model_id, LABELS, 0.9)
+    store.rebuild_class_maps(engine, model_id, LABELS, 0.9)
     engine.dispose()
     return time.perf_counter() - start
 

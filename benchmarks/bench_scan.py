@@ -73,9 +73,8 @@ def peak_rss_of_scan(model_path: Path, archive: Path, batch_size: int, db: Path)
 
 def small_model(tmp: Path, input_size: int) -> Path:
     from modlabel.export.onnx_export import export_run
-    from modlabel.train.fit import train_run
-
     from modlabel.synth import render_archive
+    from modlabel.train.fit import train_run
 
     render_archive(tmp / "train", per_class=20, size=128, seed=1)
     run = train_run(

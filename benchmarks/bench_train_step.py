@@ -38,6 +38,7 @@ def time_backbone(
 ) -> list[float]:
     """Seconds of each of ``steps`` timed train steps."""
     import keras
+
     from modlabel.train.backbones import build_model
     from modlabel.train.fit import compile_model
 

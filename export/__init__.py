@@ -7,9 +7,9 @@ Keras before writing (``ParityError`` when they differ). With ``train/``, the
 only package that imports TensorFlow, and only when an export runs.
 """
 
-from .errors import ExportError, ParityError
+from .errors import ExportError
 from .onnx_export import ExportReport, export_run, model_info_from_run
-from .parity import ParityResult, check_parity
+from .parity import ParityError, ParityResult, check_parity
 
 __all__ = [
     "ExportError",

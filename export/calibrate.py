@@ -28,22 +28,19 @@ from typing import Any
 import numpy as np
 
 from modlabel.calibration import (
-    DEFAULT_OOD_RATE,
-    OutOfSetRule,
     calibrated_softmax,
     expected_calibration_error,
     fit_temperature,
-    gap_embedding,
     negative_log_likelihood,
-    rate_threshold,
 )
 from modlabel.decode import load_pixels, normalize
 from modlabel.errors import ImageError
-from modlabel.model import ModelInfo
+from modlabel.metadata import ModelInfo
+from modlabel.ood import DEFAULT_OOD_RATE, OutOfSetRule, gap_embedding, rate_threshold
+from modlabel.train.rundir import SPLIT_CSV
 
 from .errors import ExportError
 
-SPLIT_FILE = "split.csv"
 BATCH = 32
 # Training images a class that the class means and covariance are taken from: enough
 # for a covariance of K = 512 channels with the shrinkage, and a bounded export time.
@@ -98,7 +95,7 @@ def split_images(
     Empty when the run has no split.csv or its ``data_dir`` cannot be reached.
     """
     data_dir = run.get("data_dir")
-    split_file = Path(run_dir) / SPLIT_FILE
+    split_file = Path(run_dir) / SPLIT_CSV
     if not data_dir or not Path(data_dir).is_dir() or not split_file.is_file():
         return [], []
     index = {str(name): i for i, name in enumerate(run["class_names"])}

@@ -43,22 +43,22 @@ from typing import Any
 import numpy as np
 
 import modlabel
-from modlabel.calibration import DEFAULT_OOD_RATE
 from modlabel.decode import normalize
-from modlabel.model import ACTIVATIONS, INPUT_NAME, LOGITS, METADATA_KEY, ModelInfo, OnnxModel
+from modlabel.metadata import ACTIVATIONS, INPUT_NAME, LOGITS, METADATA_KEY, ModelInfo
+from modlabel.model import OnnxModel
+from modlabel.ood import DEFAULT_OOD_RATE
+from modlabel.train.rundir import (
+    ACTIVATION_LAYER,
+    GAP_LAYER,
+    HEAD_LAYER,
+    MODEL_FILE,
+    RUN_JSON,
+    SPLIT_CSV,
+)
 
 from .calibrate import CalibrationReport, calibrate
 from .errors import ExportError
 from .parity import check_parity, image_pixels, random_pixels
-
-RUN_FILE = "run.json"
-MODEL_FILE = "model.keras"
-SPLIT_FILE = "split.csv"
-
-# Layer names of train.backbones' CRM head, used where run.json does not name them.
-ACTIVATION_LAYER = "crm_conv"
-GAP_LAYER = "gap"
-HEAD_LAYER = "logits"
 
 REQUIRED_RUN_KEYS = ("class_names", "input_size", "mean", "std")
 # run.json keys that ModelInfo carries itself; the rest goes to extra["run"], except
@@ -211,12 +211,12 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         raise ExportError(
             f"{run_dir}: not a directory; pass a run folder written by `modlabel train`"
         )
-    path = run_dir / RUN_FILE
+    path = run_dir / RUN_JSON
     try:
         run = json.loads(path.read_text())
     except FileNotFoundError:
         raise ExportError(
-            f"{run_dir}: no {RUN_FILE}; pass a run folder written by `modlabel train`"
+            f"{run_dir}: no {RUN_JSON}; pass a run folder written by `modlabel train`"
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExportError(f"{path}: cannot read: {exc}") from None
@@ -398,7 +398,7 @@ def run_image_paths(run_dir: str | Path, run: dict[str, Any], *, limit: int) -> 
     Empty when the run has no split.csv or its ``data_dir`` is not reachable.
     """
     data_dir = run.get("data_dir")
-    split_file = Path(run_dir) / SPLIT_FILE
+    split_file = Path(run_dir) / SPLIT_CSV
     if not data_dir or not Path(data_dir).is_dir() or not split_file.is_file():
         return []
     order = {"test": 0, "val": 1, "train": 2}

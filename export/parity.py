@@ -27,7 +27,7 @@ import numpy as np
 from modlabel.decode import load_pixels
 from modlabel.errors import ImageError
 
-from .errors import ParityError
+from .errors import ExportError
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,18 @@ class ParityResult:
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+class ParityError(ExportError):
+    """The ONNX graph does not reproduce the Keras model within tolerance.
+
+    ``result`` holds the measured differences; the message names each one that
+    is out of bounds.
+    """
+
+    def __init__(self, message: str, result: ParityResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 def random_pixels(input_size: Sequence[int], samples: int, *, seed: int = 0) -> np.ndarray:

@@ -54,10 +54,12 @@ import numpy as np
 import modlabel
 from modlabel.decode import normalize
 from modlabel.maps import crm
-from modlabel.model import ACTIVATIONS, INPUT_NAME, LOGITS, METADATA_KEY, ModelInfo, OnnxModel
+from modlabel.metadata import ACTIVATIONS, INPUT_NAME, LOGITS, METADATA_KEY, ModelInfo
+from modlabel.model import OnnxModel
+from modlabel.train.rundir import SPLIT_CSV
 
 from .errors import QuantizationError
-from .onnx_export import CPU, SPLIT_FILE, _write_verified, read_run
+from .onnx_export import CPU, _write_verified, read_run
 from .parity import image_pixels
 
 DEFAULT_CALIBRATION = 64
@@ -189,7 +191,7 @@ def split_image_paths(run_dir: str | Path, split: str, *, limit: int | None = No
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     data_dir = run.get("data_dir")
-    split_file = run_dir / SPLIT_FILE
+    split_file = run_dir / SPLIT_CSV
     if not data_dir or not Path(data_dir).is_dir():
         raise QuantizationError(
             f"{run_dir}: the run's data directory {data_dir!r} cannot be read; int8 "
@@ -199,7 +201,7 @@ def split_image_paths(run_dir: str | Path, split: str, *, limit: int | None = No
         with split_file.open(newline="") as f:
             rows = [r for r in csv.DictReader(f) if {"split", "class", "path"} <= r.keys()]
     except FileNotFoundError:
-        raise QuantizationError(f"{run_dir}: no {SPLIT_FILE}; it names the run's images") from None
+        raise QuantizationError(f"{run_dir}: no {SPLIT_CSV}; it names the run's images") from None
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
         raise QuantizationError(f"{split_file}: cannot read: {exc}") from None
     by_class: dict[str, list[Path]] = {}
@@ -223,7 +225,7 @@ def evaluation_split(run_dir: str | Path) -> tuple[str, list[Path]]:
         if paths:
             return split, paths
     raise QuantizationError(
-        f"{run_dir}: {SPLIT_FILE} has no test or val images to check the int8 model on"
+        f"{run_dir}: {SPLIT_CSV} has no test or val images to check the int8 model on"
     )
 
 
@@ -474,7 +476,7 @@ def quantize_run(
     split, evaluation = evaluation_split(run_dir)
     calibration_paths = split_image_paths(run_dir, CALIBRATION_SPLIT, limit=calibration)
     if not calibration_paths:
-        raise QuantizationError(f"{run_dir}: {SPLIT_FILE} names no training images to calibrate on")
+        raise QuantizationError(f"{run_dir}: {SPLIT_CSV} names no training images to calibrate on")
     reader = CalibrationImages(calibration_paths, info)
     quantized = quantize_model(fp32_path, reader, options)
     data = quantized.SerializeToString()

@@ -247,7 +247,7 @@ def _measure_decode(model: str, folder: str) -> dict[str, Any]:
 
     from .decode_pool import DecodeRequest
     from .model import OnnxModel
-    from .scan import DecodeOptions, decoder_pool
+    from .scan.pipeline import DecodeOptions, decoder_pool
     from .source import DEFAULT_MAX_FILE_BYTES
 
     onnx_model = OnnxModel(model, device="cpu")
@@ -319,7 +319,7 @@ def _measure_db(url: str, rows: int = 5000, batch: int | None = None) -> dict[st
     import numpy as np
     import sqlalchemy as sa
 
-    from . import aggregate, codec, store
+    from . import codec, store
 
     engine = store.open_db(url)
     identity = f"bench-{uuid.uuid4().hex[:12]}"
@@ -328,7 +328,7 @@ def _measure_db(url: str, rows: int = 5000, batch: int | None = None) -> dict[st
         engine, identity=identity, sha256="0" * 64, backbone="bench", class_names=names,
         input_size=[300, 300], activation_shape=[18, 18, 512], path="bench",
     )  # fmt: skip
-    aggregate.rebuild_class_maps(engine, model_id, names, 0.5)
+    store.rebuild_class_maps(engine, model_id, names, 0.5)
     crms = codec.encode_maps(np.random.default_rng(0).gamma(2, 1, (256, 18, 18)))
     now = store.utcnow()
     try:

@@ -23,8 +23,10 @@ dispatches on the version byte.
 
 from __future__ import annotations
 
+import base64
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 
@@ -128,3 +130,22 @@ def decode_map(blob: bytes) -> np.ndarray:
     codes = np.frombuffer(raw, dtype=np.uint8).reshape(height, width)
     step = (float(high) - float(low)) / _LEVELS
     return (float(low) + codes.astype(np.float64) * step).astype(np.float32)
+
+
+# -- arrays in JSON (a model's metadata: head weights, out-of-set means) -------------
+
+
+def encode_array(arr: np.ndarray) -> dict[str, Any]:
+    """An array as JSON: dtype, shape and base64 of its little-endian bytes (exact)."""
+    arr = np.ascontiguousarray(arr, dtype=np.dtype(arr.dtype).newbyteorder("<"))
+    return {
+        "dtype": arr.dtype.str,
+        "shape": list(arr.shape),
+        "data": base64.b64encode(arr.tobytes()).decode("ascii"),
+    }
+
+
+def decode_array(doc: dict[str, Any]) -> np.ndarray:
+    """Inverse of ``encode_array``."""
+    raw = base64.b64decode(doc["data"])
+    return np.frombuffer(raw, dtype=np.dtype(doc["dtype"])).reshape(doc["shape"]).copy()

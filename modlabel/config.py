@@ -54,24 +54,19 @@ def resolve_db_url(flag: str | None) -> str:
     return value
 
 
-# libpq's connection keywords (PostgreSQL's "Parameter Key Words"), the ones a user writes.
-_LIBPQ_KEYS = frozenset(
-    {"host", "hostaddr", "port", "dbname", "user", "password", "passfile", "connect_timeout",
-     "client_encoding", "options", "application_name", "sslmode", "sslcert", "sslkey",
-     "sslrootcert", "sslpassword", "service", "target_session_attrs", "gssencmode"}
-)  # fmt: skip
-
-
 def _looks_like_libpq(value: str) -> bool:
-    """``key=value`` words whose keys are libpq's (a file name rarely is all that)."""
-    import re
+    """A libpq connection string: ``key=value`` words that libpq itself parses (any of its
+    keywords, quotes and escapes as it reads them) and that name a server or a database. A
+    file name rarely is that (``labels=v2.db`` is no keyword, so it stays a file)."""
+    if "=" not in value:
+        return False
+    try:
+        from psycopg.conninfo import conninfo_to_dict
 
-    pairs = re.findall(r"(\w+)\s*=", value)
-    return (
-        bool(pairs)
-        and all(key in _LIBPQ_KEYS for key in pairs)
-        and ("dbname" in pairs or "host" in pairs or "service" in pairs or "user" in pairs)
-    )
+        params = conninfo_to_dict(value)
+    except Exception:  # noqa: BLE001 - not libpq's: a file name
+        return False
+    return bool({"host", "hostaddr", "dbname", "user", "service", "port"} & set(params))
 
 
 def _libpq_to_url(value: str) -> str:

@@ -35,6 +35,7 @@ from .dicom import (
     read_dataset,
 )
 from .errors import ImageError
+from .reasons import Kind
 
 # Kept here for callers of modlabel.decode: the limits live in modlabel.limits.
 MAX_PIXELS = limits.MAX_PIXELS
@@ -97,7 +98,9 @@ def decode_image(
         except ImageError:
             raise
         except OSError as exc:
-            raise ImageError(label, f"cannot read file: {exc.strerror or exc}") from None
+            raise ImageError(
+                label, f"cannot read file: {exc.strerror or exc}", Kind.UNREADABLE
+            ) from None
         out = DecodedImage((0, 0), dicom=header)
         try:
             frame = dicom_image(ds, label, limits.MAX_PIXELS)
@@ -189,15 +192,17 @@ def _decode(
     except MemoryError:
         raise
     except FileNotFoundError:
-        raise ImageError(label, "file not found") from None
+        raise ImageError(label, "file not found", Kind.GONE) from None
     except IsADirectoryError:
-        raise ImageError(label, "is a directory") from None
+        raise ImageError(label, "is a directory", Kind.SPECIAL_FILE) from None
     except PermissionError:
-        raise ImageError(label, "permission denied") from None
+        raise ImageError(label, "permission denied", Kind.PERMISSION) from None
     except UnidentifiedImageError:
-        raise ImageError(label, "not a recognized image format") from None
+        raise ImageError(label, "not a recognized image format", Kind.NOT_AN_IMAGE) from None
     except Image.DecompressionBombError as exc:
-        raise ImageError(label, f"refused as a decompression bomb ({exc})") from None
+        raise ImageError(
+            label, f"refused as a decompression bomb ({exc})", Kind.OVER_LIMITS
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         # Truncated and corrupt files surface here from PIL's decoders.
         raise ImageError(label, f"cannot decode image: {exc}") from None

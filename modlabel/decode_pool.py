@@ -42,6 +42,7 @@ import numpy as np
 from . import config, stopping
 from .dicom import DicomHeader
 from .errors import one_line
+from .reasons import Kind
 
 __all__ = ["DecodePool", "DecodeRequest", "DecodeSpec", "Decoded"]
 
@@ -108,7 +109,9 @@ class Decoded:
     display: np.ndarray | None = None  # (h, w, 3) uint8, for people
     dicom: DicomHeader | None = None
     error: str | None = None
+    error_kind: Kind | None = None  # what kind of error ``error`` is
     cancelled: bool = False  # the pool was stopped while this file was being decoded
+    failed: str | None = None  # the pool itself failed (no worker can start): not the file
 
 
 _T = TypeVar("_T")
@@ -118,11 +121,23 @@ _T = TypeVar("_T")
 SLOTS_PER_WORKER = 2
 
 
+# A worker that dies costs the file it was decoding its result only on a second death: the
+# first may be none of its doing (the system's OOM killer, an operator's kill, the zygote
+# gone), and a file is blamed for nothing it did not do twice.
+ATTEMPTS = 2
+# A file in flight when the workers' server itself ended is tried again this many times.
+SERVER_LOSSES = 3
+# A pool whose workers cannot start this many times in a row gives up (``Decoded.failed``).
+START_FAILURES = 3
+
+
 @dataclass
 class _Job:
     request: DecodeRequest
     future: Future
     slot: int = -1
+    deaths: int = 0  # workers that died while decoding it
+    orphaned: int = 0  # workers lost with their server (the zygote) while decoding it
 
 
 class DecodePool:
@@ -152,6 +167,8 @@ class DecodePool:
         self._queue: deque[_Job] = deque()  # submitted, not yet sent to a worker
         self._running: list[_Worker] = []  # the dispatcher's own: no other thread touches them
         self._closed = False
+        self._failure: str | None = None  # why the pool cannot go on (no worker starts)
+        self._start_failures = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         start_server()
@@ -167,11 +184,12 @@ class DecodePool:
         """Queue one file; the future's result is its ``Decoded``, never an exception."""
         job = _Job(request, Future())
         with self._lock:
-            closed = self._closed
-            if not closed:
+            closed, failure = self._closed, self._failure
+            if not closed and self._thread.is_alive():
                 self._queue.append(job)
-        if closed:
-            _settle(job, Decoded(cancelled=True))
+                closed = None
+        if closed is not None:
+            _settle(job, Decoded(cancelled=failure is None, failed=failure))
         else:
             self._wake()
         return job.future
@@ -252,7 +270,10 @@ class DecodePool:
                     break
                 self._assign()
                 busy = {w.conn: w for w in self._running if w.inflight}
-                ready = wait([*busy, self._wake_r], self._until_deadline())
+                timeout = self._until_deadline()
+                before = time.monotonic()
+                ready = wait([*busy, self._wake_r], timeout)
+                self._forgive_frozen_time(time.monotonic() - before, timeout)
                 for conn in ready:
                     if conn == self._wake_r:
                         with contextlib.suppress(OSError):
@@ -260,8 +281,29 @@ class DecodePool:
                     else:
                         self._receive(busy[conn])
                 self._cut_overruns()
+        except Exception as exc:  # the pool's own failure (no descriptor left, ...)
+            self._fail(f"the decode workers failed: {type(exc).__name__}: {one_line(exc)}")
         finally:
             self._shut_down()
+
+    def _forgive_frozen_time(self, elapsed: float, timeout: float | None) -> None:
+        """Time the whole scan stood still (SIGSTOP and SIGCONT of its process group, a
+        machine suspended) is not counted against the files being decoded."""
+        if timeout is None or elapsed <= timeout + FROZEN_SECONDS:
+            return
+        frozen = elapsed - timeout
+        for worker in self._running:
+            worker.head_since += frozen
+
+    def _fail(self, reason: str) -> None:
+        """The pool cannot go on: every file queued or in flight gets ``failed``."""
+        with self._lock:
+            self._failure = reason
+            self._closed = True
+            queued = list(self._queue)
+            self._queue.clear()
+        for job in queued:
+            _settle(job, Decoded(failed=reason))
 
     def _assign(self) -> None:
         """Send queued files to workers with a free slot, starting workers as needed."""
@@ -298,12 +340,12 @@ class DecodePool:
         except _StartError as exc:
             with self._lock:
                 self._running.remove(worker)
-                closed = self._closed
-                jobs = [] if closed else [self._queue.popleft()] if self._queue else []
             worker.close()
-            for job in jobs:  # the file that could not be given a worker: its error
-                _settle(job, Decoded(error=str(exc)))
+            self._start_failures += 1
+            if self._start_failures >= START_FAILURES or exc.final:
+                self._fail(f"decode workers cannot start: {exc}")
             return None
+        self._start_failures = 0
         return worker
 
     def _receive(self, worker: _Worker) -> None:
@@ -318,8 +360,10 @@ class DecodePool:
         _settle(job, result)
 
     def _lost(self, worker: _Worker, reason: Decoded | None = None) -> None:
-        """A worker is gone (a crash, or cut at the time limit): the file it was decoding
-        gets the reason, the file waiting beside it goes to another worker."""
+        """A worker is gone (a crash, or cut at the time limit). A time limit blames the
+        file it was decoding at once; a death blames it on the second (``ATTEMPTS``), the
+        first being possibly none of its doing. The file waiting beside it is never
+        blamed: it goes to another worker."""
         with self._lock:
             if worker in self._running:
                 self._running.remove(worker)
@@ -331,26 +375,48 @@ class DecodePool:
             for job in jobs:
                 _settle(job, result)
             return
-        self.crashes += 1
-        if jobs:
-            _settle(jobs[0], result)
+        again = jobs[1:]
+        if reason is None and worker.ended is None and worker.zygote.gone:
+            # Its server ended (killed, say): how the worker ended is unknown, and none of
+            # the file's doing. Tried again on a new server's workers, a few times.
+            for job in jobs:
+                job.orphaned += 1
+            if any(job.orphaned > SERVER_LOSSES for job in jobs):
+                for job in jobs:
+                    _settle(job, Decoded(failed="the decode workers' server keeps ending"))
+                self._fail("the decode workers' server keeps ending")
+                return
+            again = jobs
+        else:
+            self.crashes += 1
+            if jobs:
+                head = jobs[0]
+                head.deaths += 1
+                if reason is None and head.deaths < ATTEMPTS:
+                    again = jobs  # tried once more, on a fresh worker
+                else:
+                    _settle(head, result)
         with self._lock:
-            for job in reversed(jobs[1:]):
+            for job in reversed(again):
                 job.slot = -1
-                self._queue.appendleft(job)  # never blamed for another file's crash
+                self._queue.appendleft(job)
 
     def _until_deadline(self) -> float | None:
         heads = [w.head_since for w in self._running if w.inflight]
         if not heads:
             return None
-        return max(0.0, min(heads) + self.timeout - time.monotonic())
+        left = min(heads) + min(self.timeout, MAX_WAIT_SECONDS) - time.monotonic()
+        return min(max(0.0, left), MAX_WAIT_SECONDS)
 
     def _cut_overruns(self) -> None:
         now = time.monotonic()
         for worker in list(self._running):
             if worker.inflight and now - worker.head_since >= self.timeout:
                 worker.terminate()
-                overrun = Decoded(error=f"timed out after {self.timeout:g} s (--decode-timeout)")
+                overrun = Decoded(
+                    error=f"timed out after {self.timeout:g} s (--decode-timeout)",
+                    error_kind=Kind.DECODE_TIMEOUT,
+                )
                 self._lost(worker, overrun)
 
     def _shut_down(self) -> None:
@@ -366,6 +432,12 @@ class DecodePool:
             worker.close()
         for job in queued:
             _settle(job, Decoded(cancelled=True))
+
+
+# A wait that took this much longer than asked means the process stood still (SIGSTOP).
+FROZEN_SECONDS = 1.0
+# No wait is longer than this (poll's limit is about 24 days).
+MAX_WAIT_SECONDS = 86400.0
 
 
 def _settle(job: _Job, result: Decoded) -> None:
@@ -397,7 +469,11 @@ def image_pool(
 
 
 class _StartError(RuntimeError):
-    pass
+    """A worker that did not start; ``final`` when no other will (a limit too low)."""
+
+    def __init__(self, message: str, *, final: bool = False) -> None:
+        super().__init__(message)
+        self.final = final
 
 
 class _Worker:
@@ -408,6 +484,7 @@ class _Worker:
         self.spec = spec
         self.memory_bytes = memory_bytes
         self.pid: int | None = None
+        self.zygote: _Zygote | None = None
         self.ended: Ended | None = None
         self.conn: Any = None
         self.slot_bytes = spec.slot_bytes
@@ -424,8 +501,9 @@ class _Worker:
         from multiprocessing.connection import Connection
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.zygote = _zygote()  # its own: a zygote started later never knew this worker
         try:
-            self.pid = _zygote().fork(
+            self.pid = self.zygote.fork(
                 [theirs.fileno(), self.slot_fd, self.capture.fileno()],
                 (self.spec, self.memory_bytes, SLOTS_PER_WORKER),
             )
@@ -433,12 +511,19 @@ class _Worker:
             theirs.close()
         self.conn = Connection(ours.detach())
         try:
-            ready = self.conn.poll(START_SECONDS) and self.conn.recv() == "ready"
+            said = self.conn.recv() if self.conn.poll(START_SECONDS) else None
         except (OSError, EOFError):
-            ready = False
-        if not ready:
+            said = None
+        if isinstance(said, tuple) and said[0] == "too little memory":
             self.terminate()
-            why = one_line(self._captured(), 300)
+            raise _StartError(
+                f"--decode-memory {self.memory_bytes / 2**20:,.0f} MiB is less than a decode "
+                f"worker needs to start ({said[1] / 2**20:,.0f} MiB)",
+                final=True,
+            )
+        if said != "ready":
+            self.terminate()
+            why = one_line(self._captured() or self.zygote.why(), 300)
             raise _StartError("a decode worker did not start" + (f": {why}" if why else ""))
 
     def send(self, job: _Job) -> bool:
@@ -473,6 +558,7 @@ class _Worker:
             display=message.get("display"),
             dicom=message.get("dicom"),
             error=message.get("error"),
+            error_kind=message.get("error_kind"),
         )
 
     def died(self) -> Decoded:
@@ -482,6 +568,7 @@ class _Worker:
             return Decoded(cancelled=True)
         code = ended.exit_code if ended is not None else None
         printed = one_line(self._captured(), 300)
+        kind = Kind.DECODER_CRASHED
         if code is not None and code < 0:
             name = _signal_name(-code)
             if -code == signal.SIGKILL:
@@ -492,7 +579,8 @@ class _Worker:
             reason = f"decoder exited with status {code}"
         if any(s in printed for s in ("bad_alloc", "MemoryError", "annot allocate memory")):
             reason = over_memory(self.memory_bytes) + f"; {reason}"
-        return Decoded(error=f"{reason} ({printed})" if printed else reason)
+            kind = Kind.DECODE_MEMORY
+        return Decoded(error=f"{reason} ({printed})" if printed else reason, error_kind=kind)
 
     def _captured(self) -> str:
         try:
@@ -509,12 +597,12 @@ class _Worker:
 
     def terminate(self) -> None:
         if self.pid is not None and self.ended is None:
-            _zygote().kill(self.pid)
+            self.zygote.kill(self.pid)
 
     def _wait(self, timeout: float) -> Ended | None:
         """How the process ended (waiting up to ``timeout`` s for it to end)."""
         if self.ended is None and self.pid is not None:
-            self.ended = _zygote().wait(self.pid, timeout)
+            self.ended = self.zygote.wait(self.pid, timeout)
         return self.ended
 
     def close(self) -> None:
@@ -567,7 +655,13 @@ class _Zygote:
         self.owner = os.getpid()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.errors = tempfile.TemporaryFile(prefix="modlabel-zygote-")  # noqa: SIM115
-        code = f"from modlabel.decode_worker import zygote; zygote({theirs.fileno()})"
+        # The zygote imports the modlabel this process imported: the same sys.path, made
+        # absolute, and nothing from the folder it happens to start in.
+        path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+        code = (
+            f"import sys; sys.path[:] = {path!r}; "
+            f"from modlabel.decode_worker import zygote; zygote({theirs.fileno()})"
+        )
         self.process = subprocess.Popen(
             [sys.executable, "-c", code],
             pass_fds=[theirs.fileno()],
@@ -644,6 +738,10 @@ class _Zygote:
                 elif kind == "ended":
                     self.ended[rest[0]] = Ended(rest[1], rest[2])
                 self.changed.notify_all()
+
+    def why(self) -> str:
+        """What the zygote printed last (why it could not start, say)."""
+        return self._why().removeprefix(": ")
 
     def _why(self) -> str:
         try:

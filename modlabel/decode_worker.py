@@ -39,13 +39,15 @@ import numpy as np
 from . import decode
 from .decode_pool import DecodeRequest, DecodeSpec, over_memory
 from .errors import ImageError, one_line
+from .reasons import Kind
 from .source import read_file
 
 # What a worker may write to a file (its stderr capture): a runaway C library's output
 # is cut there instead of filling the disk.
 MAX_WRITE_BYTES = 1 << 20
 # An environment variable of the tests only: "<fault>:<text>" makes a worker abort, crash
-# (a null pointer read), hang or run out of memory on any file whose path contains <text>.
+# (a null pointer read), hang or run out of memory on any file whose path contains <text>;
+# "abort-once" aborts the first time only (it leaves "<path>.crashed" beside the file).
 TEST_FAULT_ENV = "MODLABEL_TEST_DECODER_FAULT"
 
 
@@ -56,7 +58,7 @@ def zygote(fd: int) -> None:
     warnings.simplefilter("ignore")
     logging.disable(logging.CRITICAL)
     warm = False  # the DICOM decoders are imported once no request waits (_warm)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # the parent stops; the socket's end ends this
     sock = socket.socket(fileno=fd)
     wake_r, wake_w = os.pipe()
@@ -83,8 +85,13 @@ def zygote(fd: int) -> None:
                 except OSError:
                     message, fds = b"", []
                 if not message:
+                    # The parent is gone: nobody waits for what the workers decode (one
+                    # stuck in a file would otherwise run on for ever).
                     open_ = False
                     selector.unregister(sock)
+                    for child in children:
+                        with contextlib.suppress(OSError):
+                            os.kill(child, signal.SIGKILL)
                     continue
                 kind, request, setup = pickle.loads(message)
                 if kind == "kill":  # only a child not reaped yet: its pid is still its own
@@ -172,6 +179,10 @@ def serve(
     shared = mmap.mmap(slot_fd, spec.slot_bytes * slots)
     os.close(slot_fd)
     conn = Connection(conn_fd)
+    needed = _address_space() + START_HEADROOM
+    if 0 < memory_bytes < needed:  # every file would fail: say so once, and end
+        conn.send(("too little memory", needed))
+        return
     _limit(memory_bytes)
     fault = os.environ.get(TEST_FAULT_ENV)
     conn.send("ready")
@@ -196,7 +207,13 @@ def decode_request(
     request: DecodeRequest, spec: DecodeSpec, memory_bytes: int, *, fault: str | None = None
 ) -> dict:
     """The result of one file as a dict of plain values and arrays (see ``decode_pool``)."""
-    out: dict[str, Any] = {"sha256": None, "unchanged": False, "error": None, "dicom": None}
+    out: dict[str, Any] = {
+        "sha256": None,
+        "unchanged": False,
+        "error": None,
+        "error_kind": None,
+        "dicom": None,
+    }
     max_bytes = request.max_bytes or spec.max_bytes
     try:
         if fault:
@@ -225,12 +242,13 @@ def decode_request(
         if image.display is not None:
             out["display"] = image.display
     except ImageError as exc:
-        out["error"] = exc.reason
+        out["error"], out["error_kind"] = exc.reason, exc.kind
         out["dicom"] = getattr(exc, "dicom", None)
     except MemoryError:
-        out["error"] = over_memory(memory_bytes)
+        out["error"], out["error_kind"] = over_memory(memory_bytes), Kind.DECODE_MEMORY
     except Exception as exc:  # a decoder's own bug: the file's error, not the worker's end
         out["error"] = one_line(f"cannot decode: {type(exc).__name__}: {exc}")
+        out["error_kind"] = Kind.CORRUPT
     return out
 
 
@@ -252,8 +270,24 @@ def _pack(result: dict, slot: memoryview) -> dict:
     return result
 
 
+# Above what a worker maps at its start, the least room it needs to decode anything.
+START_HEADROOM = 128 << 20
+
+
+def _address_space() -> int:
+    """This process's mapped address space now, in bytes (Linux; 0 where unknown)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _detach_from_signals() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full capture file fails a write, no more
     try:
@@ -283,6 +317,13 @@ def _test_fault(fault: str, request: DecodeRequest) -> None:
     kind, _, marker = fault.partition(":")
     if not marker or marker not in request.path:
         return
+    if kind == "abort-once":
+        flag = request.path + ".crashed"
+        if os.path.exists(flag):
+            return
+        with open(flag, "w"):
+            pass
+        kind = "abort"
     if kind == "abort":
         os.write(2, b"terminate called after throwing an instance of 'test::Fault'\n")
         os.abort()

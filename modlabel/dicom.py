@@ -41,7 +41,8 @@ import numpy as np
 from PIL import Image
 
 from . import config, limits
-from .errors import ImageError
+from .errors import ImageError, one_line
+from .reasons import Kind
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 PREAMBLE_BYTES = 128
@@ -183,6 +184,7 @@ def _inflate(data: bytes, start: int, limit: int, label: str) -> bytes:
             label,
             f"deflated DICOM inflates to more than {limit:,} bytes (the file size limit, "
             "--max-file-size)",
+            Kind.TOO_LARGE,
         )
     return out
 
@@ -192,7 +194,9 @@ def _why(exc: BaseException) -> str:
 
 
 def _text(value: object, width: int) -> str | None:
-    text = str(value).strip() if value is not None else ""
+    """A header value as stored: one line, control characters as escapes (an ESC in a
+    Modality never reaches a terminal or a CSV), cut to the column's ``width``."""
+    text = one_line(value, width + 1) if value is not None else ""
     return text[:width] or None
 
 
@@ -210,13 +214,13 @@ def dicom_image(
     try:
         ds = source if hasattr(source, "dir") else read_dataset(source, label, max_bytes=max_bytes)
         if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            raise ImageError(label, _why_no_pixels(ds))
+            raise ImageError(label, _why_no_pixels(ds), Kind.NOT_AN_IMAGE)
         syntax = _transfer_syntax(ds)
         _check_decoder(syntax, label)
         rows, columns = int(ds.Rows), int(ds.Columns)
         limits.check_declared_size(label, columns, rows)
         if rows * columns > max_pixels:
-            raise ImageError(label, f"image too large ({columns}x{rows} pixels)")
+            raise ImageError(label, f"image too large ({columns}x{rows} pixels)", Kind.OVER_LIMITS)
         frames = _frame_count(ds, label)
         index = frames // 2 if frames > 1 else None
         if syntax.is_encapsulated and "PixelData" in ds:
@@ -250,9 +254,10 @@ def _frame_count(ds, label: str) -> int:
     except (TypeError, ValueError) as exc:
         raise ImageError(label, f"DICOM header has a malformed size ({exc})") from None
     if frames < 1:
-        raise ImageError(label, f"DICOM header declares {frames} frames")
+        raise ImageError(label, f"DICOM header declares {frames} frames", Kind.OVER_LIMITS)
     if not 1 <= samples <= _MAX_SAMPLES or bits not in _BITS_ALLOCATED:
-        raise ImageError(label, f"DICOM header declares {samples} samples of {bits} bits a pixel")
+        declared = f"DICOM header declares {samples} samples of {bits} bits a pixel"
+        raise ImageError(label, declared, Kind.OVER_LIMITS)
     if "PixelData" not in ds:
         return frames
     data = ds.PixelData
@@ -269,6 +274,7 @@ def _frame_count(ds, label: str) -> int:
                 label,
                 f"DICOM header declares {frames:,} frames but the pixel data holds "
                 f"{fragments:,} fragments",
+                Kind.OVER_LIMITS,
             )
         return frames
     frame_bits = int(ds.Rows) * int(ds.Columns) * samples * bits
@@ -277,6 +283,7 @@ def _frame_count(ds, label: str) -> int:
             label,
             f"DICOM header declares {frames:,} frames of {ds.Columns}x{ds.Rows} but the "
             f"pixel data holds {length:,} bytes",
+            Kind.OVER_LIMITS,
         )
     return frames
 
@@ -293,12 +300,13 @@ def _check_codestream(ds, index: int, frames: int, rows: int, columns: int, labe
     declared = codestream_size(frame)
     if declared is None:
         return  # RLE and other codings carry no size of their own: the header's is used
-    kind, width, height, components = declared
+    coding, width, height, components = declared
     if (width, height) != (columns, rows) or not 1 <= components <= _MAX_SAMPLES:
         raise ImageError(
             label,
-            f"the {kind} codestream declares {width}x{height} pixels with {components} "
+            f"the {coding} codestream declares {width}x{height} pixels with {components} "
             f"components, but the DICOM header says {columns}x{rows}",
+            Kind.OVER_LIMITS,
         )
 
 
@@ -308,11 +316,21 @@ _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xC
                        0xCE, 0xCF, 0xF7})  # fmt: skip
 
 
+# The box that opens a JP2 file (ISO 15444-1 I.5.1), which some encoders put around a
+# DICOM frame's JPEG 2000 codestream.
+JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
 def codestream_size(data: bytes) -> tuple[str, int, int, int] | None:
     """(kind, width, height, components) that a JPEG, JPEG-LS or JPEG 2000 codestream
     declares in its header, read without decoding; None for data of another kind."""
     import struct
 
+    if data[:12] == JP2_SIGNATURE:  # a JP2 file around the codestream: its SIZ inside
+        start = data.find(b"\xff\x4f\xff\x51")
+        if start < 0:
+            return None
+        data = data[start:]
     if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 42:  # J2K: SOC, then SIZ
         xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", data[8:24])
         (csiz,) = struct.unpack(">H", data[40:42])
@@ -373,9 +391,13 @@ def _check_decoder(syntax, label: str) -> None:
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        raise ImageError(label, f"unsupported DICOM transfer syntax {name}") from None
+        raise ImageError(
+            label, f"unsupported DICOM transfer syntax {name}", Kind.UNSUPPORTED
+        ) from None
     if not decoder.is_available:
-        raise ImageError(label, f"no decoder installed for DICOM transfer syntax {name}")
+        raise ImageError(
+            label, f"no decoder installed for DICOM transfer syntax {name}", Kind.UNSUPPORTED
+        )
 
 
 def _gray_to_8bit(frame: np.ndarray, ds, *, invert: bool) -> np.ndarray:

@@ -7,8 +7,11 @@ scan exits 0.
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 from pathlib import Path
+
+from .reasons import Kind
 
 
 class ExitCode(IntEnum):
@@ -26,6 +29,7 @@ class ExitCode(IntEnum):
 
 # A reason stored or printed is one line of at most this many characters.
 MAX_REASON_CHARS = 500
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def one_line(text: object, limit: int = MAX_REASON_CHARS) -> str:
@@ -33,6 +37,9 @@ def one_line(text: object, limit: int = MAX_REASON_CHARS) -> str:
     a text longer than ``limit`` is cut with an ellipsis. Stored errors, ``scans.reason``
     and every message a command prints go through this."""
     flat = " ".join(str(text).split())
+    # Control characters a header or a decoder quoted (an ESC that would drive the
+    # terminal) are written as escapes, never passed on.
+    flat = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", flat)
     return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "\u2026"
 
 
@@ -43,11 +50,13 @@ class ModlabelError(Exception):
 
 
 class ImageError(ModlabelError):
-    """An image that cannot be read or decoded; names the file and the reason."""
+    """An image that cannot be read or decoded; names the file, the reason (a sentence)
+    and its kind (``reasons.Kind``, what code branches on)."""
 
-    def __init__(self, path: str | Path, reason: str) -> None:
+    def __init__(self, path: str | Path, reason: str, kind: Kind = Kind.CORRUPT) -> None:
         self.path = str(path)
         self.reason = one_line(reason)
+        self.kind = kind
         super().__init__(f"{self.path}: {reason}")
 
 

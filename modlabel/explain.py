@@ -16,26 +16,47 @@ from pathlib import Path
 
 import numpy as np
 
-from . import maps, overlay, stopping
+from . import geometry, maps, overlay, stopping
 from .decode_pool import DecodeRequest, image_pool
-from .model import OnnxModel, softmax
+from .infer import ImageLabel, describe, label_pixels
+from .model import OnnxModel
 
-DEFAULT_METHODS = ("cam", "gradcam", "crm")
 BATCH_SIZE = 16
 DISPLAY_PX = 512  # longest side of a panel; the figure need not be full resolution
 
 
 @dataclass
 class ExplainResult:
-    """One image's outcome: the label and the figure, or the error."""
+    """One image's outcome: what ``infer`` says of it and the figure, or the error."""
 
     path: str
-    label: str | None = None
-    confidence: float | None = None
+    image: ImageLabel | None = None  # the label, calibrated confidences, out-of-set flag
     figure: Path | None = None
     error: str | None = None
-    class_index: int | None = None
-    roi: dict[str, maps.RoiStats] = field(default_factory=dict)
+    roi: dict[str, geometry.RoiStats] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str | None:
+        return self.image.label if self.image is not None else None
+
+    @property
+    def confidence(self) -> float | None:
+        return self.image.confidence if self.image is not None else None
+
+    @property
+    def class_index(self) -> int | None:
+        return self.image.class_index if self.image is not None else None
+
+    def to_dict(self) -> dict[str, object]:
+        """What the figure shows, as data (``explain --format json``): the same label,
+        calibrated confidence and out-of-set flag a scan stores for the image."""
+        out: dict[str, object] = {"path": self.path, "error": self.error}
+        if self.image is not None:
+            out.update(describe(self.image))
+            out["probabilities"] = self.image.probabilities
+        out["roi"] = {name: {"pixels": r.pixels, "ratio": r.ratio} for name, r in self.roi.items()}
+        out["figure"] = str(self.figure) if self.figure is not None else None
+        return out
 
 
 @dataclass
@@ -50,13 +71,11 @@ def explain_images(
     model: OnnxModel,
     out_dir: str | Path,
     *,
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: Sequence[str] | None = None,
     batch_size: int = BATCH_SIZE,
 ) -> list[ExplainResult]:
     """Label each image and write ``out_dir/<stem>.explain.png``; results in input order."""
-    unknown = [m for m in methods if m not in maps.METHODS]
-    if unknown:
-        raise ValueError(f"unknown map methods {unknown}; known: {sorted(maps.METHODS)}")
+    methods = maps.parse_methods(methods)  # None: the registry's defaults
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = [ExplainResult(path=str(p)) for p in paths]
@@ -85,26 +104,14 @@ def _explain_batch(
     names: list[str],
     out: Path,
 ) -> None:
-    batch = model.preprocess(np.stack([item.pixels for item in loaded]))
-    logits, activations = model.run(batch)
-    probs = softmax(logits)
-    maps_by_method = maps.compute_maps(
-        activations,
-        model.info.head_weights,
-        bias=model.info.head_bias,
-        methods=methods,
-        logits=logits,
-        pooling=model.info.pooling,
-    )
+    labels = label_pixels(model, np.stack([item.pixels for item in loaded]))
+    maps_by_method = labels.maps(methods)
     for row, item in enumerate(loaded):
         result = results[item.index]
-        c = int(np.argmax(logits[row]))
-        result.class_index = c
-        result.label = model.info.class_names[c]
-        result.confidence = float(probs[row, c])
+        result.image = labels[row]
         per_method = {name: m[row] for name, m in maps_by_method.items()}
         result.roi = {
-            name: maps.roi_stats(m, model.info.input_size) for name, m in per_method.items()
+            name: geometry.roi_stats(m, model.info.input_size) for name, m in per_method.items()
         }
         result.figure = out / names[item.index]
         figure_png(item.display, per_method, result, result.figure)
@@ -143,10 +150,16 @@ def figure_png(
     for ax, (name, m) in zip(axes[1:], per_method.items(), strict=True):
         ax.imshow(overlay.overlay(image_rgb, m))
         ratio = result.roi[name].ratio if name in result.roi else None
-        title = maps.TITLES.get(name, name)
+        title = maps.title(name)
         ax.set_title(f"{title}  ROI {ratio:.1%}" if ratio is not None else title, fontsize=10)
     for ax in axes:
         ax.set_axis_off()
-    fig.suptitle(f"{Path(result.path).name}: {result.label} ({result.confidence:.1%})", fontsize=11)
+    image = result.image
+    heading = f"{Path(result.path).name}: {image.label} ({image.confidence:.1%}); then " \
+        f"{image.runner_up} ({image.runner_up_probability:.1%})"  # fmt: skip
+    if image.out_of_set:
+        # The scan flags this image too: say so where it is seen, not only in the database.
+        heading += f"\nOUT OF SET (score {image.ood_score:.4g}): likely none of the classes"
+    fig.suptitle(heading, fontsize=11, color="#b00020" if image.out_of_set else "black")
     fig.tight_layout()
     fig.savefig(path, format="png")

@@ -6,7 +6,7 @@ order: ``path`` (relative to the archive, posix), ``class``, ``width`` and
 ``distractors`` (text, scale bars, arrows, borders), both lists of
 ``{"label": str, "box": [x0, y0, x1, y1]}`` in those pixels, x1 and y1 exclusive.
 
-``modlabel.synth`` writes it; ``modlabel.localize`` scores relevance maps against it.
+``modlabel.synth`` writes it; ``modlabel.evaluation`` scores relevance maps against it.
 """
 
 from __future__ import annotations

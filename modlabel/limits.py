@@ -10,6 +10,7 @@ before it decodes.
 from __future__ import annotations
 
 from .errors import ImageError
+from .reasons import Kind
 
 # 100 megapixels is far above any figure or slice.
 MAX_PIXELS = 100_000_000
@@ -23,12 +24,16 @@ def check_declared_size(label: str, width: int, height: int) -> None:
     """Raise ``ImageError`` for an image whose declared size is over the limits
     (``MAX_PIXELS`` for a frame, ``MAX_SIDE`` for either side), before it is decoded."""
     if width < 1 or height < 1:
-        raise ImageError(label, f"image has no pixels ({width}x{height})")
+        raise ImageError(label, f"image has no pixels ({width}x{height})", Kind.OVER_LIMITS)
     if width > MAX_SIDE or height > MAX_SIDE:
         raise ImageError(
-            label, f"image too large ({width}x{height} pixels; a side may be at most {MAX_SIDE})"
+            label,
+            f"image too large ({width}x{height} pixels; a side may be at most {MAX_SIDE})",
+            Kind.OVER_LIMITS,
         )
     if width * height > MAX_PIXELS:
         raise ImageError(
-            label, f"image too large ({width}x{height} pixels; the limit is {MAX_PIXELS:,})"
+            label,
+            f"image too large ({width}x{height} pixels; the limit is {MAX_PIXELS:,})",
+            Kind.OVER_LIMITS,
         )

@@ -1,10 +1,14 @@
-"""Maps: CAM, Grad-CAM and CRM from the last conv layer's activations.
+"""Maps: CAM, Grad-CAM, CRM and the other methods, from the last conv layer's activations.
 
-Every method is a small pure function of the same ``HeadTerms`` (``head_terms``:
-one matrix product per batch), batched with numpy; ``METHODS`` names them. Each
-also has an entry point over the raw inputs. All entry points take
-``(activations, weights)`` positionally and everything else by keyword only,
-each name with one meaning in every function:
+Every method is one small pure function of the same ``Terms`` (``terms``: one
+matrix product per batch, with the activations, head weights, bias, scores and
+the class each map is drawn for), batched with numpy, and one entry in the
+registry (``register``/``METHODS``) that says its name, title, colour and
+equation. Adding a method is that function and that entry: every command's
+``--methods``, figure, table and colour follow. Each method also has an entry
+point over the raw inputs, all of them taking ``(activations, weights)``
+positionally and everything else by keyword only, each name with one meaning in
+every function:
 
 * ``activations``: (N, H, W, K) float32, the conv layer that feeds the pooling
   (the ONNX output ``activations``);
@@ -23,11 +27,8 @@ each name with one meaning in every function:
 Each returns (N, H, W) float32, one map per image. Equation numbers refer to
 Kim, Rajaraman and Antani (2019), "Visual Interpretation of Convolutional Neural
 Network Predictions in Classifying Medical Image Modalities", Diagnostics 9(2):38.
-
-Around the methods: bilinear upsampling in the decoder's geometry (a plain
-stretch of the whole image), the paper's display normalization and 20% ROI
-threshold (Table 3), the class-level average (Eq. 8) and its 70% ROI box
-(Figure 9).
+The class-level average (Eq. 8) is ``ClassAverage``; upsampling, ROIs and boxes
+are ``modlabel.geometry``'s.
 """
 
 from __future__ import annotations
@@ -38,15 +39,11 @@ from typing import Literal
 
 import numpy as np
 
+from .geometry import normalize_unit
+
 Pooling = Literal["mean", "sum"]
 Gradient = Literal["sum", "mean"]
 ClassIndex = int | Sequence[int] | np.ndarray | None
-Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 and y1 exclusive
-
-# The paper's thresholds: heatmaps show values above 20% of the max (Figure 4,
-# Table 3); the class-level ROI is the area above 70% of the max (Figure 9).
-DISPLAY_FRACTION = 0.2
-CLASS_ROI_FRACTION = 0.7
 
 
 # --------------------------------------------------------------------------
@@ -90,15 +87,19 @@ def class_maps(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class HeadTerms:
-    """What every method is computed from, for one batch (see ``head_terms``).
+class Terms:
+    """What every method is computed from, for one batch (see ``terms``).
 
+    activations: (N, H, W, K) float32; weights: (K, C) float32; bias: (C,) or None.
     class_maps: (N, H, W, C) float32, M_c(x, y) of Eq. 2 for every class.
     scale: s, the pooling divisor (``pooling_scale``).
     scores: (N, C) float64, S_c of Eq. 1, the bias included when given.
     classes: (N,) int, the class that the class-specific maps are drawn for.
     """
 
+    activations: np.ndarray
+    weights: np.ndarray
+    bias: np.ndarray | None
     class_maps: np.ndarray
     scale: float
     scores: np.ndarray
@@ -106,12 +107,12 @@ class HeadTerms:
 
     @property
     def by_class(self) -> np.ndarray:
-        """class_maps classes first, (C, N, H, W): a view, contiguous when
-        ``head_terms`` made the terms."""
+        """class_maps classes first, (C, N, H, W): a view, contiguous when ``terms``
+        made them."""
         return self.class_maps.transpose(3, 0, 1, 2)
 
 
-def head_terms(
+def terms(
     activations: np.ndarray,
     weights: np.ndarray,
     *,
@@ -119,7 +120,7 @@ def head_terms(
     class_index: ClassIndex = None,
     logits: np.ndarray | None = None,
     pooling: Pooling = "mean",
-) -> HeadTerms:
+) -> Terms:
     """The head's terms for a batch: one (N*H*W, K) x (K, C) product, shared by all methods.
 
     activations: (N, H, W, K); weights: (K, C); bias: (C,) or None (the scores
@@ -127,7 +128,8 @@ def head_terms(
     (N,), or None for the predicted class: the argmax of the model's ``logits``
     (N, C) when given, else of the scores (Eq. 1) re-computed here.
     """
-    m = class_maps(activations, weights)
+    acts, wts = _checked(activations, weights)
+    m = class_maps(acts, wts)
     n, h, w, c = m.shape
     s = pooling_scale(pooling, h, w)
     by_class = m.transpose(3, 0, 1, 2).reshape(c, n, h * w)  # a view, see class_maps
@@ -141,24 +143,24 @@ def head_terms(
     else:
         chooser = scores if logits is None else np.asarray(logits)
         classes = np.argmax(chooser, axis=-1).astype(np.intp)
-    return HeadTerms(class_maps=m, scale=s, scores=scores, classes=classes)
+    return Terms(acts, wts, bias, m, s, scores, classes)
 
 
-def _class_map(terms: HeadTerms) -> np.ndarray:
+def _class_map(t: Terms) -> np.ndarray:
     """M_c for each image's class: (N, H, W), a new array."""
-    return terms.by_class[terms.classes, np.arange(terms.classes.size)]
+    return t.by_class[t.classes, np.arange(t.classes.size)]
 
 
 # --------------------------------------------------------------------------
-# The methods. Each is a small function of ``HeadTerms`` (the ``METHODS``
-# registry, so a batch's terms are computed once), with an entry point over
-# activations and head weights that carries its equation.
+# The methods. Each is a small function of ``Terms`` (registered below, so a
+# batch's terms are computed once), with an entry point over activations and
+# head weights that carries its equation.
 # --------------------------------------------------------------------------
 
 
-def cam_from(terms: HeadTerms) -> np.ndarray:
+def cam_from(t: Terms) -> np.ndarray:
     """CAM (Eq. 2) of each image's class; see ``cam``."""
-    return _class_map(terms)
+    return _class_map(t)
 
 
 def gradcam_weights(
@@ -193,22 +195,22 @@ def _gradcam_factor(height: int, width: int, scale: float, gradient: str) -> flo
     raise ValueError(f"gradient must be 'sum' or 'mean', not {gradient!r}")
 
 
-def gradcam_from(terms: HeadTerms, *, gradient: Gradient = "sum") -> np.ndarray:
+def gradcam_from(t: Terms, *, gradient: Gradient = "sum") -> np.ndarray:
     """Grad-CAM (Eq. 3) of each image's class; see ``gradcam``."""
-    _, h, w, _ = terms.class_maps.shape
+    _, h, w, _ = t.class_maps.shape
     # alpha = factor * w (gradcam_weights), so sum_k alpha_k f_k = factor * M_c.
-    factor = np.float32(_gradcam_factor(h, w, terms.scale, gradient))
-    cam = _class_map(terms)
+    factor = np.float32(_gradcam_factor(h, w, t.scale, gradient))
+    cam = _class_map(t)
     if factor != 1:  # 1 for Eq. 4 with mean pooling: skip a pass
         cam *= factor
     return np.maximum(cam, np.float32(0), out=cam)
 
 
-def crm_from(terms: HeadTerms) -> np.ndarray:
+def crm_from(t: Terms) -> np.ndarray:
     """CRM (Eq. 6-7) over all classes, sum_c M_c^2 / s^2; see ``crm``."""
-    m = terms.by_class
+    m = t.by_class
     r = np.einsum("cnhw,cnhw->nhw", m, m)
-    r /= np.float32(terms.scale**2)
+    r /= np.float32(t.scale**2)
     return r.astype(np.float32, copy=False)
 
 
@@ -229,24 +231,24 @@ def _output_error(scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return error
 
 
-def crm_output_from(terms: HeadTerms) -> np.ndarray:
+def crm_output_from(t: Terms) -> np.ndarray:
     """Eq. 5 at the softmax outputs, target each image's class; see ``crm_output``.
 
     R(l, m) = E(S - M(l, m) / s) - E(S), with E the error of ``_output_error``
     (the constant 1 cancels) and S - M(l, m) / s the scores of Eq. 6.
     """
     # Float64 throughout: R is the difference of two close error sums.
-    removed = np.multiply(terms.by_class, -1.0 / terms.scale, dtype=np.float64)  # (C, N, H, W)
-    removed += terms.scores.T[:, :, None, None]
-    full = _output_error(np.array(terms.scores.T, dtype=np.float64), terms.classes)
-    error = _output_error(removed, terms.classes)
+    removed = np.multiply(t.by_class, -1.0 / t.scale, dtype=np.float64)  # (C, N, H, W)
+    removed += t.scores.T[:, :, None, None]
+    full = _output_error(np.array(t.scores.T, dtype=np.float64), t.classes)
+    error = _output_error(removed, t.classes)
     error -= full[:, None, None]
     return error.astype(np.float32)
 
 
-def cam_squared_from(terms: HeadTerms) -> np.ndarray:
+def cam_squared_from(t: Terms) -> np.ndarray:
     """CAM squared of each image's class; see ``cam_squared``."""
-    m = _class_map(terms)
+    m = _class_map(t)
     return np.multiply(m, m, out=m)
 
 
@@ -266,10 +268,10 @@ def cam(
     ``logits`` (N, C) when given, else of the head re-applied with ``bias`` and
     ``pooling``). Returns (N, H, W) float32, signed.
     """
-    terms = head_terms(
+    t = terms(
         activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
     )
-    return cam_from(terms)
+    return cam_from(t)
 
 
 def gradcam(
@@ -289,10 +291,10 @@ def gradcam(
     ReLU(CAM) for mean pooling; "mean" (the original Grad-CAM) scales it by 1/(H*W).
     Returns (N, H, W) float32, >= 0.
     """
-    terms = head_terms(
+    t = terms(
         activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
     )
-    return gradcam_from(terms, gradient=gradient)
+    return gradcam_from(t, gradient=gradient)
 
 
 def crm(
@@ -316,7 +318,7 @@ def crm(
     accepted as every method accepts it). No ``class_index`` or ``logits``: the
     sum runs over all classes. Returns (N, H, W) float32, >= 0.
     """
-    return crm_from(head_terms(activations, weights, bias=bias, pooling=pooling))
+    return crm_from(terms(activations, weights, bias=bias, pooling=pooling))
 
 
 def crm_output(
@@ -341,10 +343,10 @@ def crm_output(
     passed (None only for a head without one). Returns (N, H, W) float32, signed
     (negative where removing the element brings the outputs closer to the target).
     """
-    terms = head_terms(
+    t = terms(
         activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
     )
-    return crm_output_from(terms)
+    return crm_output_from(t)
 
 
 def cam_squared(
@@ -362,27 +364,82 @@ def cam_squared(
     over classes, so comparing ROIs shows how much of CRM's smaller ROI comes from
     squaring alone. Same inputs as ``cam``. Returns (N, H, W) float32, >= 0.
     """
-    terms = head_terms(
+    t = terms(
         activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
     )
-    return cam_squared_from(terms)
+    return cam_squared_from(t)
 
 
-# name -> method over HeadTerms, for explain and reports.
-METHODS: dict[str, Callable[[HeadTerms], np.ndarray]] = {
-    "cam": cam_from,
-    "gradcam": gradcam_from,
-    "crm": crm_from,
-    "crm_output": crm_output_from,
-    "cam_squared": cam_squared_from,
-}
-TITLES = {
-    "cam": "CAM",
-    "gradcam": "Grad-CAM",
-    "crm": "CRM",
-    "crm_output": "CRM (outputs)",
-    "cam_squared": "CAM\u00b2",
-}
+# --------------------------------------------------------------------------
+# The registry: every method, once.
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """A map method as every command knows it.
+
+    name: what ``--methods`` takes; title: what figures and tables print; colour: its
+    line in plots; fn: the map of each image of a batch, (N, H, W) float32, from its
+    ``Terms``; source: the equation or paper it follows; default: drawn when a command
+    is not told which (``explain``'s figure, the report's evaluation).
+    """
+
+    name: str
+    title: str
+    colour: str
+    fn: Callable[[Terms], np.ndarray]
+    source: str
+    default: bool = True
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (its name must be new)."""
+    if method.name in METHODS:
+        raise ValueError(f"a map method named {method.name!r} is registered already")
+    METHODS[method.name] = method
+    return method
+
+
+register(Method("cam", "CAM", "#1f77b4", cam_from, "Eq. 2"))
+register(Method("gradcam", "Grad-CAM", "#ff7f0e", gradcam_from, "Eq. 3-4"))
+register(Method("crm", "CRM", "#d62728", crm_from, "Eq. 6-7"))
+register(Method("crm_output", "CRM (outputs)", "#9467bd", crm_output_from, "Eq. 5", default=False))
+register(
+    Method("cam_squared", "CAM\u00b2", "#8c564b", cam_squared_from, "Eq. 2, squared",
+           default=False)
+)  # fmt: skip
+
+
+def default_methods() -> tuple[str, ...]:
+    """The methods a command draws unless told which."""
+    return tuple(name for name, m in METHODS.items() if m.default)
+
+
+def parse_methods(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``--methods``: names, comma-separated (or a sequence), ``all``, or None for the
+    defaults. Raises ``ValueError`` naming the unknown ones and the known."""
+    if text is None:
+        return default_methods()
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
+    names = [n for n in names if n]
+    if names == ["all"]:
+        return tuple(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown map methods {unknown or names}; known: {', '.join(METHODS)} (or all)"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def title(name: str) -> str:
+    """How figures and tables name a method (its own name for one not registered)."""
+    method = METHODS.get(name)
+    return method.title if method is not None else name
 
 
 def compute_maps(
@@ -402,119 +459,20 @@ def compute_maps(
     ``bias`` must be passed, as for ``crm_output`` (None only for a head
     without one); Grad-CAM uses gradient="sum" (Eq. 4).
     """
-    unknown = [name for name in methods if name not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown map methods {unknown}; known: {sorted(METHODS)}")
-    terms = head_terms(
+    t = terms(
         activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
     )
-    return {name: METHODS[name](terms) for name in methods}
+    return maps_of(t, methods)
+
+
+def maps_of(t: Terms, methods: Sequence[str]) -> dict[str, np.ndarray]:
+    """name -> (N, H, W) float32 of each method over one batch's terms."""
+    names = parse_methods(list(methods))
+    return {name: METHODS[name].fn(t) for name in names}
 
 
 # --------------------------------------------------------------------------
-# Geometry: maps to the model's input size and to the original image.
-# --------------------------------------------------------------------------
-
-
-def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of 1-D linear interpolation with half-pixel centers.
-
-    Output sample i sits at input coordinate (i + 0.5) * n_in / n_out - 0.5, the
-    convention of PIL, OpenCV and tf.image.resize; the ends are clamped.
-    """
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    src = np.clip(src, 0.0, n_in - 1)
-    lo = np.floor(src).astype(np.intp)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = src - lo
-    mat = np.zeros((n_out, n_in), dtype=np.float64)
-    rows = np.arange(n_out)
-    np.add.at(mat, (rows, lo), 1.0 - frac)
-    np.add.at(mat, (rows, hi), frac)
-    return mat
-
-
-def upsample(maps: np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
-    """Bilinear resize of a map (H, W) or a batch (N, H, W) to ``size_hw`` = (height, width).
-
-    modlabel's decoder stretches the whole image to the input size (see
-    ``decode.resize_rgb``), so map cell (i, j) covers the same fraction of the
-    input and of the original image: ``upsample(m, model.info.input_size)`` lines
-    up with the model's input and ``upsample(m, (orig_height, orig_width))`` with
-    the original image. Sizes are (height, width) throughout modlabel, as numpy
-    shapes are; only PIL's sizes, such as the original (width, height) that
-    ``decode.load_pixels`` returns and the database stores as ``width`` and
-    ``height``, are the other way round, and are named ``..._wh``.
-    Returns float32 of shape (..., height, width).
-    """
-    arr = np.asarray(maps, dtype=np.float32)
-    if arr.ndim not in (2, 3):
-        raise ValueError(f"expected a map (H, W) or a batch (N, H, W), got shape {arr.shape}")
-    height, width = int(size_hw[0]), int(size_hw[1])
-    rows = _bilinear_matrix(arr.shape[-2], height).astype(np.float32)
-    cols = _bilinear_matrix(arr.shape[-1], width).astype(np.float32)
-    return rows @ arr @ cols.T
-
-
-# --------------------------------------------------------------------------
-# The paper's display normalization and ROI measure (Figure 4, Table 3).
-# --------------------------------------------------------------------------
-
-
-def normalize_unit(maps: np.ndarray) -> np.ndarray:
-    """Each map (..., H, W) divided by its max, negatives clipped to 0: values in [0, 1].
-
-    A map with no positive value becomes all zeros. Clipping rather than min-max
-    scaling is what makes CAM and Grad-CAM ROIs "almost the same" as in Table 3:
-    negative evidence never passes a threshold relative to the max.
-    """
-    arr = np.maximum(np.asarray(maps, dtype=np.float32), np.float32(0))
-    peak = arr.max(axis=(-2, -1), keepdims=True)
-    return np.divide(arr, peak, out=np.zeros_like(arr), where=peak > 0)
-
-
-def normalize_255(maps: np.ndarray) -> np.ndarray:
-    """The paper's display scale: ``normalize_unit`` times 255, float32 in [0, 255]."""
-    return normalize_unit(maps) * np.float32(255)
-
-
-def roi_mask(maps: np.ndarray, fraction: float = DISPLAY_FRACTION) -> np.ndarray:
-    """Where each map (..., H, W) is above ``fraction`` of its max: bool, same shape.
-
-    fraction=0.2 is the paper's display threshold. A map with no positive value
-    has an empty ROI.
-    """
-    return normalize_unit(maps) > fraction
-
-
-@dataclass(frozen=True)
-class RoiStats:
-    """Table 3's measure for one map: pixels above the threshold and their ratio (0-1)."""
-
-    pixels: int
-    ratio: float
-
-
-def roi_stats(
-    map2d: np.ndarray,
-    size_hw: Sequence[int] | None = None,
-    *,
-    fraction: float = DISPLAY_FRACTION,
-) -> RoiStats:
-    """ROI pixel count and ratio of one map (H, W), upsampled to ``size_hw`` first
-    when given (Table 3 counts pixels of 300x300 images)."""
-    arr = np.asarray(map2d, dtype=np.float32)
-    if arr.ndim != 2:
-        raise ValueError(f"expected one map (H, W), got shape {arr.shape}")
-    if size_hw is not None:
-        arr = upsample(arr, size_hw)
-    mask = roi_mask(arr, fraction)
-    pixels = int(mask.sum())
-    return RoiStats(pixels=pixels, ratio=pixels / mask.size)
-
-
-# --------------------------------------------------------------------------
-# Class level (Eq. 8, Figure 9).
+# Class level (Eq. 8).
 # --------------------------------------------------------------------------
 
 
@@ -578,107 +536,3 @@ class ClassAverage:
         if self._sum is None or self._count == 0:
             raise ValueError("no maps added")
         return (self._sum / self._count).astype(np.float32)
-
-
-def roi_box(map2d: np.ndarray, fraction: float = CLASS_ROI_FRACTION) -> Box | None:
-    """Bounding box (x0, y0, x1, y1) of the cells above ``fraction`` of the max.
-
-    In the map's own cells, x1 and y1 exclusive; ``scale_box`` takes it to an
-    image. fraction=0.7 is Figure 9's class-level ROI. None when nothing passes
-    (a map with no positive value).
-    """
-    mask = roi_mask(np.asarray(map2d), fraction)
-    if mask.ndim != 2:
-        raise ValueError(f"expected one map (H, W), got shape {mask.shape}")
-    if not mask.any():
-        return None
-    ys = np.flatnonzero(mask.any(axis=1))
-    xs = np.flatnonzero(mask.any(axis=0))
-    return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
-
-
-# Neighbour offsets (dy, dx): 4-connectivity shares an edge, 8 also a corner.
-_NEIGHBOURS: dict[int, tuple[tuple[int, int], ...]] = {
-    4: ((-1, 0), (0, -1), (0, 1), (1, 0)),
-    8: tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)),
-}
-
-
-def label_components(
-    mask: np.ndarray, *, connectivity: Literal[4, 8] = 8
-) -> tuple[np.ndarray, int]:
-    """Label the connected regions of a bool mask (H, W): (labels, count).
-
-    Two True cells are connected when a chain of True cells joins them, each
-    step to one of the 8 surrounding cells (``connectivity=8``, corners count)
-    or one of the 4 sharing an edge (``connectivity=4``). labels: (H, W) int32,
-    0 off the mask and 1..count on it, numbered in raster order of each region's
-    first cell (as ``scipy.ndimage.label`` numbers them). A flood fill from each
-    unlabeled cell: linear in H*W, and maps have at most a few hundred cells.
-    """
-    cells = np.asarray(mask, dtype=bool)
-    if cells.ndim != 2:
-        raise ValueError(f"expected one mask (H, W), got shape {cells.shape}")
-    if connectivity not in _NEIGHBOURS:
-        raise ValueError(f"connectivity must be 4 or 8, not {connectivity!r}")
-    steps = _NEIGHBOURS[connectivity]
-    height, width = cells.shape
-    on = cells.tolist()  # Python lists: a cell at a time, far faster than numpy indexing
-    labels = [[0] * width for _ in range(height)]
-    count = 0
-    for y, x in np.argwhere(cells).tolist():  # row-major: raster order
-        if labels[y][x]:
-            continue
-        count += 1
-        labels[y][x] = count
-        stack = [(y, x)]
-        while stack:
-            cy, cx = stack.pop()
-            for dy, dx in steps:
-                ny, nx = cy + dy, cx + dx
-                if 0 <= ny < height and 0 <= nx < width and on[ny][nx] and not labels[ny][nx]:
-                    labels[ny][nx] = count
-                    stack.append((ny, nx))
-    return np.array(labels, dtype=np.int32).reshape(height, width), count
-
-
-def component_boxes(
-    map2d: np.ndarray,
-    fraction: float = CLASS_ROI_FRACTION,
-    *,
-    connectivity: Literal[4, 8] = 8,
-) -> list[Box]:
-    """One box per connected region above ``fraction`` of the max, for when
-    several regions pass. Regions as ``label_components`` finds them (8-connected
-    by default: cells touching at a corner are one region); boxes as in
-    ``roi_box``; strongest region (highest peak of ``map2d``) first, ties in
-    raster order of the regions' first cells."""
-    arr = np.asarray(map2d, dtype=np.float32)
-    mask = roi_mask(arr, fraction)
-    if mask.ndim != 2:
-        raise ValueError(f"expected one map (H, W), got shape {mask.shape}")
-    labels, count = label_components(mask, connectivity=connectivity)
-    boxes: list[Box] = []
-    peaks = []
-    for label in range(1, count + 1):
-        region = labels == label
-        ys = np.flatnonzero(region.any(axis=1))
-        xs = np.flatnonzero(region.any(axis=0))
-        boxes.append((int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1))
-        peaks.append(arr[region].max())
-    order = np.argsort(-np.asarray(peaks, dtype=np.float32), kind="stable")
-    return [boxes[i] for i in order]
-
-
-def scale_box(box: Box, from_hw: Sequence[int], to_hw: Sequence[int]) -> Box:
-    """A box in a (height, width) grid taken to another grid of the same image
-    (the stretch geometry), rounded outward so it still covers the region."""
-    sy = to_hw[0] / from_hw[0]
-    sx = to_hw[1] / from_hw[1]
-    x0, y0, x1, y1 = box
-    return (
-        int(np.floor(x0 * sx)),
-        int(np.floor(y0 * sy)),
-        int(np.ceil(x1 * sx)),
-        int(np.ceil(y1 * sy)),
-    )

@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import maps, rois
+from . import geometry, rois
 
 DEFAULT_CMAP = "jet"
 Color = tuple[int, int, int]
@@ -33,11 +33,11 @@ def _lookup_table(cmap: str) -> np.ndarray:
 
 
 def heatmap_rgb(map2d: np.ndarray, cmap: str = DEFAULT_CMAP) -> np.ndarray:
-    """A map (H, W) as a colored heatmap (H, W, 3) uint8, scaled by ``maps.normalize_255``."""
+    """A map (H, W) as a colored heatmap (H, W, 3) uint8, scaled by ``geometry.normalize_255``."""
     arr = np.asarray(map2d)
     if arr.ndim != 2:
         raise ValueError(f"expected one map (H, W), got shape {arr.shape}")
-    codes = np.rint(maps.normalize_255(arr)).astype(np.uint8)
+    codes = np.rint(geometry.normalize_255(arr)).astype(np.uint8)
     return _lookup_table(cmap)[codes]
 
 
@@ -46,7 +46,7 @@ def overlay(
     map2d: np.ndarray,
     *,
     alpha: float = 0.5,
-    threshold: float | None = maps.DISPLAY_FRACTION,
+    threshold: float | None = geometry.DISPLAY_FRACTION,
     cmap: str = DEFAULT_CMAP,
 ) -> np.ndarray:
     """Blend a map's heatmap on an image: (H0, W0, 3) uint8 and (h, w) -> (H0, W0, 3) uint8.
@@ -58,18 +58,18 @@ def overlay(
     image = np.asarray(image_rgb)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
-    up = maps.upsample(map2d, image.shape[:2])
+    up = geometry.upsample(map2d, image.shape[:2])
     heat = heatmap_rgb(up, cmap).astype(np.float32)
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * heat
     if threshold is not None:
-        shown = maps.roi_mask(up, threshold)[..., None]
+        shown = geometry.roi_mask(up, threshold)[..., None]
         blended = np.where(shown, blended, image.astype(np.float32))
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
 def draw_boxes(
     image_rgb: np.ndarray,
-    boxes: Iterable[maps.Box],
+    boxes: Iterable[geometry.Box],
     *,
     color: Color = (255, 255, 255),
     width: int = 2,
@@ -90,7 +90,7 @@ def class_overlay(
     roi: rois.ClassRoi | None = None,
     boxes: bool = True,
     background: np.ndarray | None = None,
-    fraction: float = maps.CLASS_ROI_FRACTION,
+    fraction: float = geometry.CLASS_ROI_FRACTION,
     components: bool = True,
     alpha: float = 0.5,
     cmap: str = DEFAULT_CMAP,
@@ -110,7 +110,7 @@ def class_overlay(
     avg = np.asarray(average, dtype=np.float32)
     height, width = int(size_hw[0]), int(size_hw[1])
     if background is None:
-        picture = heatmap_rgb(maps.upsample(avg, (height, width)), cmap)
+        picture = heatmap_rgb(geometry.upsample(avg, (height, width)), cmap)
     else:
         bg = Image.fromarray(np.asarray(background, dtype=np.uint8))
         bg = np.asarray(bg.resize((width, height), Image.Resampling.BILINEAR))
@@ -126,12 +126,12 @@ def class_overlay(
     if components and len(roi.regions) > 1:
         picture = draw_boxes(
             picture,
-            [maps.scale_box(b, roi.input_hw, (height, width)) for b in roi.regions],
+            [geometry.scale_box(b, roi.input_hw, (height, width)) for b in roi.regions],
             color=(0, 0, 0),
             width=max(1, line - 1),
         )
     if roi.box is not None:
         picture = draw_boxes(
-            picture, [maps.scale_box(roi.box, roi.input_hw, (height, width))], width=line
+            picture, [geometry.scale_box(roi.box, roi.input_hw, (height, width))], width=line
         )
     return picture

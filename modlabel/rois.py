@@ -5,7 +5,7 @@ The class-level average CRM (Eq. 8) lives on the feature map's coarse grid
 upsampled, bilinear, to the model's input size. A box taken on the coarse grid
 and scaled up differs from the box of the heatmap a person sees (by up to a
 third of its area on the demo model). So the ROI is computed on the map as it
-is shown: the average is upsampled to the input size (``maps.upsample``, the
+is shown: the average is upsampled to the input size (``geometry.upsample``, the
 decoder's stretch geometry), divided by its maximum, and the ROI is the area
 above ``fraction`` (70%) of it: its bounding box, the box of each connected
 region (8-connected) when several pass, and its share of the image.
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import maps
+from . import geometry
 
-Box = maps.Box
+Box = geometry.Box
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,16 @@ def class_roi(
     *,
     image_count: int,
     min_confidence: float,
-    fraction: float = maps.CLASS_ROI_FRACTION,
+    fraction: float = geometry.CLASS_ROI_FRACTION,
 ) -> ClassRoi:
     """The ROI of a class-level average map (h, w), on its upsampling to ``input_hw``."""
     height, width = int(input_hw[0]), int(input_hw[1])
-    shown = maps.normalize_unit(maps.upsample(np.asarray(average, np.float32), (height, width)))
-    mask = maps.roi_mask(shown, fraction)
-    box = maps.roi_box(shown, fraction)
-    regions = tuple(maps.component_boxes(shown, fraction)) if box is not None else ()
+    shown = geometry.normalize_unit(
+        geometry.upsample(np.asarray(average, np.float32), (height, width))
+    )
+    mask = geometry.roi_mask(shown, fraction)
+    box = geometry.roi_box(shown, fraction)
+    regions = tuple(geometry.component_boxes(shown, fraction)) if box is not None else ()
     return ClassRoi(
         class_name=class_name,
         image_count=image_count,

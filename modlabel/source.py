@@ -22,13 +22,14 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from . import stopping
 from .decode import is_image_path
 from .dicom import HEAD_BYTES, looks_like_dicom
 from .errors import ImageError, InputError
 from .paths import display_fs_path, to_db
+from .reasons import Kind
 
 # A file larger than this is refused before it is read (``--max-file-size``). The
 # largest image decode accepts (decode.MAX_PIXELS, 100 megapixels) is 300 MB as
@@ -65,15 +66,22 @@ class BlobEntry(FileEntry):
     def read(self, max_bytes: int = 0) -> bytes:
         limit = max_bytes or DEFAULT_MAX_FILE_BYTES
         if self.size_bytes > limit:
-            raise ImageError(self.path, _too_large(self.size_bytes, limit))
+            raise ImageError(self.path, _too_large(self.size_bytes, limit), Kind.TOO_LARGE)
         data = self.fetch() if self.fetch is not None else None
         if data is None:
-            raise ImageError(self.path, "no image bytes (NULL) in the table")
+            raise ImageError(self.path, "no image bytes (NULL) in the table", Kind.NO_BYTES)
         return bytes(data)
 
 
-# A file that was found but cannot be labeled: (path, reason).
-Unreadable = tuple[str, str]
+class Unreadable(NamedTuple):
+    """A file that was found but cannot be labeled: its path, the reason (a sentence) and
+    its kind (what code branches on)."""
+
+    path: str
+    reason: str
+    kind: Kind
+
+
 # The reason of a listed file that does not exist (a table's path, a root).
 GONE = "no such file or directory"
 
@@ -107,7 +115,7 @@ def check_roots(roots: Iterable[str | Path]) -> None:
         try:
             os.stat(Path(root).expanduser())
         except OSError as exc:
-            missing.append(f"{display_fs_path(str(root))} ({_stat_reason(exc)})")
+            missing.append(f"{display_fs_path(str(root))} ({_stat_problem(exc)[1]})")
     if missing:
         raise InputError("cannot scan: " + "; ".join(missing))
 
@@ -224,7 +232,7 @@ def walk_root(
     try:
         st = os.stat(root)
     except OSError as exc:
-        yield (root, _stat_reason(exc))
+        yield _stat_failed(root, exc)
         return
     if stat.S_ISDIR(st.st_mode):
         visited.add((st.st_dev, st.st_ino))
@@ -267,7 +275,7 @@ def _walk_dir(
     (``stopping``) ends it between any two entries, whether they are images or not."""
     listing = _listing(top, follow_symlinks)
     if isinstance(listing, str):
-        yield (top, listing)
+        yield Unreadable(top, listing, Kind.UNLISTED_FOLDER)
         return
     stack: list[Iterator[tuple[str, bool, os.stat_result | OSError | None]]] = [iter(listing)]
     while stack:
@@ -281,7 +289,8 @@ def _walk_dir(
             try:
                 st = target if isinstance(target, os.stat_result) else os.stat(path)
             except OSError as exc:
-                yield (path, f"cannot list directory: {_stat_reason(exc)}")
+                reason = f"cannot list directory: {_stat_problem(exc)[1]}"
+                yield Unreadable(path, reason, Kind.UNLISTED_FOLDER)
                 continue
             dir_key = (st.st_dev, st.st_ino)
             if dir_key in visited:  # a link loop, or a second link to one folder
@@ -289,7 +298,7 @@ def _walk_dir(
             visited.add(dir_key)
             inner = _listing(path, follow_symlinks)
             if isinstance(inner, str):
-                yield (path, inner)
+                yield Unreadable(path, inner, Kind.UNLISTED_FOLDER)
             else:
                 stack.append(iter(inner))
             continue
@@ -299,7 +308,7 @@ def _walk_dir(
         try:
             st = os.stat(path)  # a link's target: the bytes that would be read
         except OSError as exc:
-            yield (path, _stat_reason(exc))
+            yield _stat_failed(path, exc)
             continue
         yield _classify(path, st, max_bytes)
 
@@ -335,11 +344,11 @@ def _listing(
 
 
 def _classify(path: str, st: os.stat_result, max_bytes: int) -> FileEntry | Unreadable:
-    """A ``FileEntry`` for a regular file within the limit, else (path, reason)."""
+    """A ``FileEntry`` for a regular file within the limit, else ``Unreadable``."""
     if not stat.S_ISREG(st.st_mode):
-        return (path, f"not a regular file ({_kind(st.st_mode)})")
+        return Unreadable(path, f"not a regular file ({_kind(st.st_mode)})", Kind.SPECIAL_FILE)
     if st.st_size > max_bytes:
-        return (path, _too_large(st.st_size, max_bytes))
+        return Unreadable(path, _too_large(st.st_size, max_bytes), Kind.TOO_LARGE)
     return FileEntry(path=path, size_bytes=st.st_size, mtime=st.st_mtime)
 
 
@@ -360,16 +369,26 @@ def _too_large(size: int, max_bytes: int) -> str:
     return f"file too large ({size} bytes; the limit is {max_bytes}, see --max-file-size)"
 
 
-def _stat_reason(exc: OSError) -> str:
+def _unreadable(path: str, exc: OSError) -> ImageError:
+    return ImageError(path, f"cannot read file: {exc.strerror or exc}", Kind.UNREADABLE)
+
+
+def _stat_failed(path: str, exc: OSError) -> Unreadable:
+    kind, reason = _stat_problem(exc)
+    return Unreadable(path, reason, kind)
+
+
+def _stat_problem(exc: OSError) -> tuple[Kind, str]:
+    """(kind, sentence) of an OSError from stat or open."""
     if exc.errno == errno.ELOOP:
-        return "symbolic link loop"
+        return Kind.LINK_LOOP, "symbolic link loop"
     if exc.errno == errno.ENOENT:
         if exc.filename is not None and os.path.islink(exc.filename):
-            return "broken symbolic link"
-        return GONE
+            return Kind.BROKEN_LINK, "broken symbolic link"
+        return Kind.GONE, GONE
     if exc.errno == errno.EACCES:
-        return "permission denied"
-    return f"cannot stat: {exc.strerror or exc}"
+        return Kind.PERMISSION, "permission denied"
+    return Kind.UNREADABLE, f"cannot stat: {exc.strerror or exc}"
 
 
 def read_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
@@ -381,15 +400,18 @@ def read_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
     with _open_regular(path) as (handle, st):
         try:
             if st.st_size > max_bytes:
-                raise ImageError(path, _too_large(st.st_size, max_bytes))
+                raise ImageError(path, _too_large(st.st_size, max_bytes), Kind.TOO_LARGE)
             chunks, total = [], 0
             while chunk := handle.read(min(1 << 20, max_bytes + 1 - total)):
                 chunks.append(chunk)
                 total += len(chunk)
                 if total > max_bytes:
-                    raise ImageError(path, _too_large(total, max_bytes) + " (it grew while read)")
+                    grown = _too_large(total, max_bytes) + " (it grew while read)"
+                    raise ImageError(path, grown, Kind.TOO_LARGE)
         except OSError as exc:
-            raise ImageError(path, f"cannot read file: {exc.strerror or exc}") from None
+            raise ImageError(
+                path, f"cannot read file: {exc.strerror or exc}", Kind.UNREADABLE
+            ) from None
     return b"".join(chunks)
 
 
@@ -402,7 +424,9 @@ def read_head(path: str, size: int) -> bytes:
         try:
             return handle.read(size)
         except OSError as exc:
-            raise ImageError(path, f"cannot read file: {exc.strerror or exc}") from None
+            raise ImageError(
+                path, f"cannot read file: {exc.strerror or exc}", Kind.UNREADABLE
+            ) from None
 
 
 @contextmanager
@@ -416,16 +440,19 @@ def _open_regular(path: str) -> Iterator[tuple[BinaryIO, os.stat_result]]:
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        known = exc.errno in (errno.ENOENT, errno.ELOOP, errno.EACCES)
-        reason = _stat_reason(exc) if known else f"cannot open file: {exc.strerror or exc}"
-        raise ImageError(path, reason) from None
+        kind, reason = _stat_problem(exc)
+        if kind is Kind.UNREADABLE:
+            reason = f"cannot open file: {exc.strerror or exc}"
+        raise ImageError(path, reason, kind) from None
     with os.fdopen(fd, "rb", buffering=0) as handle:
         try:
             st = os.fstat(fd)
         except OSError as exc:
-            raise ImageError(path, f"cannot read file: {exc.strerror or exc}") from None
+            raise ImageError(
+                path, f"cannot read file: {exc.strerror or exc}", Kind.UNREADABLE
+            ) from None
         if not stat.S_ISREG(st.st_mode):
-            raise ImageError(path, f"not a regular file ({_kind(st.st_mode)})")
+            raise ImageError(path, f"not a regular file ({_kind(st.st_mode)})", Kind.SPECIAL_FILE)
         yield handle, st
 
 
@@ -456,12 +483,12 @@ def table_files(
     labels join back to the user's table. Rows are streamed, ``chunk`` at a
     time, ordered by the id (or the path). A table or column that does not
     exist raises ``InputError``; a path that is not a readable image file
-    yields ``(path, reason)``.
+    yields ``Unreadable``.
     """
     import sqlalchemy as sa
 
     from .errors import DatabaseError
-    from .store import safe_url
+    from .redaction import safe_url
 
     if blob_column is not None and id_column is None:
         raise InputError("--blob-column needs --id-column: the id names the figure")
@@ -502,7 +529,7 @@ def table_files(
                 try:
                     st = os.stat(path_str)
                 except OSError as exc:
-                    yield (path_str, _stat_reason(exc))
+                    yield _stat_failed(path_str, exc)
                     continue
                 entry = _classify(path_str, st, max_bytes)
                 if isinstance(entry, FileEntry) and id_col is not None:

@@ -3,7 +3,7 @@
 The ``modlabel`` command calls ``install`` before it imports anything else
 (``modlabel.entry``). From then on:
 
-* the first SIGTERM or SIGINT asks for a stop (``request``). A watcher thread
+* the first SIGTERM, SIGINT or SIGHUP asks for a stop (``request``). A watcher thread
   sees it at once, even while the main thread is inside a long C call
   (onnxruntime, a database driver), and runs the stop callbacks that code
   registered with ``on_stop``: they kill the decode workers, end an inference
@@ -42,7 +42,8 @@ _signals = 0
 _interruptible = 0  # depth of interruptible() in the main thread
 _installed = False
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP too: a terminal closed under a scan, or a supervisor that hangs up first.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def install() -> None:

@@ -1,7 +1,10 @@
 -- Retrieval: the images a model labeled :label with a confidence of at least :min_confidence,
--- most confident first (files found gone and images flagged out of set are left out).
+-- most confident first, with the runner-up class and the DICOM header beside each
+-- (files found gone and images flagged out of set are left out).
 -- Parameters: label (a class name), min_confidence (0..1), model (identity; default: the newest).
-SELECT i.path, i.confidence, i.width, i.height, i.source_id, i.labeled_at
+SELECT i.path, i.label, i.confidence, i.runner_up, i.runner_up_probability,
+       i.out_of_set, i.ood_score, i.dicom_modality, i.dicom_body_part,
+       i.width, i.height, i.source_id, i.labeled_at
 FROM images i
 JOIN models m ON m.id = i.model_id
 WHERE m.identity = :model

@@ -1,9 +1,11 @@
--- Files a model could not label, and why (files found gone since are left out).
+-- Files a model could not label, and why: the kind of reason (error_kind: gone,
+-- permission, too_large, corrupt, decoder_crashed, ...) and its sentence (files found gone
+-- since are left out).
 -- Parameters: model (identity; default: the newest).
-SELECT i.path, i.error, i.labeled_at
+SELECT i.path, i.error_kind, i.error, i.dicom_modality, i.labeled_at
 FROM images i
 JOIN models m ON m.id = i.model_id
 WHERE m.identity = :model
   AND i.error IS NOT NULL
   AND i.missing_since IS NULL
-ORDER BY i.path;
+ORDER BY i.error_kind, i.path;

@@ -1,6 +1,8 @@
--- Images to check by eye: labeled by a model, but with a confidence below :threshold.
+-- Images to check by eye: labeled by a model, but with a confidence below :threshold, with the
+-- runner-up class they were nearly given.
 -- Parameters: threshold (0..1), model (identity; default: the newest).
-SELECT i.path, i.label, i.confidence, i.source_id
+SELECT i.path, i.label, i.confidence, i.runner_up, i.runner_up_probability,
+       i.out_of_set, i.ood_score, i.dicom_modality, i.source_id
 FROM images i
 JOIN models m ON m.id = i.model_id
 WHERE m.identity = :model

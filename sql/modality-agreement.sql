@@ -3,7 +3,8 @@
 -- Mapping (Modality codes -> class): CT -> abdominal_ct; MR -> brain_mri; US -> ultrasound;
 -- CR, DX, DR -> chest_xray; OP, OPT -> retinal_funduscopy; SM, GM, XC -> fluorescence_microscopy.
 -- Images whose Modality is not in the mapping (XA, MG, NM, PT, OT, ...), files that are not
--- DICOM, files that could not be labeled and images flagged out of set are left out.
+-- DICOM and files that could not be labeled are left out; images flagged out of set are
+-- listed, with the flag (a flagged image's label is least to be trusted).
 -- Edit the VALUES list to change the mapping.
 -- Parameters: model (identity; default: the newest).
 WITH expected (modality, label) AS (
@@ -20,7 +21,7 @@ WITH expected (modality, label) AS (
          ('XC', 'fluorescence_microscopy')
 )
 SELECT i.path, i.dicom_modality, i.dicom_body_part, e.label AS expected_label,
-       i.label, i.confidence
+       i.label, i.confidence, i.runner_up, i.runner_up_probability, i.out_of_set, i.ood_score
 FROM images i
 JOIN models m ON m.id = i.model_id
 JOIN expected e ON e.modality = UPPER(i.dicom_modality)
@@ -28,5 +29,4 @@ WHERE m.identity = :model
   AND i.label IS NOT NULL
   AND i.label <> e.label
   AND i.missing_since IS NULL
-  AND i.out_of_set IS NOT TRUE
 ORDER BY i.dicom_modality, i.label, i.path;

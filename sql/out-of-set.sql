@@ -2,7 +2,8 @@
 -- highest score first; they keep their label (NULL if scanned with --abstain) and are left
 -- out of the other queries and the class averages.
 -- Parameters: model (identity; default: the newest).
-SELECT i.path, i.label, i.confidence, i.ood_score, i.source_id
+SELECT i.path, i.label, i.confidence, i.runner_up, i.runner_up_probability, i.ood_score,
+       i.dicom_modality, i.dicom_body_part, i.source_id
 FROM images i
 JOIN models m ON m.id = i.model_id
 WHERE m.identity = :model

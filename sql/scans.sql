@@ -5,7 +5,7 @@ SELECT s.id, m.identity AS model,
        CASE WHEN s.status = 'running' AND s.alive_until < CURRENT_TIMESTAMP
             THEN 'interrupted' ELSE s.status END AS status,
        s.started_at, s.finished_at, s.host, s.pid,
-       s.seen, s.labeled, s.unchanged, s.errors, s.reason
+       s.roots, s.seen, s.labeled, s.unchanged, s.errors, s.skipped, s.missing, s.reason
 FROM scans s
 LEFT JOIN models m ON m.id = s.model_id
 ORDER BY s.id DESC

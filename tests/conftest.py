@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from toy_onnx import toy_onnx  # noqa: F401
 
 PG_ENV = "MODLABEL_TEST_POSTGRES_URL"
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -124,6 +125,15 @@ def tiny_onnx(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("model") / "tiny.onnx"
     export_run(tiny_run, out)
     return out
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path: Path) -> str:
+    """A new, empty database of either kind, as ``--db`` takes it: a SQLite file's path, or
+    a PostgreSQL URL of a database of its own."""
+    if request.param == "sqlite":
+        return str(tmp_path / "labels.db")
+    return request.getfixturevalue("postgres_database")("db")
 
 
 @pytest.fixture

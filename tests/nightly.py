@@ -17,6 +17,24 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def sa_url(db: str) -> str:
+    """The SQLAlchemy URL of what ``--db`` was given (a SQLite file's path, or a URL)."""
+    return db if "://" in db else f"sqlite:///{db}"
+
+
+def image_rows(db: str) -> dict[str, dict]:
+    """Every ``images`` row, by stored path."""
+    from modlabel import store
+
+    engine = sa.create_engine(sa_url(db))
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(sa.select(store.images)).mappings().all()
+    finally:
+        engine.dispose()
+    return {r["path"]: dict(r) for r in found}
+
+
 def modlabel_cmd(*args: object) -> list[str]:
     """``python -m modlabel ARGS`` (paths may be bytes: any name a file system allows)."""
     return [

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from modlabel import aggregate, store
+from modlabel import store
 from modlabel.cli import app
 from modlabel.model import OnnxModel
 from modlabel.scan import scan_archive
@@ -44,11 +44,11 @@ def stored_sums(engine, model_id: int) -> dict[str, tuple[int, np.ndarray]]:
                 store.class_maps.c.map_sum,
             ).where(store.class_maps.c.model_id == model_id)
         ).all()
-    return {name: (count, aggregate._load_sum(blob)) for name, count, blob in rows}
+    return {name: (count, store.class_sums._load_sum(blob)) for name, count, blob in rows}
 
 
 def assert_sums_equal_a_full_recompute(engine, model_id: int, threshold: float) -> None:
-    counts, sums = aggregate.class_sums(engine, model_id, threshold)
+    counts, sums = store.sum_class_maps(engine, model_id, threshold)
     stored = stored_sums(engine, model_id)
     assert sorted(stored) == sorted(n for n, c in counts.items() if c > 0)
     for name, (count, total) in stored.items():
@@ -56,7 +56,7 @@ def assert_sums_equal_a_full_recompute(engine, model_id: int, threshold: float) 
         np.testing.assert_allclose(total, sums[name], rtol=1e-9, atol=1e-9)
     # The stored average map is the one a full recompute draws.
     for row in store.load_class_maps(engine, model_id):
-        full = aggregate.class_map_from_sum(row["class_name"], sums[row["class_name"]],
+        full = store.class_map_from_sum(row["class_name"], sums[row["class_name"]],
                                             counts[row["class_name"]])  # fmt: skip
         assert tuple(row["roi_box"]) == full.roi_box
 

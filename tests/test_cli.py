@@ -66,7 +66,7 @@ def test_scan_report_and_query(tiny_archive, tiny_onnx, tmp_path):
         "csv",
     )
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[0].startswith("path,confidence")
+    assert result.output.splitlines()[0].startswith("path,label,confidence,runner_up")
 
 
 def test_scan_with_postgresql_url(tiny_archive, tiny_onnx, postgres_url, tmp_path):

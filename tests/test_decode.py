@@ -8,7 +8,8 @@ from PIL import Image
 
 from modlabel import decode, limits
 from modlabel.errors import ImageError
-from modlabel.source import FileEntry, walk_files
+from modlabel.reasons import Kind
+from modlabel.source import FileEntry, Unreadable, walk_files
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "LA", "CMYK"])
@@ -87,7 +88,8 @@ def test_walk_is_sorted_skips_hidden_and_non_images_and_reports_missing_roots(tm
     found = list(walk_files([tmp_path, tmp_path / "missing"]))
     paths = [e.path for e in found if isinstance(e, FileEntry)]
     assert paths == [str(tmp_path / p) for p in ["a/x.tif", "b/1.PNG", "b/2.jpg"]]
-    assert found[-1] == (str(tmp_path / "missing"), "no such file or directory")
+    gone = Unreadable(str(tmp_path / "missing"), "no such file or directory", Kind.GONE)
+    assert found[-1] == gone
 
 
 def test_large_jpegs_are_decoded_at_a_reduced_scale_with_their_own_size_reported(tmp_path):

@@ -91,9 +91,23 @@ def test_a_crash_costs_one_result_and_the_worker_is_replaced(files, faulty, faul
     faulty(f"{fault}:{files[3].name}")
     with DecodePool(DecodeSpec(size_hw=SIZE), workers=1) as pool:
         results = [d for _, d in pool.map(files, lambda p: DecodeRequest(str(p)))]
-        assert pool.crashes == 1
+        assert pool.crashes == 2  # tried again on a fresh worker before it is blamed
     assert results[3].error.startswith(reason)
     assert all(r.error is None for i, r in enumerate(results) if i != 3)
+
+
+def test_a_crash_that_does_not_come_again_blames_no_file(files, faulty, tmp_path):
+    """A worker that died once (the OOM killer, a stray signal) is not the file's fault:
+    the file is tried once more on a fresh worker, and labeled."""
+    import shutil
+
+    files = [Path(shutil.copy2(f, tmp_path / f.name)) for f in files]  # the hook writes beside
+    faulty(f"abort-once:{files[2].name}")
+    with DecodePool(DecodeSpec(size_hw=SIZE), workers=1) as pool:
+        results = [d for _, d in pool.map(files, lambda p: DecodeRequest(str(p)))]
+        assert pool.crashes == 1
+    assert all(r.error is None for r in results)
+    assert Path(f"{files[2]}.crashed").exists()
 
 
 def test_a_hang_is_cut_at_the_time_limit(files, faulty):
@@ -131,3 +145,26 @@ def test_a_stop_cancels_what_is_in_flight_and_blames_no_file(files, faulty):
     finally:
         pool.close()
         stopping.reset()
+
+
+def test_a_killed_worker_server_costs_no_file_and_a_new_one_starts(files):
+    """kill -9 of the zygote mid-run: the files in flight are tried again on workers of a
+    new zygote, and none is blamed for it."""
+    import os
+    import signal
+
+    with DecodePool(DecodeSpec(size_hw=SIZE), workers=2) as pool:
+        first = [d for _, d in pool.map(files[:3], lambda p: DecodeRequest(str(p)))]
+        old = decode_pool._zygote()
+        os.kill(old.process.pid, signal.SIGKILL)
+        old.process.wait(10)
+        rest = [d for _, d in pool.map(files[3:], lambda p: DecodeRequest(str(p)))]
+        assert decode_pool._zygote() is not old
+    assert all(d.error is None and d.failed is None for d in first + rest)
+
+
+def test_too_little_memory_for_a_worker_fails_the_pool_not_the_files(files):
+    with DecodePool(DecodeSpec(size_hw=SIZE), workers=1, memory_bytes=64 << 20) as pool:
+        results = [d for _, d in pool.map(files[:3], lambda p: DecodeRequest(str(p)))]
+    assert all(d.error is None for d in results)
+    assert all("less than a decode worker needs to start" in d.failed for d in results)

@@ -15,20 +15,20 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
-from modlabel import codec, maps, store
+from modlabel import codec, geometry, maps, store
 from modlabel.config import sqlite_url as sqlite_url_of
 from modlabel.errors import ModelError, ModlabelError
 from modlabel.evaluation import (
-    EVAL_METHODS,
     RANDOM,
     curve_area,
+    evaluate_localization,
     evaluate_truth,
     load_truth,
+    localization_scores,
     pixel_order,
     relevance_curves,
     render_truth_html,
 )
-from modlabel.localize import evaluate_localization, localization_scores
 from modlabel.model import OnnxModel
 from modlabel.paths import from_db
 from modlabel.scan import scan_archive
@@ -105,7 +105,7 @@ def test_class_maps_average_the_stored_crms_of_correct_images_only(scanned, eval
     for r in _stored(engine, model_row.id):
         truth = Path(from_db(r["path"])).parent.name
         if r["label"] == truth:
-            units.setdefault(truth, []).append(maps.normalize_unit(codec.decode_map(r["crm"])))
+            units.setdefault(truth, []).append(geometry.normalize_unit(codec.decode_map(r["crm"])))
     assert units, "the tiny model gets no image right"
     assert set(evaluated.class_maps) == set(units)
     for name, class_units in units.items():
@@ -114,7 +114,7 @@ def test_class_maps_average_the_stored_crms_of_correct_images_only(scanned, eval
         got = evaluated.class_maps[name]
         assert got.image_count == len(class_units)
         np.testing.assert_allclose(got.average, expected, rtol=1e-5, atol=1e-6)
-        assert got.roi_box == maps.roi_box(expected)
+        assert got.roi_box == geometry.roi_box(expected)
 
 
 # --------------------------------------------------------------- localization
@@ -123,13 +123,13 @@ def test_class_maps_average_the_stored_crms_of_correct_images_only(scanned, eval
 def test_localization_is_modlabel_localize_on_the_same_images(evaluated, tiny_archive, tiny_onnx):
     expected = evaluate_localization(tiny_archive, OnnxModel(tiny_onnx), batch_size=16)
     got = evaluated.localization
-    assert got.methods == EVAL_METHODS and got.size == expected.size
+    assert got.methods == maps.default_methods() and got.size == expected.size
     assert [dataclasses.asdict(c) for c in got.classes] == [
         dataclasses.asdict(c) for c in expected.classes
     ]
     fields = [f.name for f in dataclasses.fields(got.overall[0])]
     for name in [c.class_name for c in expected.classes] + ["all"]:
-        for method in EVAL_METHODS:
+        for method in maps.default_methods():
             a, b = got.row(name, method), expected.row(name, method)
             for key in fields:
                 left, right = getattr(a, key), getattr(b, key)
@@ -255,7 +255,7 @@ def test_the_section_is_self_contained(evaluated):
 def test_map_scores_summarize_normalized_maps(evaluated):
     correct = {c.class_name: c.correct for c in evaluated.localization.classes if c.correct}
     assert {(r.class_name, r.method) for r in evaluated.map_scores} == {
-        (name, m) for name in correct for m in EVAL_METHODS
+        (name, m) for name in correct for m in maps.default_methods()
     }
     for row in evaluated.map_scores:
         assert row.images == correct[row.class_name] and row.pixels == row.images * 300 * 300
@@ -265,7 +265,7 @@ def test_map_scores_summarize_normalized_maps(evaluated):
 
 def test_faithfulness_areas_lie_in_the_unit_interval(evaluated):
     faith = evaluated.faithfulness
-    assert [r.method for r in faith.rows] == [*EVAL_METHODS, RANDOM]
+    assert [r.method for r in faith.rows] == [*maps.default_methods(), RANDOM]
     assert len(faith.images) == min(4, evaluated.localization.correct)
     for row in faith.rows:
         assert row.images == len(faith.images)
@@ -290,8 +290,9 @@ def test_deletion_ends_on_the_mean_image_and_insertion_on_the_image(tiny_archive
     gone, _ = model.run(model.preprocess(mean_image[None]))
     black, _ = model.run(model.preprocess(blurred[None]))
 
-    def p(logits):
-        e = np.exp(logits[0] - logits[0].max())
+    def p(logits):  # calibrated, as every command gives it: softmax(logits / T)
+        z = logits[0].astype(np.float64) / model.info.temperature
+        e = np.exp(z - z.max())
         return e[0] / e.sum()
 
     assert deletion[0] == pytest.approx(p(whole), abs=1e-5) == insertion[-1]

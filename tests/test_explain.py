@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modlabel import maps, overlay
+from modlabel import geometry, maps, overlay
 from modlabel.decode import load_pixels
 from modlabel.explain import explain_images
-from modlabel.model import ModelInfo, OnnxModel
+from modlabel.metadata import ModelInfo
+from modlabel.model import OnnxModel
 
 CLASSES = ["ct", "mri", "xray"]
 INPUT = (48, 48)
@@ -101,7 +102,7 @@ def test_explain_writes_one_figure_per_readable_image(model, images, tmp_path):
     logits, acts = model.run(model.preprocess(pixels[None]))
     assert results[0].class_index == int(np.argmax(logits))
     expected = maps.crm(acts, model.info.head_weights, bias=model.info.head_bias)[0]
-    assert results[0].roi["crm"] == maps.roi_stats(expected, INPUT)
+    assert results[0].roi["crm"] == geometry.roi_stats(expected, INPUT)
 
     broken, missing = results[1], results[3]
     assert broken.figure is None and broken.label is None and "cannot decode" in broken.error

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from modlabel.export import ExportError, ParityError, check_parity, export_run
-from modlabel.export.onnx_export import MODEL_FILE, RUN_FILE, SPLIT_FILE
 from typer.testing import CliRunner
 
 from modlabel.cli import app
 from modlabel.decode import normalize
+from modlabel.export import ExportError, ParityError, check_parity, export_run
 from modlabel.model import OnnxModel
+from modlabel.train.rundir import MODEL_FILE, RUN_JSON, SPLIT_CSV
 
 CLASSES = ["ct", "mri", "xray"]
 MEAN = [120.5, 110.0, 100.25]
@@ -39,6 +39,7 @@ def write_run(
     Returns the Keras model.
     """
     import keras
+
     from modlabel.train.backbones import CUT_LAYERS, build_model
 
     keras.utils.set_random_seed(0)
@@ -78,7 +79,7 @@ def write_run(
     }
     if data_dir is not None:
         run["data_dir"] = str(data_dir)
-    (run_dir / RUN_FILE).write_text(json.dumps(run))
+    (run_dir / RUN_JSON).write_text(json.dumps(run))
     return model
 
 
@@ -95,7 +96,7 @@ def write_archive(root: Path, run_dir: Path) -> None:
             pixels = rng.integers(0, 256, (30 + 7 * i, 50, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / rel)
             rows.append(f"{split},{name},{rel}")
-    (run_dir / SPLIT_FILE).write_text("\n".join(rows) + "\n")
+    (run_dir / SPLIT_CSV).write_text("\n".join(rows) + "\n")
 
 
 def keras_outputs(model, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -274,9 +275,9 @@ def test_a_run_whose_classes_do_not_fit_the_head_is_refused(small_run, tmp_path)
 
     run_dir = tmp_path / "run"
     shutil.copytree(small_run, run_dir)
-    run = json.loads((run_dir / RUN_FILE).read_text())
+    run = json.loads((run_dir / RUN_JSON).read_text())
     run["class_names"] = ["a", "b"]
-    (run_dir / RUN_FILE).write_text(json.dumps(run))
+    (run_dir / RUN_JSON).write_text(json.dumps(run))
     with pytest.raises(ExportError, match="3 outputs but run.json names 2 classes"):
         export_run(run_dir, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
@@ -292,7 +293,7 @@ def test_a_softmax_head_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     keras.Model(inputs, outputs).save(run_dir / MODEL_FILE)
-    (run_dir / RUN_FILE).write_text(
+    (run_dir / RUN_JSON).write_text(
         json.dumps({"class_names": CLASSES, "input_size": [16, 16], "mean": MEAN, "std": STD})
     )
     with pytest.raises(ExportError, match="applies softmax"):

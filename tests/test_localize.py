@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from modlabel import maps
+from modlabel import geometry
 from modlabel.cli import app
 from modlabel.errors import ModlabelError
-from modlabel.localize import (
+from modlabel.evaluation import (
     box_mask,
     evaluate_localization,
     localization_scores,
@@ -97,10 +97,10 @@ def test_pointing_and_recall_are_undefined_without_structure_boxes():
 def test_roi_pixels_are_table_3s_measure():
     rng = np.random.default_rng(0)
     small = rng.normal(size=(2, 6, 6)).astype(np.float32)
-    big = maps.upsample(small, (300, 300))
+    big = geometry.upsample(small, (300, 300))
     nothing = np.zeros(big.shape, bool)
     s = localization_scores(big, nothing, nothing)
-    expected = [maps.roi_stats(m, (300, 300)) for m in small]
+    expected = [geometry.roi_stats(m, (300, 300)) for m in small]
     assert s.roi_pixels.tolist() == [e.pixels for e in expected]
     assert s.roi_ratio.tolist() == pytest.approx([100 * e.ratio for e in expected])
 
@@ -219,7 +219,7 @@ def test_unreadable_files_are_listed_and_unknown_classes_refused(tiny_archive, t
 def test_localize_leaves_tensorflow_unimported(tiny_archive, tiny_onnx):
     script = (
         "import sys\n"
-        "from modlabel.localize import evaluate_localization\n"
+        "from modlabel.evaluation import evaluate_localization\n"
         "from modlabel.model import OnnxModel\n"
         f"evaluate_localization({str(tiny_archive)!r}, OnnxModel({str(tiny_onnx)!r}), limit=2)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))\n"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modlabel import maps
+from modlabel import geometry, maps
 from modlabel.decode import resize_rgb
 
 H, W, K, C = 6, 9, 32, 5  # non-square on purpose
@@ -78,7 +78,7 @@ def test_crm_pooling_conventions_differ_by_constant(head):
     mean = maps.crm(acts, weights, bias=bias, pooling="mean")
     summed = maps.crm(acts, weights, bias=None, pooling="sum")  # the authors' code: no bias
     np.testing.assert_allclose(summed, mean * (H * W) ** 2, rtol=1e-5)
-    np.testing.assert_array_equal(maps.roi_mask(summed), maps.roi_mask(mean))
+    np.testing.assert_array_equal(geometry.roi_mask(summed), geometry.roi_mask(mean))
 
 
 @pytest.mark.parametrize("pooling", ["mean", "sum"])
@@ -105,14 +105,14 @@ def test_crm_output_does_not_overflow_for_large_scores(head, shift):
 
 
 def test_methods_accept_terms_in_either_layout(head):
-    # head_terms keeps the class maps classes first in memory; terms built by
+    # terms keeps the class maps classes first in memory; terms built by
     # hand with class-last (N, H, W, C) memory must give the same maps.
     acts, weights, bias = head
-    terms = maps.head_terms(acts, weights, bias=bias)
+    terms = maps.terms(acts, weights, bias=bias)
     class_last = dataclasses.replace(terms, class_maps=np.ascontiguousarray(terms.class_maps))
     assert class_last.class_maps.flags.c_contiguous and terms.by_class.flags.c_contiguous
     for name, method in maps.METHODS.items():
-        got, expected = method(class_last), method(terms)
+        got, expected = method.fn(class_last), method.fn(terms)
         assert got.dtype == expected.dtype == np.float32, name
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0, err_msg=name)
 
@@ -191,7 +191,7 @@ def test_shape_errors():
 # Every function over (activations, weights), with the keyword arguments it needs.
 ENTRY_POINTS = {
     "class_maps": {},
-    "head_terms": {},
+    "terms": {},
     "cam": {},
     "gradcam": {},
     "crm": {},
@@ -235,12 +235,12 @@ CALLS = {
 
 
 @pytest.mark.parametrize("call", sorted(CALLS))
-def test_each_method_is_its_piece_of_the_shared_head_terms(head, call):
+def test_each_method_is_its_piece_of_the_shared_terms(head, call):
     # The same keyword arguments give the same maps through each method's own
-    # function, through compute_maps and through METHODS over head_terms.
+    # function, through compute_maps and through METHODS over terms.
     acts, weights, bias = head
     kw = CALLS[call](bias, reference_scores(acts, weights, bias, "mean"))
-    terms = maps.head_terms(acts, weights, **kw)
+    terms = maps.terms(acts, weights, **kw)
     together = maps.compute_maps(acts, weights, **kw)
     assert set(together) == set(maps.METHODS)
     for name, method in maps.METHODS.items():
@@ -251,7 +251,7 @@ def test_each_method_is_its_piece_of_the_shared_head_terms(head, call):
         alone = getattr(maps, name)(acts, weights, **own_kw)
         assert alone.shape == (3, H, W) and alone.dtype == np.float32, name
         np.testing.assert_array_equal(alone, together[name], err_msg=name)
-        np.testing.assert_array_equal(alone, method(terms), err_msg=name)
+        np.testing.assert_array_equal(alone, method.fn(terms), err_msg=name)
 
 
 # -- thresholds and boxes ---------------------------------------------------
@@ -259,22 +259,24 @@ def test_each_method_is_its_piece_of_the_shared_head_terms(head, call):
 
 def test_normalize_and_display_threshold():
     m = np.array([[-5.0, 0.0, 1.0], [2.0, 10.0, 2.1]], dtype=np.float32)
-    norm = maps.normalize_255(m)
+    norm = geometry.normalize_255(m)
     assert norm.max() == 255 and norm.min() == 0
     np.testing.assert_allclose(norm[1, 0], 51.0)
     # above 20% of the max: strictly greater, negatives never pass
-    np.testing.assert_array_equal(maps.roi_mask(m), [[False, False, False], [False, True, True]])
-    assert maps.roi_stats(m) == maps.RoiStats(pixels=2, ratio=2 / 6)
+    np.testing.assert_array_equal(
+        geometry.roi_mask(m), [[False, False, False], [False, True, True]]
+    )
+    assert geometry.roi_stats(m) == geometry.RoiStats(pixels=2, ratio=2 / 6)
     zero = np.zeros((4, 4))
-    assert not maps.roi_mask(zero).any()
-    assert maps.normalize_255(-np.ones((3, 3))).max() == 0
-    assert maps.roi_box(zero) is None and maps.component_boxes(zero) == []
+    assert not geometry.roi_mask(zero).any()
+    assert geometry.normalize_255(-np.ones((3, 3))).max() == 0
+    assert geometry.roi_box(zero) is None and geometry.component_boxes(zero) == []
 
 
 def test_roi_stats_counts_pixels_at_image_size():
     m = np.zeros((18, 18), np.float32)
     m[6:12, 6:12] = 1.0
-    stats = maps.roi_stats(m, (300, 300))
+    stats = geometry.roi_stats(m, (300, 300))
     # the block covers a third of each side; bilinear edges add at most one cell
     assert 100**2 <= stats.pixels <= (100 + 2 * 300 / 18) ** 2
     assert stats.ratio == stats.pixels / 300**2
@@ -285,13 +287,13 @@ def test_roi_box_and_components():
     m[2:4, 1:3] = 1.0  # strongest region
     m[6:9, 8:11] = 0.8  # second region, above 70%
     m[0, 11] = 0.5  # below 70%
-    assert maps.roi_box(m) == (1, 2, 11, 9)
-    assert maps.component_boxes(m) == [(1, 2, 3, 4), (8, 6, 11, 9)]
+    assert geometry.roi_box(m) == (1, 2, 11, 9)
+    assert geometry.component_boxes(m) == [(1, 2, 3, 4), (8, 6, 11, 9)]
     m[4:6, 3] = 0.9  # a bridge that touches the first region only diagonally
     m[6, 3:8] = 0.9
-    assert len(maps.component_boxes(m)) == 1
-    assert len(maps.component_boxes(m, connectivity=4)) == 2
-    assert maps.roi_box(m, fraction=0.95) == (1, 2, 3, 4)
+    assert len(geometry.component_boxes(m)) == 1
+    assert len(geometry.component_boxes(m, connectivity=4)) == 2
+    assert geometry.roi_box(m, fraction=0.95) == (1, 2, 3, 4)
 
 
 def brute_force_regions(mask, connectivity):
@@ -325,9 +327,9 @@ def test_components_match_a_brute_force_flood_fill(connectivity):
     for _ in range(150):
         h, w = rng.integers(1, 13, size=2)
         m = (rng.random((h, w)) * (rng.random((h, w)) < rng.uniform(0.1, 0.9))).astype(np.float32)
-        mask = maps.roi_mask(m, 0.3)
+        mask = geometry.roi_mask(m, 0.3)
         regions = brute_force_regions(mask, connectivity)
-        labels, count = maps.label_components(mask, connectivity=connectivity)
+        labels, count = geometry.label_components(mask, connectivity=connectivity)
         assert labels.shape == mask.shape and count == len(regions)
         assert not labels[~mask].any()
         for label, region in enumerate(regions, start=1):
@@ -343,25 +345,25 @@ def test_components_match_a_brute_force_flood_fill(connectivity):
             )
             for i in sorted(range(len(regions)), key=lambda i: -peaks[i])
         ]
-        assert maps.component_boxes(m, 0.3, connectivity=connectivity) == expected
+        assert geometry.component_boxes(m, 0.3, connectivity=connectivity) == expected
 
 
 def test_connectivity_rule():
     diagonal = np.eye(3, dtype=bool)  # cells touching at corners only
-    assert maps.label_components(diagonal, connectivity=8)[1] == 1
-    labels, count = maps.label_components(diagonal, connectivity=4)
+    assert geometry.label_components(diagonal, connectivity=8)[1] == 1
+    labels, count = geometry.label_components(diagonal, connectivity=4)
     assert count == 3 and labels.tolist() == [[1, 0, 0], [0, 2, 0], [0, 0, 3]]
-    assert maps.label_components(diagonal)[1] == 1  # 8 by default, as component_boxes
-    assert maps.label_components(np.ones((2, 3), bool), connectivity=4)[1] == 1
+    assert geometry.label_components(diagonal)[1] == 1  # 8 by default, as component_boxes
+    assert geometry.label_components(np.ones((2, 3), bool), connectivity=4)[1] == 1
     with pytest.raises(ValueError, match="connectivity"):
-        maps.label_components(diagonal, connectivity=6)
+        geometry.label_components(diagonal, connectivity=6)
     with pytest.raises(ValueError, match="connectivity"):
-        maps.component_boxes(np.eye(3), connectivity=6)
+        geometry.component_boxes(np.eye(3), connectivity=6)
 
 
 def test_scale_box():
-    assert maps.scale_box((1, 2, 3, 4), (18, 18), (300, 450)) == (25, 33, 75, 67)
-    assert maps.scale_box((0, 0, 18, 18), (18, 18), (300, 450)) == (0, 0, 450, 300)
+    assert geometry.scale_box((1, 2, 3, 4), (18, 18), (300, 450)) == (25, 33, 75, 67)
+    assert geometry.scale_box((0, 0, 18, 18), (18, 18), (300, 450)) == (0, 0, 450, 300)
 
 
 def test_class_average_streams_the_mean_of_normalized_maps():
@@ -395,10 +397,10 @@ def test_class_average_streams_the_mean_of_normalized_maps():
 def test_upsample_matches_pil_bilinear():
     rng = np.random.default_rng(1)
     m = rng.random((6, 9)).astype(np.float32)
-    ours = maps.upsample(m, (61, 200))
+    ours = geometry.upsample(m, (61, 200))
     pil = np.asarray(Image.fromarray(m, mode="F").resize((200, 61), Image.Resampling.BILINEAR))
     np.testing.assert_allclose(ours, pil, atol=1e-5)
-    batch = maps.upsample(np.stack([m, 2 * m]), (61, 200))
+    batch = geometry.upsample(np.stack([m, 2 * m]), (61, 200))
     assert batch.shape == (2, 61, 200)
     np.testing.assert_allclose(batch[1], 2 * ours, rtol=1e-6)
 
@@ -410,7 +412,7 @@ def test_hot_spot_lands_on_matching_place_of_original(cell):
     orig_h, orig_w = 240, 700  # aspect ratio unlike the map's and the input's
     m = np.zeros((h, w), np.float32)
     m[i, j] = 1.0
-    up = maps.upsample(m, (orig_h, orig_w))
+    up = geometry.upsample(m, (orig_h, orig_w))
     assert up.shape == (orig_h, orig_w)
     y, x = np.unravel_index(np.argmax(up), up.shape)
     assert i * orig_h / h <= y < (i + 1) * orig_h / h
@@ -425,6 +427,6 @@ def test_overlay_geometry_follows_the_decoder_stretch():
     orig[120:150, 300:360] = 255
     pixels = resize_rgb(Image.fromarray(orig), (64, 64)).astype(np.float32).mean(axis=2)
     activation = pixels.reshape(8, 8, 8, 8).mean(axis=(1, 3))
-    up = maps.upsample(activation, orig.shape[:2])
+    up = geometry.upsample(activation, orig.shape[:2])
     y, x = np.unravel_index(np.argmax(up), up.shape)
     assert 120 <= y < 150 and 300 <= x < 360

@@ -14,10 +14,12 @@ import csv
 import io
 import json
 import os
+import queue
 import shutil
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -32,32 +34,23 @@ from hostile import (
     write_dicom,
     write_png_stream,
 )
-from nightly import count_rows, modlabel_cmd, run_cli, run_measured, start_cli, text, wait_for
+from nightly import (
+    count_rows,
+    image_rows,
+    modlabel_cmd,
+    run_cli,
+    run_measured,
+    sa_url,
+    start_cli,
+    text,
+    wait_for,
+)
 
 from modlabel import store
 from modlabel.decode_worker import TEST_FAULT_ENV
 from modlabel.errors import ExitCode
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "labels.db")
-    return request.getfixturevalue("postgres_database")("safety")
-
-
-def sa_url(db: str) -> str:
-    return db if "://" in db else f"sqlite:///{db}"
-
-
-def rows(db: str) -> dict[str, dict]:
-    engine = sa.create_engine(sa_url(db))
-    try:
-        with engine.connect() as conn:
-            found = conn.execute(sa.select(store.images)).mappings().all()
-    finally:
-        engine.dispose()
-    return {r["path"]: dict(r) for r in found}
+rows = image_rows
 
 
 def last_scan(db: str) -> dict:
@@ -165,6 +158,27 @@ def test_more_files_gone_than_max_missing_marks_none_unless_allowed(
     assert sum(1 for r in rows(db).values() if r["missing_since"]) == 20
 
 
+def test_a_file_that_cannot_be_reached_tonight_keeps_its_label(tiny_archive, tiny_onnx, tmp_path):
+    """A link loop (as a share's broken indirection leaves) says nothing of the image: its
+    stored label stays, and the scan says so, instead of turning the row into an error."""
+    share = archive_of(tiny_archive, tmp_path / "share")
+    db = str(tmp_path / "labels.db")
+    args = ["--model", tiny_onnx, "--db", db]
+    assert run_cli("scan", share, *args).returncode == 0
+    image = images_under(share)[0]
+    before = rows(db)[str(image)]
+    image.unlink()
+    image.symlink_to(image.with_name("loop.txt"))
+    image.with_name("loop.txt").symlink_to(image)
+
+    night = run_cli("scan", share, *args)
+    assert night.returncode == 0, text(night.stderr)
+    assert f"{image.name}: " in text(night.stderr) and "its label is kept" in text(night.stderr)
+    after = rows(db)[str(image)]
+    assert after["error"] is None and after["missing_since"] is None
+    assert (after["label"], after["confidence"]) == (before["label"], before["confidence"])
+
+
 # -- decoders that crash cost one row each ------------------------------------------------
 
 
@@ -268,7 +282,7 @@ def test_bombs_are_refused_before_they_are_decoded_within_a_memory_bound(tiny_on
 # -- signals, from the first line ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_at_a_tenth_of_a_second_exits_7_in_one_line_with_a_record(
     tiny_archive, tiny_onnx, tmp_path, sig
 ):
@@ -339,6 +353,42 @@ def test_a_stop_while_a_write_waits_on_a_lock_ends_within_seconds(
     assert last_scan(db)["status"] == "interrupted"
 
 
+def test_a_stop_ends_a_query_that_streams_slow_rows(db_url, tmp_path):
+    """The rows come fast, then the next fetch runs for ever: the stop cancels the fetch
+    itself (not only a statement's execute), and the query exits 7 in one line."""
+    store.open_db(sa_url(db_url)).dispose()  # an empty database of this schema
+    slow = tmp_path / "slow.sql"
+    slow.write_text(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)\n"
+        "SELECT x FROM c WHERE x <= 2000 OR x % 1000000000000 = 0\n"
+    )
+    process = start_cli(
+        "query", "--sql-file", slow, "--db", db_url, "--format", "csv",
+        env={"PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(b) for b in process.stdout], daemon=True).start()
+    try:
+        for _ in range(1500):  # the fast rows come in fetches of 1000; the last never ends
+            lines.get(timeout=60)
+    except queue.Empty:
+        process.kill()
+        pytest.fail(f"the fast rows never came: {text(process.stderr.read())}")
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    try:
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    err = process.stderr.read()
+    waited = time.monotonic() - stopped
+    result = subprocess.CompletedProcess(process.args, process.returncode, b"", err)
+    assert process.returncode == ExitCode.INTERRUPTED, text(err)
+    assert "interrupted by SIGTERM" in one_line_error(result)
+    assert waited < 5.0, waited
+
+
 # -- read-only means read-only --------------------------------------------------------------
 
 
@@ -358,7 +408,7 @@ def test_commands_that_read_never_migrate_an_old_schema(tiny_archive, tiny_onnx,
     from alembic import command
 
     db = _scanned(tiny_archive, tiny_onnx, tmp_path)
-    cfg = store._alembic_config()
+    cfg = store.schema._alembic_config()
     engine = sa.create_engine(f"sqlite:///{db}")
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
@@ -530,9 +580,8 @@ def test_formulas_from_headers_and_tables_are_defused_in_every_csv(
 
 
 def test_every_csv_writer_defuses_and_split_csv_reads_back_what_it_wrote(tmp_path):
-    from modlabel.train.data import Split, read_split_csv, write_split_csv
-
     from modlabel import spreadsheet
+    from modlabel.train.data import Split, read_split_csv, write_split_csv
 
     hostile = ["=1+2", "+x", "-y", "@z", "\tt", "\rr", "'=quoted", "plain", "-", "'"]
     buf = io.StringIO()
@@ -582,7 +631,9 @@ def test_a_folder_1100_deep_is_walked(tiny_archive, tiny_onnx, tmp_path):
     [
         ["scan", "ARCHIVE", "--max-file-size", "1e400"],
         ["scan", "ARCHIVE", "--decode-memory", "lots"],
+        ["scan", "ARCHIVE", "--decode-memory", "1M"],
         ["scan", "ARCHIVE", "--decode-timeout", "-1"],
+        ["scan", "ARCHIVE", "--decode-timeout", "1e300"],
         ["scan", "ARCHIVE", "--max-missing", "most"],
         ["scan", "ARCHIVE", "--device", "gpu"],
         ["scan", "ARCHIVE", "--db", "postgresql://u@localhost:notaport/db"],
@@ -606,6 +657,34 @@ def test_a_bad_option_value_is_a_usage_error_in_one_line(tiny_archive, tiny_onnx
     assert result.returncode == ExitCode.USAGE, text(result.stderr)
     assert len(text(result.stderr).strip().splitlines()) == 1
     one_line_error(result)
+
+
+def test_control_characters_in_headers_never_reach_the_terminal(tiny_onnx, tmp_path):
+    """An ESC or a BEL in a header value (quoted by a decoder's error, or stored as the
+    Modality) is printed as an escape by the scan and by the queries, never passed on."""
+    import numpy as np
+
+    archive = tmp_path / "hostile"
+    archive.mkdir()
+    pixels = np.zeros(64 * 64, np.uint8).tobytes()
+    explicit = "1.2.840.10008.1.2.1"
+    write_dicom(archive / "photometric.dcm", pixels, syntax=explicit, encapsulated=False,
+                photometric="\x1b[31mRED\x07")  # fmt: skip
+    write_dicom(archive / "modality.dcm", pixels, syntax=explicit, encapsulated=False,
+                Modality="\x1b]0;owned\x07")  # fmt: skip
+    db = str(tmp_path / "labels.db")
+    scanned = run_cli("scan", archive, "--model", tiny_onnx, "--db", db)
+    assert scanned.returncode == 0, text(scanned.stderr)
+    headers = tmp_path / "headers.sql"
+    headers.write_text("SELECT path, dicom_modality, error FROM images ORDER BY path")
+    printed = [scanned.stderr, run_cli("query", "errors", "--db", db).stdout] + [
+        run_cli("query", "--sql-file", headers, "--db", db, "--format", fmt).stdout
+        for fmt in ("table", "csv", "json")
+    ]
+    assert "photometric.dcm" in text(printed[0]) and "\\x1b[31mRED" in text(printed[0])
+    assert all(b"owned" in output for output in printed[2:])
+    for output in printed:
+        assert b"\x1b" not in output and b"\x07" not in output, output
 
 
 def test_odd_dicoms_leave_one_line_rows_and_no_traceback(tiny_onnx, tmp_path):

@@ -16,8 +16,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from modlabel.cli import app
+from modlabel.decode import load_pixels, normalize
 from modlabel.export.errors import QuantizationError
-from modlabel.export.onnx_export import CPU, RUN_FILE, SPLIT_FILE
+from modlabel.export.onnx_export import CPU
 from modlabel.export.quantize import (
     CalibrationImages,
     QuantizeOptions,
@@ -26,15 +31,11 @@ from modlabel.export.quantize import (
     quantize_run,
     split_image_paths,
 )
-from PIL import Image
-from typer.testing import CliRunner
-
-from modlabel.cli import app
-from modlabel.decode import load_pixels, normalize
 from modlabel.maps import crm
 from modlabel.model import OnnxModel
 from modlabel.scan import scan_archive
 from modlabel.store import class_counts, list_models, open_db
+from modlabel.train.rundir import RUN_JSON, SPLIT_CSV
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_calibration_images_come_from_the_training_split(tiny_run, tiny_onnx):
     from onnxruntime.quantization import CalibrationDataReader
 
     paths = split_image_paths(tiny_run, "train", limit=10)
-    rows = list(csv.DictReader((tiny_run / SPLIT_FILE).open()))
+    rows = list(csv.DictReader((tiny_run / SPLIT_CSV).open()))
     train = {r["path"] for r in rows if r["split"] == "train"}
     assert len(paths) == 10 and {p.relative_to(p.parents[1]).as_posix() for p in paths} <= train
     assert len({p.parent.name for p in paths[:7]}) == 7  # classes in turn
@@ -125,10 +126,10 @@ def black_calibrated_run(tiny_run: Path, tiny_archive: Path, tmp_path: Path) -> 
     Image.new("RGB", (64, 64)).save(data / "black.png")
     run = tmp_path / "run"
     run.mkdir()
-    doc = json.loads((tiny_run / RUN_FILE).read_text())
-    (run / RUN_FILE).write_text(json.dumps({**doc, "data_dir": str(data)}))
-    rows = [r for r in csv.DictReader((tiny_run / SPLIT_FILE).open()) if r["split"] != "train"]
-    with (run / SPLIT_FILE).open("w", newline="") as f:
+    doc = json.loads((tiny_run / RUN_JSON).read_text())
+    (run / RUN_JSON).write_text(json.dumps({**doc, "data_dir": str(data)}))
+    rows = [r for r in csv.DictReader((tiny_run / SPLIT_CSV).open()) if r["split"] != "train"]
+    with (run / SPLIT_CSV).open("w", newline="") as f:
         writer = csv.DictWriter(f, ["split", "class", "path"])
         writer.writeheader()
         black = {"split": "train", "class": rows[0]["class"], "path": "black.png"}

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from PIL import Image
 from typer.testing import CliRunner
 
-from modlabel import aggregate, codec, maps, report, store
+from modlabel import codec, geometry, report, store
 from modlabel.cli import app
 
 INPUT_HW = (40, 60)  # not square: a swapped height and width shows
@@ -100,7 +100,7 @@ def hand_db(tmp_path):
     )
     rows = _image_rows(np.random.default_rng(3))
     store.write_image_rows(engine, model_id, rows)
-    aggregate.rebuild_class_maps(engine, model_id, CLASSES, THRESHOLD)
+    store.rebuild_class_maps(engine, model_id, CLASSES, THRESHOLD)
     scan_id = store.start_scan(engine, model_id, ["/archive"])
     store.finish_scan(engine, scan_id, seen=len(rows), unchanged=0, missing=2)
     yield engine, store.pick_model(engine), rows
@@ -122,7 +122,7 @@ def _expected_average(rows: list[dict], name: str) -> np.ndarray:
 
 
 def _box_by_hand(average: np.ndarray, fraction: float) -> tuple[tuple[int, ...], float]:
-    shown = maps.upsample(average, INPUT_HW)
+    shown = geometry.upsample(average, INPUT_HW)
     mask = np.maximum(shown, 0) / shown.max() > fraction
     ys, xs = np.nonzero(mask)
     return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), float(mask.mean())
@@ -208,7 +208,7 @@ def test_images_csv_has_every_row_with_its_roi_share(hand_db, tmp_path):
             continue
         assert float(line["confidence"]) == row["confidence"]
         # The image's own CRM, upsampled to the input size, above 20% of its max.
-        shown = maps.upsample(codec.decode_map(row["crm"]), INPUT_HW)
+        shown = geometry.upsample(codec.decode_map(row["crm"]), INPUT_HW)
         share = float((np.maximum(shown, 0) / shown.max() > 0.2).mean())
         assert float(line["roi_share"]) == pytest.approx(share, abs=1e-9)
         missing = row["missing_since"]
@@ -313,9 +313,9 @@ def test_ground_truth_averages_replace_the_stored_ones(hand_db, tmp_path, monkey
     average[0, 5] = 1.0
     calls = []
 
-    def evaluate_truth(engine_, model_row_, truth, *, out_dir, faithfulness, formats):
+    def evaluate_truth(engine_, model_row_, truth, *, out_dir, faithfulness, formats, methods):
         calls.append((model_row_.identity, truth, out_dir, faithfulness, formats))
-        maps_ = {"alpha": aggregate.ClassMap("alpha", 2, average, None)}
+        maps_ = {"alpha": store.ClassMap("alpha", 2, average, None)}
         return types.SimpleNamespace(class_maps=maps_)
 
     fake = types.ModuleType("modlabel.evaluation")
@@ -477,7 +477,8 @@ def test_the_page_renders_in_chromium_with_every_section(tiny_archive, tiny_onnx
     engine = store.open_db(db)
     model_id = store.pick_model(engine).id
     hostile = str(first.parent / XSS_IMAGE)
-    label = next(p[1] for p in store.iter_image_rows(engine, model_id) if p[0] == hostile)
+    rows = store.iter_image_rows(engine, model_id, ["label"])
+    label = next(r["label"] for r in rows if r["path"] == hostile)
     shown = [
         r
         for least in (False, True)

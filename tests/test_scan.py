@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from modlabel import codec, store
 from modlabel.decode import load_pixels
 from modlabel.errors import InputError
-from modlabel.model import OnnxModel, softmax
+from modlabel.model import OnnxModel
 from modlabel.scan import scan_archive
 
 
@@ -104,7 +104,7 @@ def test_stored_crm_equals_brute_force(tiny_archive, tiny_onnx, tmp_path, sqlite
         stored = codec.decode_map(rows[path]["crm"])
         tolerance = codec.MAX_RELATIVE_ERROR * reference.max() * (1 + 1e-4)
         assert np.abs(stored - reference).max() <= tolerance
-        assert rows[path]["label"] == info.class_names[int(np.argmax(softmax(logits)[0]))]
+        assert rows[path]["label"] == info.class_names[int(np.argmax(logits[0]))]
 
 
 def test_rescan_of_an_unchanged_archive_runs_no_inference(

@@ -22,9 +22,11 @@ from nightly import (
     ThrowawayPostgres,
     assert_clean_failure,
     count_rows,
+    image_rows,
     kill,
     large_archive,
     run_cli,
+    sa_url,
     start_cli,
     text,
     wait_for,
@@ -32,30 +34,11 @@ from nightly import (
 
 from modlabel import store
 from modlabel.errors import ExitCode
-from modlabel.lock import acquire_scan_lock
-from modlabel.model import METADATA_KEY, OnnxModel
+from modlabel.metadata import METADATA_KEY
+from modlabel.model import OnnxModel
 from modlabel.paths import display_path, from_db, to_db
 from modlabel.scan import scan_archive
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path) -> str:
-    """A new, empty database of either kind."""
-    if request.param == "sqlite":
-        return str(tmp_path / "labels.db")
-    return request.getfixturevalue("postgres_database")("nightly")
-
-
-def sa_url(db: str) -> str:
-    return db if "://" in db else f"sqlite:///{db}"
-
-
-def image_rows(db: str) -> dict[str, dict]:
-    engine = sa.create_engine(sa_url(db))
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(store.images)).mappings().all()
-    engine.dispose()
-    return {r["path"]: dict(r) for r in rows}
+from modlabel.scan.lock import acquire_scan_lock
 
 
 def scan_rows(db: str) -> list[store.ScanRow]:
@@ -202,14 +185,23 @@ def test_a_second_scan_exits_with_the_lock_code_naming_the_first(tiny_archive, t
             "--wait",
         )
         waiting = start_cli("scan", tiny_archive, "--model", tiny_onnx, "--db", db_url, "--wait")
-        time.sleep(3)
+        os.set_blocking(waiting.stderr.fileno(), False)
+        said = b""
+
+        def announced() -> bool:
+            nonlocal said
+            said += waiting.stderr.read() or b""
+            return b"waiting for" in said or waiting.poll() is not None
+
+        wait_for(announced, timeout=120, what="the second scan to wait for the lock")
         assert waiting.poll() is None  # still waiting for the lock
     finally:
         store.finish_scan(engine, scan_id, seen=0, unchanged=0)
         lock.release()
+    os.set_blocking(waiting.stderr.fileno(), True)
     _, err = waiting.communicate(timeout=120)
-    assert waiting.returncode == 0, text(err)
-    assert f"waiting for scan #{scan_id}" in text(err)
+    assert waiting.returncode == 0, text(said + err)
+    assert f"waiting for scan #{scan_id}" in text(said + err)
     engine.dispose()
 
 

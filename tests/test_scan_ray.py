@@ -21,7 +21,7 @@ from modlabel.scan import scan_archive
 
 ray = pytest.importorskip("ray")  # in the dev extra; `make test` always has it
 
-from modlabel.scan_ray import ray_pipeline  # noqa: E402
+from modlabel.scan.ray import ray_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -128,10 +128,10 @@ def _actor_pids() -> list[int]:
 def test_an_actor_killed_mid_run_loses_no_row_and_writes_none_twice(
     tiny_archive, tiny_onnx, tmp_path, sqlite_url, monkeypatch
 ):
-    import modlabel.scan_ray
+    import modlabel.scan.ray
 
     # One batch of 2 a block: many small tasks, so the killed actor has some in flight.
-    monkeypatch.setattr(modlabel.scan_ray, "BATCHES_PER_BLOCK", 1)
+    monkeypatch.setattr(modlabel.scan.ray, "BATCHES_PER_BLOCK", 1)
     archive = _archive(tiny_archive, tmp_path)
     files = sum(1 for p in archive.rglob("*") if p.is_file())
     killed: list[int] = []

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from modlabel.train.augment import ROTATION_DEGREES, SHIFT_PIXELS, build_augmenter
-from modlabel.train.data import make_dataset
 from PIL import Image
 
 from modlabel.decode import load_pixels, normalize
+from modlabel.train.augment import ROTATION_DEGREES, SHIFT_PIXELS, build_augmenter
+from modlabel.train.data import make_dataset
 
 SIDE = 65  # odd: the rotation center (32, 32) is a pixel center
 CENTER = (SIDE - 1) / 2

@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+
 from modlabel.train.backbones import (
     BACKBONES,
     CUT_LAYERS,

@@ -9,11 +9,12 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
+
 from modlabel.train.data import discover_split
 from modlabel.train.errors import DataError, RunError, TrainingInterrupted, WeightsError
 from modlabel.train.evaluate import evaluate_run
 from modlabel.train.fit import train_run
-from PIL import Image, ImageDraw
 
 SHAPES = ("bar", "box", "column", "cross", "disc", "dots", "wedge")
 TINY = {

@@ -3,7 +3,9 @@ hyperparameter search and evaluation. With ``modlabel.export``, the only TensorF
 
 Shipped as ``modlabel.train`` (the folder ``train/`` of the repository).
 Modules follow the data: ``data`` (archive -> splits -> tf.data), ``augment``,
-``backbones`` (model), ``fit`` (train a run), ``search``, ``evaluate``.
+``backbones`` (model), ``recipe`` (what training and search share), ``fit`` (train a
+run), ``search``, ``evaluate``; ``rundir`` names a run directory's files for all of them
+and for export.
 """
 
 from __future__ import annotations

@@ -63,10 +63,7 @@ import keras
 import numpy as np
 
 from .errors import BackboneError, WeightsError
-
-ACTIVATION_LAYER = "crm_conv"
-GAP_LAYER = "gap"
-HEAD_LAYER = "logits"
+from .rundir import ACTIVATION_LAYER, GAP_LAYER, HEAD_LAYER
 
 # Keras' ImageNet preprocessing, as (mean, std) on RGB pixels in [0, 255].
 CAFFE_RGB = ((123.68, 116.779, 103.939), (1.0, 1.0, 1.0))

@@ -27,6 +27,7 @@ from modlabel.metrics import classification_metrics
 
 from .data import SPLITS, read_split_csv
 from .errors import RunError
+from .rundir import METRICS_JSON, MODEL_FILE, RUN_JSON, SPLIT_CSV
 
 
 def evaluate_run(
@@ -46,12 +47,12 @@ def evaluate_run(
     run = Path(run_dir).expanduser()
     if split not in SPLITS:
         raise RunError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
-    for name in ("run.json", "model.keras", "split.csv"):
+    for name in (RUN_JSON, MODEL_FILE, SPLIT_CSV):
         if not (run / name).exists():
             raise RunError(f"{run}: not a finished training run (no {name})")
-    config = json.loads((run / "run.json").read_text())
+    config = json.loads((run / RUN_JSON).read_text())
     root = Path(data_dir).expanduser() if data_dir else Path(config["data_dir"])
-    files = read_split_csv(run / "split.csv", root, config["class_names"])
+    files = read_split_csv(run / SPLIT_CSV, root, config["class_names"])
     paths, labels = files.paths_labels(split)
     if not paths:
         raise RunError(f"{run}: the {split} split has no images")
@@ -59,7 +60,7 @@ def evaluate_run(
     if missing:
         raise RunError(f"{missing[0]}: not found; pass the archive's new location as data_dir")
 
-    model = keras.saving.load_model(run / "model.keras", compile=False)
+    model = keras.saving.load_model(run / MODEL_FILE, compile=False)
     logits, y = _logits(model, config, paths, labels, batch_size or 32)
     probs = calibrated_softmax(logits)
     metrics = classification_metrics(y, probs, config["class_names"])
@@ -81,7 +82,7 @@ def evaluate_run(
             "ece_before": expected_calibration_error(probs, y),
             "ece_after": expected_calibration_error(calibrated_softmax(logits, temperature), y),
         }
-    name = "metrics.json" if split == "test" else f"metrics_{split}.json"
+    name = METRICS_JSON if split == "test" else f"metrics_{split}.json"
     (run / name).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

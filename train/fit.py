@@ -45,6 +45,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from modlabel.metrics import format_metrics_table
+
 from . import backbones
 from .augment import AUGMENTATION
 from .data import (
@@ -52,21 +54,27 @@ from .data import (
     Split,
     channel_stats,
     discover_split,
-    make_dataset,
     read_split_csv,
     write_split_csv,
 )
 from .errors import RunError, TrainingInterrupted
+from .evaluate import evaluate_run
+from .recipe import MONITOR, build_for_run, compile_model, datasets
+from .rundir import (
+    ACTIVATION_LAYER,
+    CHECKPOINTS,
+    GAP_LAYER,
+    HEAD_LAYER,
+    HISTORY_CSV,
+    METRICS_JSON,
+    MODEL_FILE,
+    RUN_JSON,
+    SPLIT_CSV,
+)
+from .search import run_search
 
 DEFAULT_EPOCHS = 30
 DEFAULT_PATIENCE = 5
-MONITOR = "val_cross_entropy"
-
-RUN_JSON = "run.json"
-MODEL_FILE = "model.keras"
-HISTORY_CSV = "history.csv"
-SPLIT_CSV = "split.csv"
-CHECKPOINTS = "checkpoints"
 
 
 def train_run(
@@ -97,8 +105,6 @@ def train_run(
     ``resume``, every other setting is read from the run's run.json.
     ``callbacks`` are extra Keras callbacks for the final training.
     """
-    from .evaluate import evaluate_run
-
     out = Path(out_dir).expanduser()
     say = _printer(verbose)
     if resume:
@@ -154,8 +160,6 @@ def train_run(
         hp = config["hyperparameters"]
         try:
             if hp.get("search") and not state.get("epoch"):
-                from .search import run_search
-
                 best = run_search(split, config, out, say=say)
                 hp.update(best)
                 _write_json(out / RUN_JSON, config)
@@ -169,9 +173,7 @@ def train_run(
 
     metrics = evaluate_run(out)
     if verbose:
-        from modlabel.metrics import format_metrics_table
-
-        print(f"\ntest metrics ({out / 'metrics.json'}):")
+        print(f"\ntest metrics ({out / METRICS_JSON}):")
         print(format_metrics_table(metrics))
     return out
 
@@ -222,9 +224,9 @@ def _new_config(
         "weights": weights,
         "cut_layer": spec.cut_layer,
         "paper_cut_layer": spec.paper_cut,
-        "activation_layer": backbones.ACTIVATION_LAYER,
-        "gap_layer": backbones.GAP_LAYER,
-        "head_layer": backbones.HEAD_LAYER,
+        "activation_layer": ACTIVATION_LAYER,
+        "gap_layer": GAP_LAYER,
+        "head_layer": HEAD_LAYER,
         "head_filters": int(head_filters or spec.default_head_filters),
         "seed": int(seed),
         "hyperparameters": hyperparameters,
@@ -254,53 +256,6 @@ def _describe(config: dict[str, Any]) -> str:
         f"batch {hp['batch_size']}, up to {hp['epochs']} epochs, patience {hp['patience']}",
     ]
     return "\n".join(lines)
-
-
-def compile_model(model: keras.Model, *, learning_rate: float, beta_1: float) -> keras.Model:
-    """Adam on the sparse cross-entropy of the logits; accuracy and the plain
-    cross-entropy (without the L2 penalty) as metrics."""
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate, beta_1=beta_1),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        # Weighted by the per-sample weights: class weights in training, and on
-        # validation 0 for an unreadable file, 1 otherwise.
-        weighted_metrics=[
-            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-            keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="cross_entropy"),
-        ],
-    )
-    return model
-
-
-def build_for_run(config: dict[str, Any], *, l2: float | None = None) -> keras.Model:
-    """The run's model, freshly initialized (or with its pretrained backbone)."""
-    return backbones.build_model(
-        config["backbone"],
-        len(config["class_names"]),
-        tuple(config["input_size"]),
-        weights=config["weights"],
-        l2=config["hyperparameters"]["l2"] if l2 is None else l2,
-        head_filters=config["head_filters"],
-    )
-
-
-def datasets(split: Split, config: dict[str, Any]):
-    """(train, val) tf.data pipelines of the run: train shuffled, augmented and
-    weighted by the class weights (as per-sample weights)."""
-    hp = config["hyperparameters"]
-    common = {
-        "input_size": tuple(config["input_size"]),
-        "mean": config["mean"],
-        "std": config["std"],
-        "batch_size": hp["batch_size"],
-        "seed": config["seed"],
-    }
-    weights = [config["class_weights"][name] for name in config["class_names"]]
-    train = make_dataset(
-        *split.paths_labels("train"), class_weights=weights, shuffle=True, augment=True, **common
-    )
-    val = make_dataset(*split.paths_labels("val"), **common)
-    return train, val
 
 
 def _fit(

@@ -28,13 +28,14 @@ import numpy as np
 from modlabel import spreadsheet
 
 from .data import Split
+from .recipe import MONITOR, build_for_run, compile_model, datasets
+from .rundir import SEARCH_CSV
 
 RANGES = {
     "learning_rate": (1e-5, 1e-1, "log-uniform"),
     "beta_1": (0.8, 0.99, "uniform"),
     "l2": (1e-10, 1e-1, "log-uniform"),
 }
-SEARCH_CSV = "search.csv"
 COLUMNS = [
     "trial",
     "learning_rate",
@@ -66,8 +67,6 @@ def sample_trials(n: int, seed: int) -> list[dict[str, float]]:
 def run_search(split: Split, config: dict[str, Any], out: Path, *, say=print) -> dict[str, float]:
     """Run (or finish) the run's search; returns the best trial's
     {learning_rate, beta_1, l2}."""
-    from .fit import build_for_run, compile_model, datasets
-
     hp = config["hyperparameters"]
     n, epochs = int(hp["search"]), int(hp["search_epochs"])
     trials = sample_trials(n, config["seed"])
@@ -100,10 +99,7 @@ def run_search(split: Split, config: dict[str, Any], out: Path, *, say=print) ->
             callbacks=[keras.callbacks.TerminateOnNaN()],
             verbose=2 if getattr(say, "verbose", False) else 0,
         )
-        scores = [
-            s if math.isfinite(s) else math.inf
-            for s in history.history.get("val_cross_entropy", [])
-        ]
+        scores = [s if math.isfinite(s) else math.inf for s in history.history.get(MONITOR, [])]
         best = int(np.argmin(scores)) if scores else 0
         row = {
             "trial": index + 1,

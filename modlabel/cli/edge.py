@@ -75,6 +75,8 @@ def edge(*, interruptible: bool = True) -> Iterator[None]:
     except Exception as exc:
         if isinstance(exc, click_exceptions.ClickException):
             raise  # a usage error: the command line's own message and exit 2
+        if stopping.requested():  # what the stop cancelled (a query, a fetch) failing
+            raise fail(StopRequested(stopping.reason())) from None
         raise fail(as_modlabel_error(exc)) from None
     except StopRequested as exc:
         raise fail(exc) from None

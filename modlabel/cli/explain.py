@@ -11,7 +11,8 @@ import typer
 from ..errors import ModlabelError
 from .app import app
 from .edge import command, say
-from .options import DeviceOption, ModelPathOption, model_path, output_dir
+from .options import DeviceOption, MethodsOption, ModelPathOption, model_path, output_dir
+from .options import methods as methods_of
 
 
 @command(app)
@@ -20,24 +21,45 @@ def explain(
     model: ModelPathOption = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the figures.")] = Path("explain"),
     device: DeviceOption = "auto",
+    methods: MethodsOption = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="text (a line per image) or json (per image the label, calibrated "
+            "confidences, runner-up, out-of-set flag and ROI figures the picture shows).",
+        ),
+    ] = "text",
 ) -> None:
-    """Label images and draw CAM, Grad-CAM and CRM side by side (paper Figure 5).
+    """Label images and draw CAM, Grad-CAM and CRM side by side (paper Figure 5), with
+    the label, calibrated confidence and runner-up a scan stores, and a warning on images
+    the model flags out of set.
 
-    Example: modlabel explain scan.jpg --model model.onnx --out figures/
+    Example: modlabel explain scan.jpg --model model.onnx --out figures/ --format json
     """
+    import json
+
     from ..explain import explain_images
     from ..model import OnnxModel
 
+    if fmt not in ("text", "json"):
+        raise typer.BadParameter(f"text or json, not {fmt!r}", param_hint="--format")
+    wanted = methods_of(methods)
     path = model_path(model)
     output_dir(out)
-    results = explain_images([str(p) for p in images], OnnxModel(path, device=device), out)
-    failed = 0
+    onnx_model = OnnxModel(path, device=device)
+    results = explain_images([str(p) for p in images], onnx_model, out, methods=wanted)
+    failed = sum(1 for r in results if r.error)
     for r in results:
         if r.error:
-            failed += 1
             say(f"{r.path}: {r.error}")
-        else:
-            typer.echo(f"{r.path}\t{r.label}\t{r.confidence:.3f}\t{r.figure}")
+    if fmt == "json":
+        typer.echo(json.dumps([r.to_dict() for r in results], indent=1))
+    else:
+        for r in results:
+            if r.image is not None:
+                flag = "\tOUT OF SET" if r.image.out_of_set else ""
+                typer.echo(f"{r.path}\t{r.label}\t{r.confidence:.3f}\t{r.figure}{flag}")
     if failed:
         raise typer.Exit(1)
 
@@ -55,6 +77,10 @@ def localize(
             "--limit", min=1, help="Only the first N images of ground_truth.jsonl (file order)."
         ),
     ] = None,
+    methods: Annotated[
+        str,
+        typer.Option("--methods", help="Map methods, comma-separated, or all (the default)."),
+    ] = "all",
 ) -> None:
     """Score CAM, Grad-CAM and CRM against the archive's ground-truth boxes.
 
@@ -64,11 +90,14 @@ def localize(
 
     Example: modlabel localize demo/incoming --model demo/model.onnx --out localize.json
     """
-    from ..localize import evaluate_localization
+    from ..evaluation import evaluate_localization, format_report
     from ..model import OnnxModel
 
-    result = evaluate_localization(archive, OnnxModel(model_path(model)), limit=limit)
-    typer.echo(result.format_table(), nl=False)
+    wanted = methods_of(methods)
+    result = evaluate_localization(
+        archive, OnnxModel(model_path(model)), limit=limit, methods=wanted
+    )
+    typer.echo(format_report(result), nl=False)
     if out is not None:
         try:
             out.write_text(result.to_json() + "\n", encoding="utf-8")

@@ -30,6 +30,17 @@ DbOption = Annotated[
     ),
 ]
 
+ClassConfidenceOption = Annotated[
+    float | None,
+    typer.Option(
+        "--min-confidence",
+        min=0,
+        max=1,
+        help="Confidence an image needs to count in its class's average map (default: the "
+        f"threshold the scans keep the averages for, else {config.DEFAULT_CLASS_MIN_CONFIDENCE}).",
+    ),
+]
+
 ModelPathOption = Annotated[
     Path | None, typer.Option("--model", help=f"ONNX model (default: ${config.MODEL_ENV}).")
 ]
@@ -69,12 +80,31 @@ def size_bytes(text: str, option: str) -> int:
     return size
 
 
-def seconds(value: float, option: str) -> float:
+def seconds(value: float, option: str, *, most: float = 86400.0) -> float:
+    """A positive number of seconds, at most ``most`` (a day), as a usage error otherwise."""
     if not math.isfinite(value) or value <= 0:
         raise typer.BadParameter(
             f"{value!r} is not a positive number of seconds", param_hint=option
         )
+    if value > most:
+        raise typer.BadParameter(f"{value:g} s is more than {most:g} s", param_hint=option)
     return value
+
+
+# Below this, a decode worker cannot even start its decoders (the pool then says how much
+# it needs); above it, the pool measures what the worker itself takes first.
+LEAST_DECODE_MEMORY = 256 * 2**20
+
+
+def decode_memory(text: str, option: str = "--decode-memory") -> int:
+    """The address space of each decode worker: a size of at least 256M, or 0 (no limit)."""
+    size = size_bytes(text, option)
+    if 0 < size < LEAST_DECODE_MEMORY:
+        raise typer.BadParameter(
+            f"{text} is less than a decode worker needs (at least 256M; 0 for no limit)",
+            param_hint=option,
+        )
+    return size
 
 
 def output_dir(path: Path, option: str = "--out", *, create: bool = True) -> Path:
@@ -91,3 +121,24 @@ def output_dir(path: Path, option: str = "--out", *, create: bool = True) -> Pat
             f"cannot create {path}: {exc.strerror or exc}", param_hint=option
         ) from None
     return path
+
+
+MethodsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--methods",
+        help="Map methods, comma-separated (cam, gradcam, crm, crm_output, cam_squared, or "
+        "all; default: cam, gradcam, crm).",
+        show_default=False,
+    ),
+]
+
+
+def methods(text: str | None) -> tuple[str, ...]:
+    """``--methods`` as registered names (``maps.parse_methods``); a usage error otherwise."""
+    from .. import maps
+
+    try:
+        return maps.parse_methods(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--methods") from None

@@ -13,7 +13,7 @@ import typer
 
 from .app import app
 from .edge import command
-from .options import DbOption, db_url
+from .options import ClassConfidenceOption, DbOption, db_url
 
 
 @command(app)
@@ -156,3 +156,42 @@ def db_status(db: DbOption = None) -> None:
         )
     else:
         typer.echo(f"schema at revision {current}: written by a newer modlabel (this one: {head})")
+
+
+@command(db_app, name="rebuild-class-maps")
+def db_rebuild_class_maps(
+    db: DbOption = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Model identity (or prefix); default: the newest."),
+    ] = None,
+    min_confidence: ClassConfidenceOption = None,
+) -> None:
+    """Recompute every class's average map (Eq. 8) from the stored maps and store it: for a
+    database written by an older modlabel, or to check the running sums. Reads every map of
+    the model once; the scans keep the sums current otherwise.
+
+    Example: modlabel db rebuild-class-maps --db labels.db --min-confidence 0.95
+    """
+    from ..scan.lock import acquire_scan_lock
+    from ..store import (
+        class_threshold,
+        model_class_min_confidence,
+        open_db,
+        pick_model,
+        rebuild_class_maps,
+    )
+
+    engine = open_db(db_url(db), create=False, migrate=True)
+    row = pick_model(engine, model)
+    threshold = class_threshold(model_class_min_confidence(engine, row.id), min_confidence)
+    lock = acquire_scan_lock(engine, row.id)  # never beside a scan of the model
+    try:
+        built = rebuild_class_maps(engine, row.id, row.class_names, threshold)
+    finally:
+        lock.release()
+    counted = sum(m.image_count for m in built)
+    typer.echo(
+        f"class maps of {row.identity}: {len(built)} classes, {counted} images of confidence "
+        f">= {threshold:g}"
+    )

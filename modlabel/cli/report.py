@@ -10,7 +10,8 @@ import typer
 from ..errors import ModlabelError
 from .app import app
 from .edge import command, fail
-from .options import DbOption, db_url, output_dir
+from .options import ClassConfidenceOption, DbOption, db_url, output_dir
+from .options import methods as methods_of
 
 
 @command(app)
@@ -29,16 +30,7 @@ def report(
             min=0, help="Example images per class: this many most and as many least confident."
         ),
     ] = 4,
-    min_confidence: Annotated[
-        float | None,
-        typer.Option(
-            "--min-confidence",
-            min=0,
-            max=1,
-            help="Confidence an image needs to count in its class's average map "
-            "(default: the threshold the scans keep the averages for).",
-        ),
-    ] = None,
+    min_confidence: ClassConfidenceOption = None,
     formats: Annotated[
         str,
         typer.Option(
@@ -71,6 +63,14 @@ def report(
             "faithfulness test (deletion and insertion curves; 0: none).",
         ),
     ] = 0,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            "--methods",
+            help="With ground truth: the map methods the evaluation scores, comma-separated, "
+            "or all (default: cam, gradcam, crm).",
+        ),
+    ] = None,
 ) -> None:
     """Write a report: a self-contained HTML page (per class the count, the average CRM with
     its ROI box, a confidence histogram, the most and least confident images; the scans,
@@ -102,6 +102,7 @@ def report(
             formats=wanted,
             truth=truth_data,
             faithfulness=faithfulness,
+            methods=methods_of(methods) if methods is not None else None,
         )
     except ModlabelError as exc:
         raise fail(exc) from None

@@ -22,6 +22,9 @@ from .options import (
     seconds,
     size_bytes,
 )
+from .options import (
+    decode_memory as decode_memory_bytes,
+)
 
 SCAN_EXIT_CODES = """Exit codes: 0 done (files that could not be labeled are rows with
 their error, not a failure); 1 any other error; 2 bad command line; 3 a root or
@@ -243,7 +246,7 @@ def scan(
     max_bytes = size_bytes(max_file_size, "--max-file-size")
     decoding = DecodeOptions(
         decoders=decoders,
-        memory_bytes=size_bytes(decode_memory, "--decode-memory"),
+        memory_bytes=decode_memory_bytes(decode_memory),
         timeout=seconds(decode_timeout, "--decode-timeout"),
     )
     guard = missing_guard(max_missing, allow_missing)
@@ -263,7 +266,7 @@ def scan(
     try:
         run_pipeline = None
         if engine_name == "ray":
-            from ..scan_ray import ray_pipeline
+            from ..scan.ray import ray_pipeline
 
             run_pipeline = ray_pipeline(
                 address=address, actors=actors, gpus_per_actor=gpus_per_actor, device=device
@@ -328,7 +331,9 @@ def scan(
             typer.echo(f"{stats.interrupted_before} earlier run(s) had died; marked interrupted")
         typer.echo(
             f"scan #{stats.scan_id}: {stats.seen} files: {stats.labeled} labeled, "
-            f"{stats.unchanged} unchanged, {stats.errors} errors, {stats.skipped} skipped "
+            f"{stats.unchanged} unchanged, {stats.errors} errors, "
+            + (f"{stats.kept} unreachable (labels kept), " if stats.kept else "")
+            + f"{stats.skipped} skipped "
             f"as not images, {stats.missing} found gone, in {stats.seconds:.1f} s "
             f"({stats.images_per_second:.1f} images/s)"
         )
@@ -459,8 +464,8 @@ def prune(
 
     Example: modlabel prune --db labels.db --dry-run
     """
-    from ..lock import acquire_scan_lock
     from ..paths import display_path
+    from ..scan.lock import acquire_scan_lock
     from ..store import (
         count_prunable,
         count_rows,

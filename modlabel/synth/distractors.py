@@ -3,7 +3,7 @@
 Figures carry text, scale bars, arrows and borders in every modality. They are
 drawn with the same probabilities in every class, so none of them predicts a
 class, and their boxes are recorded so that a relevance map drawn to them can
-be caught (``modlabel.localize``'s distractor share).
+be caught (``modlabel.evaluation``'s distractor share).
 """
 
 from __future__ import annotations

@@ -2,12 +2,13 @@
 
 Only the middle of the pipeline moves: the driver (this process) still walks
 the roots, compares them with the database, holds the scan's lock and run
-record, and writes every row through ``scan._RowWriter``, so counts, class
-sums and exit codes are those of a local scan. The files that need work go to
-a Ray Data ``map_batches`` over an actor pool: each actor loads the model once
-(``OnnxModel``), reads and decodes its files itself, in decode workers of its own as a
-local scan does (``scan.prepare_all``: the paths must be readable on every
-node), and labels them (``scan._label_batch``).
+record, and writes every row through a ``pipeline.RowWriter``, so counts,
+class sums and exit codes are those of a local scan. The files that need work
+go to a Ray Data ``map_batches`` over an actor pool: each actor loads the model
+once (``OnnxModel``), reads and decodes its files itself, in decode workers of
+its own as a local scan does (``pipeline.prepare_all``: the paths must be
+readable on every node), and labels them as a local scan does
+(``pipeline.label_rows``, through ``infer``).
 Rows come back to the driver as they are made.
 
 Ray is imported here only, and this module only for ``--engine ray``.
@@ -18,27 +19,24 @@ from __future__ import annotations
 import itertools
 import pickle
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy.engine import Engine
 
-from . import config, store
-from .errors import ModlabelError
-from .model import OnnxModel
-from .scan import (
+from ..errors import ModlabelError
+from ..model import OnnxModel
+from ..source import BlobEntry
+from .changes import Work
+from .pipeline import (
     DecodeOptions,
     Pipeline,
-    ScanStats,
-    _label_batch,
-    _RowWriter,
-    _Work,
+    ScanContext,
     decoder_pool,
+    label_rows,
     prepare_all,
 )
-from .source import BlobEntry
 
 # Files handed to Ray per Dataset: the driver holds this many work items at a time (not the
 # whole change set), at the cost of starting the actor pool (one model load each) per chunk.
@@ -85,7 +83,7 @@ def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
 
 class _Labeler:
     """One Ray actor: one onnxruntime session and its decode workers (``decode_pool``, as
-    a local scan's), labeling batches of pickled ``_Work``."""
+    a local scan's), labeling batches of pickled ``Work``."""
 
     def __init__(
         self,
@@ -112,7 +110,7 @@ class _Labeler:
         todo = [w for w in works if not w.unchanged]
         by_key = {}
         if todo:
-            by_key = {r["path"]: r for r in _label_batch(todo, self.model, abstain=self.abstain)}
+            by_key = {r["path"]: r for r in label_rows(todo, self.model, abstain=self.abstain)}
         out_works, out_rows = [], []
         for work in works:
             row = by_key.get(work.key)
@@ -137,23 +135,9 @@ def ray_pipeline(
     ray = connect(address)
     actor_device = device if gpus_per_actor > 0 else "cpu"
 
-    def run(
-        changed: Iterable[_Work],
-        model: OnnxModel,
-        engine: Engine,
-        model_id: int,
-        stats: ScanStats,
-        progress: store.ScanProgress,
-        retry: store.DbRetry,
-        *,
-        batch_size: int,
-        decoding: DecodeOptions,
-        on_progress: Callable[[int], None] | None,
-        max_file_bytes: int,
-        commit_rows: int = config.DEFAULT_COMMIT_ROWS,
-        abstain: bool = False,
-    ) -> None:
-        writer = _RowWriter(engine, model_id, stats, progress, retry, commit_rows, on_progress)
+    def pipeline(changed: Iterable[Work], run: ScanContext) -> None:
+        batch_size = run.batch_size
+        writer = run.writer()
         iterator = iter(changed)
         try:
             while chunk := list(itertools.islice(iterator, RAY_CHUNK)):
@@ -167,11 +151,11 @@ def ray_pipeline(
                 dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
                     _Labeler,
                     fn_constructor_kwargs={
-                        "model_path": str(model.path),
+                        "model_path": str(run.model.path),
                         "device": actor_device,
-                        "abstain": abstain,
-                        "max_file_bytes": max_file_bytes,
-                        "decoding": decoding,
+                        "abstain": run.abstain,
+                        "max_file_bytes": run.max_file_bytes,
+                        "decoding": run.decoding,
                     },
                     batch_size=batch_size,
                     batch_format="numpy",
@@ -198,4 +182,4 @@ def ray_pipeline(
             writer.flush_once()  # a signal or a failure keeps the labels already made
             raise
 
-    return run
+    return pipeline

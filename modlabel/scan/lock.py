@@ -24,8 +24,8 @@ from typing import Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import stopping, store
-from .errors import DatabaseError, LockedError
+from .. import stopping, store
+from ..errors import DatabaseError, LockedError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Localization report as text: Table 3, then the metrics against the ground-truth boxes.
 
-``modlabel.localize`` computes the numbers (``LocalizationReport``); this module
+``evaluation.localization`` computes the numbers (``LocalizationReport``); this module
 only lays them out as text grids (rows: methods, columns: classes), so another
 face of the same report (an HTML page, say) can be added beside it.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from . import maps
-from .localize import OVERALL, LocalizationReport, MethodRow
+from .. import maps
+from .localization import OVERALL, LocalizationReport, MethodRow
 
 
 def _header_lines(name: str) -> list[str]:
@@ -83,7 +83,8 @@ LOCALIZATION_SECTIONS = (
 
 
 def format_report(report: LocalizationReport) -> str:
-    """The text of ``LocalizationReport.format_table``."""
+    """Table 3 (rows: methods, columns: classes, cells "pixels (ratio%)"), then the
+    localization metrics against the ground-truth boxes in the same layout."""
     summaries = [*report.classes, report.totals]
     columns = [c.class_name for c in summaries]
     height, width = report.size
@@ -92,7 +93,7 @@ def format_report(report: LocalizationReport) -> str:
         return [fmt(report.row(name, method)) for name in columns]
 
     def title(method: str) -> str:
-        return maps.TITLES.get(method, method)
+        return maps.title(method)
 
     lines = [
         f"{report.archive}: {report.images} images, {report.correct} correctly classified "

@@ -1,4 +1,4 @@
-"""Aggregate: the class-level average CRM (paper Eq. 8) of every class, kept current.
+"""Class sums: the class-level average CRM (paper Eq. 8) of every class, kept current.
 
 Eq. 8 averages the CRMs of the images of a class that were classified
 correctly. An archive has no ground truth, so an image counts in the average
@@ -30,7 +30,8 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import codec, maps, store
+from .. import codec, geometry, maps
+from .schema import class_maps, images, insert_for, models, utcnow
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,14 @@ def class_map_from_sum(
     map_sum: np.ndarray,
     count: int,
     *,
-    roi_fraction: float = maps.CLASS_ROI_FRACTION,
+    roi_fraction: float = geometry.CLASS_ROI_FRACTION,
 ) -> ClassMap:
     """The average of ``count`` unit maps whose sum is ``map_sum``, scaled to max 1."""
     average = map_sum / max(count, 1)
     peak = float(average.max()) if average.size else 0.0
     if peak > 0:
         average = average / peak
-    box = maps.roi_box(average, fraction=roi_fraction) if peak > 0 else None
+    box = geometry.roi_box(average, fraction=roi_fraction) if peak > 0 else None
     return ClassMap(
         class_name,
         count,
@@ -66,12 +67,12 @@ def class_map_from_sum(
 
 def unit_map(blob: bytes) -> np.ndarray:
     """A stored CRM as it counts in a class average: decoded, divided by its max, float64."""
-    return maps.normalize_unit(codec.decode_map(bytes(blob))).astype(np.float64)
+    return geometry.normalize_unit(codec.decode_map(bytes(blob))).astype(np.float64)
 
 
 def _counted(model_id: int, threshold: float) -> list:
     """The conditions for an image row to count in its class's average."""
-    c = store.images.c
+    c = images.c
     return [
         c.model_id == model_id,
         c.label.is_not(None),
@@ -101,7 +102,7 @@ class _Sums:
 
 def _contributions(conn: sa.Connection, model_id: int, threshold: float, keys: Sequence[str]):
     sums = _Sums({}, {})
-    c = store.images.c
+    c = images.c
     for start in range(0, len(keys), 500):
         # Looked up by path alone, so that every planner takes the (model_id, path) index
         # (SQLite would otherwise walk the label and confidence index); counted here.
@@ -133,7 +134,7 @@ def _counts(
 def model_threshold(conn: sa.Connection, model_id: int) -> float | None:
     """The model's ``class_min_confidence``; None while its sums are not built."""
     return conn.execute(
-        sa.select(store.models.c.class_min_confidence).where(store.models.c.id == model_id)
+        sa.select(models.c.class_min_confidence).where(models.c.id == model_id)
     ).scalar()
 
 
@@ -187,7 +188,7 @@ def track(
 
 
 def _apply(conn: sa.Connection, model_id: int, deltas: dict[str, tuple[int, np.ndarray]]) -> None:
-    cm = store.class_maps.c
+    cm = class_maps.c
     rows = conn.execute(
         sa.select(cm.class_name, cm.image_count, cm.map_sum).where(
             cm.model_id == model_id, cm.class_name.in_(list(deltas))
@@ -204,15 +205,13 @@ def _apply(conn: sa.Connection, model_id: int, deltas: dict[str, tuple[int, np.n
 def _store_class(
     conn: sa.Connection, model_id: int, name: str, count: int, total: np.ndarray | None
 ) -> None:
-    cm = store.class_maps.c
+    cm = class_maps.c
     if count <= 0 or total is None:
         # No image counts any more: the row goes, and with it any rounding left in the sum.
-        conn.execute(
-            store.class_maps.delete().where(cm.model_id == model_id, cm.class_name == name)
-        )
+        conn.execute(class_maps.delete().where(cm.model_id == model_id, cm.class_name == name))
         return
     class_map = class_map_from_sum(name, total, count)
-    store.upsert_class_map(
+    upsert_class_map(
         conn,
         model_id,
         name,
@@ -238,12 +237,12 @@ def _load_sum(blob: bytes | None) -> np.ndarray | None:
 # -- full computations -------------------------------------------------------------
 
 
-def class_sums(
+def sum_class_maps(
     engine: Engine, model_id: int, min_confidence: float, *, chunk: int = 1000
 ) -> tuple[dict[str, int], dict[str, np.ndarray]]:
     """Count and sum every counted image's unit map, per class, streaming the store."""
     sums = _Sums({}, {})
-    c = store.images.c
+    c = images.c
     query = (
         sa.select(c.label, c.crm)
         .where(*_counted(model_id, min_confidence))
@@ -260,15 +259,15 @@ def rebuild_class_maps(
 ) -> list[ClassMap]:
     """Recompute every class's sums from the stored maps and make ``min_confidence``
     the model's threshold. Reads the whole archive's maps once (O(archive))."""
-    counts, sums = class_sums(engine, model_id, min_confidence)
+    counts, sums = sum_class_maps(engine, model_id, min_confidence)
     with engine.begin() as conn:
-        conn.execute(store.class_maps.delete().where(store.class_maps.c.model_id == model_id))
+        conn.execute(class_maps.delete().where(class_maps.c.model_id == model_id))
         for name in class_names:
             if counts.get(name, 0) > 0:
                 _store_class(conn, model_id, name, counts[name], sums[name])
         conn.execute(
-            store.models.update()
-            .where(store.models.c.id == model_id)
+            models.update()
+            .where(models.c.id == model_id)
             .values(class_min_confidence=min_confidence)
         )
     return [class_map_from_sum(n, sums[n], counts[n]) for n in class_names if counts.get(n, 0)]
@@ -292,11 +291,11 @@ def class_average(
     class_name: str,
     *,
     min_confidence: float,
-    roi_fraction: float = maps.CLASS_ROI_FRACTION,
+    roi_fraction: float = geometry.CLASS_ROI_FRACTION,
 ) -> ClassMap | None:
     """One class's average at any threshold, computed from the stored maps (not stored)."""
     accumulator = maps.ClassAverage()
-    c = store.images.c
+    c = images.c
     query = (
         sa.select(c.crm)
         .where(*_counted(model_id, min_confidence), c.label == class_name)
@@ -312,4 +311,31 @@ def class_average(
         accumulator.mean() * accumulator.count,
         accumulator.count,
         roi_fraction=roi_fraction,
+    )
+
+
+def upsert_class_map(
+    conn: sa.Connection,
+    model_id: int,
+    class_name: str,
+    *,
+    image_count: int,
+    crm_blob: bytes,
+    roi_box: Sequence[int] | None,
+    map_sum: bytes | None,
+) -> None:
+    """Write one class's average map, ROI box and running sum (modlabel.aggregate)."""
+    values = {
+        "image_count": image_count,
+        "crm": crm_blob,
+        "roi_box": list(roi_box) if roi_box is not None else [],
+        "map_sum": map_sum,
+        "updated_at": utcnow(),
+    }
+    conn.execute(
+        insert_for(conn)(class_maps)
+        .values(model_id=model_id, class_name=class_name, **values)
+        .on_conflict_do_update(
+            index_elements=[class_maps.c.model_id, class_maps.c.class_name], set_=values
+        )
     )

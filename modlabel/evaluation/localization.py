@@ -10,16 +10,16 @@ arrows). ``evaluate_localization`` reports both, per class and per method;
 (``modlabel.evaluation`` scores a database's images with it).
 
 Definitions, for one image, one method and the map upsampled (bilinear, the
-decoder's plain stretch, ``maps.upsample``) to ``size`` = (H, W) pixels:
+decoder's plain stretch, ``geometry.upsample``) to ``size`` = (H, W) pixels:
 
 * ROI: the pixels whose value is above ``fraction`` (0.2) of the map's max,
-  negatives clipped (``maps.roi_mask``, the same set ``maps.roi_stats`` counts);
+  negatives clipped (``geometry.roi_mask``, the same set ``geometry.roi_stats`` counts);
   empty when the map has no positive value.
 * S: the union of the image's structure boxes, D: the union of its distractor
   boxes other than ``border`` (whose box is the whole image). Boxes are given in
   original-image pixels, ``[x0, y0, x1, y1]`` with x1, y1 exclusive, and are
   stretched to (H, W) like the image (x by W / width, y by H / height), rounded
-  outward (``maps.scale_box``) and clipped to the grid.
+  outward (``geometry.scale_box``) and clipped to the grid.
 * ``roi_pixels`` = |ROI|, ``roi_ratio`` = 100 |ROI| / (H W) (percent): Table 3.
 * ``pointing``: 1 when the map's maximum lies in S (the pointing game, strict:
   no tolerance margin; the first maximum in row-major order on ties), else 0;
@@ -57,18 +57,18 @@ from typing import Any
 
 import numpy as np
 
-from . import maps, stopping
-from .decode_pool import DecodeRequest, image_pool
-from .errors import ModlabelError
-from .groundtruth import GROUND_TRUTH_NAME
-from .model import OnnxModel
+from .. import geometry, maps, stopping
+from ..decode_pool import DecodeRequest, image_pool
+from ..errors import ModlabelError
+from ..groundtruth import GROUND_TRUTH_NAME
+from ..infer import describe, label_pixels
+from ..model import OnnxModel
 
-DEFAULT_METHODS: tuple[str, ...] = ("cam", "gradcam", "crm", "crm_output", "cam_squared")
 TABLE3_SIZE = (300, 300)  # the paper counts pixels of 300x300 images
 IGNORED_DISTRACTORS = frozenset({"border"})  # a frame's box is the whole image
 OVERALL = "all"
 
-Box = maps.Box
+Box = geometry.Box
 
 
 # --------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def scale_gt_box(box: Sequence[int], original_wh: Sequence[int], size_hw: Sequen
     clipped to the grid."""
     width, height = int(original_wh[0]), int(original_wh[1])
     out_h, out_w = int(size_hw[0]), int(size_hw[1])
-    x0, y0, x1, y1 = maps.scale_box(tuple(box), (height, width), (out_h, out_w))
+    x0, y0, x1, y1 = geometry.scale_box(tuple(box), (height, width), (out_h, out_w))
     return (
         min(max(x0, 0), out_w),
         min(max(y0, 0), out_h),
@@ -188,7 +188,7 @@ def localization_scores(
     structures: np.ndarray,
     distractors: np.ndarray,
     *,
-    fraction: float = maps.DISPLAY_FRACTION,
+    fraction: float = geometry.DISPLAY_FRACTION,
 ) -> ImageScores:
     """Score maps against box masks, all at the evaluation size.
 
@@ -203,7 +203,7 @@ def localization_scores(
             f"masks {structures.shape} and {distractors.shape} differ from maps {values.shape}"
         )
     n = values.shape[0]
-    roi = maps.roi_mask(values, fraction).reshape(n, -1)
+    roi = geometry.roi_mask(values, fraction).reshape(n, -1)
     s = structures.reshape(n, -1)
     d = distractors.reshape(n, -1)
     roi_pixels = roi.sum(axis=1)
@@ -306,6 +306,9 @@ class LocalizationReport:
     overall: list[MethodRow]  # one per method, every correct image weighing the same
     totals: ClassSummary  # all classes together (``"all"``)
     unreadable: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+    # Per image, what ``infer`` said of it: the same label, calibrated confidence and
+    # out-of-set flag a scan stores (``path``, ``truth``, ``correct`` beside them).
+    labeled: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def images(self) -> int:
@@ -342,18 +345,11 @@ class LocalizationReport:
             "rows": [asdict(r) for r in self.rows],
             "overall": [asdict(r) for r in self.overall],
             "unreadable": list(self.unreadable),
+            "labeled": list(self.labeled),
         }
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
-
-    def format_table(self) -> str:
-        """Table 3 (rows: methods, columns: classes, cells "pixels (ratio%)"), then
-        the localization metrics against the ground-truth boxes in the same layout."""
-        # Imported here: localize_format imports this module for its types.
-        from .localize_format import format_report
-
-        return format_report(self)
 
 
 class _Sums:
@@ -421,8 +417,8 @@ def evaluate_localization(
     archive: Path,
     model: OnnxModel,
     *,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    fraction: float = maps.DISPLAY_FRACTION,
+    methods: Sequence[str] | None = None,
+    fraction: float = geometry.DISPLAY_FRACTION,
     batch_size: int = 32,
     size: tuple[int, int] = TABLE3_SIZE,
     limit: int | None = None,
@@ -485,8 +481,8 @@ def localize_images(
     model: OnnxModel,
     *,
     source: str,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    fraction: float = maps.DISPLAY_FRACTION,
+    methods: Sequence[str] | None = None,
+    fraction: float = geometry.DISPLAY_FRACTION,
     batch_size: int = 32,
     size: tuple[int, int] = TABLE3_SIZE,
     on_batch: Callable[[ScoredBatch], None] | None = None,
@@ -500,9 +496,7 @@ def localize_images(
     correctly classified images and their maps (``ScoredBatch``), for measures
     of one's own over the same maps. Otherwise as ``evaluate_localization``.
     """
-    unknown = [m for m in methods if m not in maps.METHODS]
-    if unknown:
-        raise ValueError(f"unknown map methods {unknown}; known: {sorted(maps.METHODS)}")
+    methods = maps.parse_methods(methods if methods is not None else "all")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= fraction < 1:
@@ -516,13 +510,14 @@ def localize_images(
     per_class: dict[str, _ClassSums] = {}
     sums: dict[tuple[str, str], _Sums] = {}
     unreadable: list[dict[str, str]] = []
+    labeled: list[dict[str, Any]] = []
 
     batch: list[tuple[GroundTruth, np.ndarray, tuple[int, int], str]] = []
 
     def flush() -> None:
         if batch:
             scored = _score_batch(
-                batch, model, methods, fraction, size_hw, index_of, per_class, sums
+                batch, model, methods, fraction, size_hw, index_of, per_class, sums, labeled
             )
             if scored is not None and on_batch is not None:
                 on_batch(scored)
@@ -574,6 +569,7 @@ def localize_images(
         overall=[overall[m].row(OVERALL, m) for m in methods],
         totals=totals.summary(OVERALL),
         unreadable=unreadable,
+        labeled=labeled,
     )
 
 
@@ -586,15 +582,19 @@ def _score_batch(
     index_of: dict[str, int],
     per_class: dict[str, _ClassSums],
     sums: dict[tuple[str, str], _Sums],
+    labeled: list[dict[str, Any]],
 ) -> ScoredBatch | None:
-    info = model.info
-    logits, activations = model.run(model.preprocess(np.stack([p for _, p, _, _ in batch])))
+    labels = label_pixels(model, np.stack([p for _, p, _, _ in batch]))
     truth = np.array([index_of[r.class_name] for r, _, _, _ in batch])
-    correct = np.argmax(logits, axis=-1) == truth
-    for (record, _, _, _), ok in zip(batch, correct, strict=True):
+    correct = labels.top == truth
+    for row, ((record, _, _, image_path), ok) in enumerate(zip(batch, correct, strict=True)):
         counts = per_class.setdefault(record.class_name, _ClassSums())
         counts.images += 1
         counts.correct += int(ok)
+        labeled.append(
+            {"path": image_path, "truth": record.class_name, "correct": bool(ok),
+             **describe(labels[row])}
+        )  # fmt: skip
     if not correct.any():
         return None
 
@@ -615,14 +615,9 @@ def _score_batch(
             counts.with_distractors += 1
     s_masks, d_masks = np.stack(structures), np.stack(distractors)
 
-    maps_by_method = maps.compute_maps(
-        activations[correct],
-        info.head_weights,
-        bias=info.head_bias,
-        methods=methods,
-        class_index=truth[correct],  # = the predicted class on these images
-        pooling=info.pooling,
-    )
+    # The maps of the correctly classified images, for their class (= the predicted one).
+    every = labels.maps(methods)
+    maps_by_method = {name: m[correct] for name, m in every.items()}
     names = [record.class_name for record, _, _, _ in kept]
     scored = ScoredBatch(
         records=[record for record, _, _, _ in kept],
@@ -631,7 +626,7 @@ def _score_batch(
         scores={},
     )
     for method, method_maps in maps_by_method.items():
-        at_size = maps.upsample(method_maps, size_hw)
+        at_size = geometry.upsample(method_maps, size_hw)
         scores = localization_scores(at_size, s_masks, d_masks, fraction=fraction)
         scored.maps_at_size[method] = at_size
         scored.scores[method] = scores
