@@ -153,3 +153,28 @@ def test_class_overlay_draws_roi_box():
     assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (102, 32, 148, 58)
     bg = np.full((40, 70, 3), 128, np.uint8)
     assert overlay.class_overlay(avg, (90, 120), background=bg).shape == (90, 120, 3)
+
+
+def test_a_new_map_method_is_one_function_and_one_registry_entry(toy_onnx, tmp_path):
+    """Adding a method takes a function of ``Terms`` and ``register``: nothing else changes
+    before explain draws it, names it and measures its ROI, and ``--methods`` takes it."""
+    from toy_onnx import write_pngs
+
+    def half_cam(t: maps.Terms) -> np.ndarray:
+        return 0.5 * maps.cam_from(t)
+
+    method = maps.register(maps.Method("half_cam", "CAM / 2", "#17becf", half_cam, "a test"))
+    try:
+        assert maps.parse_methods("crm,half_cam") == ("crm", "half_cam")
+        assert "half_cam" in maps.default_methods() and maps.title("half_cam") == "CAM / 2"
+        paths = write_pngs(tmp_path / "images", 3)
+        model = OnnxModel(toy_onnx)
+        results = explain_images(paths, model, tmp_path / "out", methods=["cam", "half_cam"])
+        for r in results:
+            assert r.error is None and r.figure.exists()
+            assert set(r.roi) == {"cam", "half_cam"}
+            assert r.roi["half_cam"] == r.roi["cam"]  # a ROI is relative to the map's own peak
+        with pytest.raises(ValueError, match="registered already"):
+            maps.register(method)
+    finally:
+        maps.METHODS.pop("half_cam")
