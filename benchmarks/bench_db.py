@@ -1,18 +1,25 @@
 """The database at archive scale: what a nightly job asks of it, on SQLite and PostgreSQL.
 
 Fills a database with N image rows (default 1,000,000: 7 classes, a real
-compressed 18x18 CRM per row, 2% errors, 1% missing) for two models, then
-times, side by side on each backend:
+compressed 18x18 CRM per row, 2% errors, 1% missing, a tenth DICOM) for two
+models, then measures, side by side on each backend, each step in a child
+process of its own (its wall seconds, its CPU seconds, and its peak RSS as
+``ru_maxrss`` of that child: memory that stays flat as N grows is the point):
 
 * the nightly lookup of 10,000 paths: a folder of 10,000 stored files paged
   through in path order as ``scan`` merges them with its walk, and the same
   10,000 paths looked up by value (the lookup of a table of figures);
-* the report (``build_report`` with no examples: counts, class maps, errors);
-* each named query of ``sql/``, streamed to the end;
 * the class-level averages (Eq. 8): labeling 100 new images (one write with
-  the running sums kept) against a full recompute of the sums over every row.
+  the running sums kept) against a full recompute of the sums over every row;
+* the report (``build_report`` with no examples: every format, images.csv
+  with a row per image included);
+* each named query of ``sql/``, streamed to the end.
 
-Usage: python benchmarks/bench_db.py [--rows 1000000] [--postgres URL] [--sqlite-only]
+It prints figures; it asserts no timing. ``--rows 100000,1000000`` runs each
+size in turn (a database each) and ends with the peak RSS of every step at
+every size, to compare.
+
+Usage: python benchmarks/bench_db.py [--rows 1000000[,...]] [--postgres URL] [--sqlite-only]
 (PostgreSQL: $MODLABEL_TEST_POSTGRES_URL, else the server on 127.0.0.1:5432; a
 database of its own is created and dropped.)
 """
@@ -20,7 +27,10 @@ database of its own is created and dropped.)
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -45,11 +55,35 @@ LABELS = [
 ]
 FOLDER_FILES = 1000  # files per folder: /archive/<folder>/<file>.jpg
 CHUNK = 20_000
+SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy stores a UTC time in SQLite
 
 
 def random_crms(rng: np.random.Generator, n: int) -> list[bytes]:
     maps = rng.gamma(2.0, 1.0, size=(n, 18, 18)).astype(np.float32)
     return codec.encode_maps(maps)
+
+
+def insert_rows(engine, batch: list[dict]) -> None:
+    """Insert ``batch`` (dicts of ``images`` columns) the fastest way each driver has:
+    COPY on PostgreSQL, the driver's executemany on SQLite (SQLAlchemy's per-row work
+    made filling a million rows take longer than everything measured)."""
+    columns = list(batch[0])
+    values = [tuple(r[c] for c in columns) for r in batch]
+    with engine.begin() as conn:
+        cursor = conn.connection.driver_connection.cursor()
+        if engine.dialect.name == "postgresql":
+            with cursor.copy(f"COPY images ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in values:
+                    copy.write_row(row)
+        else:
+            marks = ", ".join("?" for _ in columns)
+            cursor.executemany(
+                f"INSERT INTO images ({', '.join(columns)}) VALUES ({marks})",
+                [
+                    tuple(v.strftime(SQLITE_TIME) if isinstance(v, datetime) else v for v in row)
+                    for row in values
+                ],
+            )
 
 
 def fill(engine, rows: int, seed: int = 0) -> list[int]:
@@ -105,8 +139,7 @@ def fill(engine, rows: int, seed: int = 0) -> list[int]:
                         "error_kind": "corrupt" if failed else None,
                     }
                 )
-            with engine.begin() as conn:
-                conn.execute(store.images.insert(), batch)
+            insert_rows(engine, batch)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(
             sa.text("VACUUM ANALYZE" if engine.dialect.name == "postgresql" else "ANALYZE")
@@ -149,23 +182,6 @@ def nightly_lookup(engine, model_id: int, rows: int, n: int = 10_000) -> tuple[f
     return t_paged, t_values
 
 
-def query_times(engine) -> dict[str, tuple[float, int]]:
-    params = {
-        "label": "chest_xray",
-        "min_confidence": "0.99",
-        "threshold": "0.5",
-        "model_a": "vgg16-000000000000",
-        "model_b": "vgg16-000000000001",
-    }
-    out = {}
-    for q in list_queries():
-        start = time.perf_counter()
-        with open_query(engine, q, {p: params[p] for p in q.parameters if p in params}) as r:
-            count = sum(1 for _ in r.rows)
-        out[q.name] = (time.perf_counter() - start, count)
-    return out
-
-
 def class_average_costs(engine, model_id: int) -> tuple[float, float]:
     """(seconds to write 100 new labeled rows with the sums kept, seconds of a full rebuild)."""
     t_full, _ = timed(store.rebuild_class_maps, engine, model_id, LABELS, 0.9)
@@ -196,35 +212,175 @@ def class_average_costs(engine, model_id: int) -> tuple[float, float]:
     return t_incremental, t_full
 
 
-def run(url: str, rows: int, label: str) -> None:
-    engine = store.open_db(url)
-    t_fill, (model_id, _) = timed(fill, engine, rows)
-    print(f"\n## {label}: {rows:,} rows per model, 2 models (filled in {t_fill:.0f} s)")
+# -- each step in a child process of its own --------------------------------------------
+
+
+def step_lookup(engine) -> dict:
+    model_id = store.pick_model(engine, "vgg16-000000000000").id
+    rows = int(os.environ["BENCH_ROWS"])
     t_paged, t_values = nightly_lookup(engine, model_id, rows)
-    print(
-        f"nightly lookup of 10,000 paths: {t_paged:.3f} s paged by folder (scan's merge), "
-        f"{t_values:.3f} s by value (tables of figures)"
-    )
+    return {"paged": t_paged, "values": t_values}
+
+
+def step_class_averages(engine) -> dict:
+    model_id = store.pick_model(engine, "vgg16-000000000000").id
     t_sums, t_full = class_average_costs(engine, model_id)
-    print(
-        f"class averages after 100 new images: {t_sums * 1000:.0f} ms written with the running "
-        f"sums, against {t_full:.1f} s for a full recompute ({t_full / t_sums:.0f}x)"
-    )
+    return {"sums": t_sums, "full": t_full}
+
+
+def step_report(engine) -> dict:
     with tempfile.TemporaryDirectory() as out:
         t_report, result = timed(
             build_report, engine, Path(out), model_identity="vgg16-000000000000",
             examples_per_class=0,
         )  # fmt: skip
-    print(f"report: {t_report:.2f} s ({result.total_images:,} images, {result.errors:,} errors)")
-    print("named queries, streamed to the end:")
-    for name, (seconds, count) in query_times(engine).items():
-        print(f"  {name:<22} {seconds:8.3f} s  {count:>9,} rows")
+    return {
+        "seconds": t_report,
+        "images": result.total_images,
+        "errors": result.errors,
+        "rows": result.images_written,
+    }
+
+
+def step_query(engine, name: str) -> dict:
+    params = {
+        "label": "chest_xray",
+        "min_confidence": "0.99",
+        "threshold": "0.5",
+        "model_a": "vgg16-000000000000",
+        "model_b": "vgg16-000000000001",
+        "path": "/archive/00000/00000001.jpg",
+    }
+    (query,) = [q for q in list_queries() if q.name == name]
+    start = time.perf_counter()
+    bound = {p: params[p] for p in query.parameters if p in params}
+    with open_query(engine, query, bound) as result:
+        count = sum(1 for _ in result.rows)
+    return {"seconds": time.perf_counter() - start, "rows": count}
+
+
+def child(url: str, step: str) -> None:
+    """Run one step on ``url`` and print its figures as one JSON line."""
+    engine = store.open_db(url)
+    if step.startswith("query:"):
+        figures = step_query(engine, step.removeprefix("query:"))
+    else:
+        figures = {"lookup": step_lookup, "averages": step_class_averages,
+                   "report": step_report}[step](engine)  # fmt: skip
     engine.dispose()
+    print(json.dumps(figures))
+
+
+# Starts a step's process and reports its rusage. The step is started from this small
+# process, not from the benchmark: a child's ru_maxrss starts at the RSS of the process
+# that forked it (Linux keeps the high-water mark across exec), and the benchmark holds
+# the filled rows' memory.
+LAUNCHER = """
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, text=True)
+out = proc.stdout.read()
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"exit": os.waitstatus_to_exitcode(status), "out": out,
+                  "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss_kib": usage.ru_maxrss}))
+"""
+
+
+def in_child(url: str, step: str, rows: int) -> dict:
+    """The figures of ``step`` run in a new Python process, with that process's wall
+    seconds, CPU seconds and peak RSS (MiB, ``ru_maxrss`` of that process alone)."""
+    start = time.perf_counter()
+    launched = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, sys.executable, __file__, "--child", step, "--url", url],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "BENCH_ROWS": str(rows)},
+        text=True,
+        check=True,
+    )
+    report = json.loads(launched.stdout)
+    if report["exit"] != 0:  # its traceback is on stderr; the other steps go on
+        return {"failed": report["exit"], "cpu_s": report["cpu_s"], "rss_mib": 0.0}
+    figures = json.loads(report["out"].strip().splitlines()[-1])
+    figures.update(
+        process_s=time.perf_counter() - start,
+        cpu_s=report["cpu_s"],
+        rss_mib=report["maxrss_kib"] / 1024,  # KiB on Linux
+    )
+    return figures
+
+
+def must(figures: dict, step: str) -> dict:
+    if "failed" in figures:
+        raise SystemExit(f"step {step} failed (exit {figures['failed']})")
+    return figures
+
+
+def run(url: str, rows: int, label: str) -> dict[str, float]:
+    """Fill ``url`` with ``rows`` rows per model, print every step's figures; returns the
+    peak RSS (MiB) of each step."""
+    engine = store.open_db(url)
+    t_fill, _ = timed(fill, engine, rows)
+    engine.dispose()
+    print(f"\n## {label}: {rows:,} rows per model, 2 models (filled in {t_fill:.0f} s)")
+    print("(each step in a process of its own: wall s, CPU s, peak RSS of that process)")
+    rss = {}
+
+    def cost(figures: dict) -> str:
+        return f"[{figures['cpu_s']:.1f} s CPU, {figures['rss_mib']:.0f} MiB peak RSS]"
+
+    f = must(in_child(url, "lookup", rows), "lookup")
+    rss["lookup"] = f["rss_mib"]
+    print(
+        f"nightly lookup of 10,000 paths: {f['paged']:.3f} s paged by folder (scan's merge), "
+        f"{f['values']:.3f} s by value (tables of figures) {cost(f)}"
+    )
+    f = must(in_child(url, "averages", rows), "averages")
+    rss["class averages"] = f["rss_mib"]
+    print(
+        f"class averages after 100 new images: {f['sums'] * 1000:.0f} ms written with the "
+        f"running sums, against {f['full']:.1f} s for a full recompute "
+        f"({f['full'] / f['sums']:.0f}x) {cost(f)}"
+    )
+    f = must(in_child(url, "report", rows), "report")
+    rss["report"] = f["rss_mib"]
+    print(
+        f"report: {f['seconds']:.2f} s ({f['images']:,} images, {f['errors']:,} errors, "
+        f"{f['rows']:,} rows of images.csv) {cost(f)}"
+    )
+    print("named queries, streamed to the end:")
+    for query in list_queries():
+        f = in_child(url, f"query:{query.name}", rows)
+        rss[query.name] = f["rss_mib"]
+        if "failed" in f:
+            print(f"  {query.name:<22} failed (exit {f['failed']}; its error is above)")
+            continue
+        print(f"  {query.name:<22} {f['seconds']:8.3f} s  {f['rows']:>9,} rows  {cost(f)}")
+    return rss
+
+
+def postgres_database(admin_url: str):
+    """A new database on the server of ``admin_url``: (its URL, a function that drops it)."""
+    name = f"modlabel_bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    url = sa.engine.make_url(admin_url).set(database=name)
+    return url.render_as_string(hide_password=False), drop
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument(
+        "--rows",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[1_000_000],
+        help="rows per model; several sizes comma-separated (100000,1000000)",
+    )
     parser.add_argument(
         "--postgres",
         default=os.environ.get(
@@ -232,22 +388,35 @@ def main() -> None:
         ),
     )
     parser.add_argument("--sqlite-only", action="store_true")
+    parser.add_argument("--postgres-only", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        run(f"sqlite:///{Path(tmp) / 'bench.db'}", args.rows, "SQLite")
-    if args.sqlite_only:
+    if args.child:
+        child(args.url, args.child)
         return
-    name = f"modlabel_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(args.postgres, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        url = sa.engine.make_url(args.postgres).set(database=name)
-        run(url.render_as_string(hide_password=False), args.rows, "PostgreSQL")
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    peaks: dict[tuple[str, int], dict[str, float]] = {}
+    for rows in args.rows:
+        if not args.postgres_only:
+            with tempfile.TemporaryDirectory() as tmp:
+                url = f"sqlite:///{Path(tmp) / 'bench.db'}"
+                peaks["SQLite", rows] = run(url, rows, "SQLite")
+        if not args.sqlite_only:
+            url, drop = postgres_database(args.postgres)
+            try:
+                peaks["PostgreSQL", rows] = run(url, rows, "PostgreSQL")
+            finally:
+                drop()
+    if len(args.rows) > 1:
+        print("\n## peak RSS (MiB) of each step's process, by size")
+        for dialect in ("SQLite", "PostgreSQL"):
+            sizes = [rows for rows in args.rows if (dialect, rows) in peaks]
+            if not sizes:
+                continue
+            print(f"{dialect:<22} " + " ".join(f"{rows:>10,}" for rows in sizes))
+            for step in peaks[dialect, sizes[0]]:
+                cells = " ".join(f"{peaks[dialect, rows][step]:>10.0f}" for rows in sizes)
+                print(f"  {step:<20} {cells}")
 
 
 if __name__ == "__main__":

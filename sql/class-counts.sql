@@ -3,13 +3,20 @@
 -- it could not read (files found gone are left out).
 -- Parameters: none.
 SELECT m.identity AS model,
-       COALESCE(i.label, '(error)') AS label,
-       SUM(CASE WHEN i.out_of_set IS TRUE THEN 0 ELSE 1 END) AS images,
-       SUM(CASE WHEN i.out_of_set IS TRUE THEN 1 ELSE 0 END) AS out_of_set,
-       ROUND(CAST(AVG(CASE WHEN i.out_of_set IS TRUE THEN NULL ELSE i.confidence END)
-                  AS NUMERIC), 4) AS mean_confidence
-FROM images i
-JOIN models m ON m.id = i.model_id
-WHERE i.missing_since IS NULL
-GROUP BY m.identity, COALESCE(i.label, '(error)')
-ORDER BY m.identity, images DESC, label;
+       COALESCE(c.label, '(error)') AS label,
+       c.images,
+       c.out_of_set,
+       c.mean_confidence
+FROM (
+  SELECT i.model_id,
+         i.label,
+         SUM(CASE WHEN i.out_of_set IS TRUE THEN 0 ELSE 1 END) AS images,
+         SUM(CASE WHEN i.out_of_set IS TRUE THEN 1 ELSE 0 END) AS out_of_set,
+         ROUND(CAST(AVG(CASE WHEN i.out_of_set IS TRUE THEN NULL ELSE i.confidence END)
+                    AS NUMERIC), 4) AS mean_confidence
+  FROM images i
+  WHERE i.missing_since IS NULL
+  GROUP BY i.model_id, i.label
+) c
+JOIN models m ON m.id = c.model_id
+ORDER BY m.identity, c.images DESC, label;

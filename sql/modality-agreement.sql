@@ -23,9 +23,8 @@ WITH expected (modality, label) AS (
 SELECT i.path, i.dicom_modality, i.dicom_body_part, e.label AS expected_label,
        i.label, i.confidence, i.runner_up, i.runner_up_probability, i.out_of_set, i.ood_score
 FROM images i
-JOIN models m ON m.id = i.model_id
 JOIN expected e ON e.modality = UPPER(i.dicom_modality)
-WHERE m.identity = :model
+WHERE i.model_id = (SELECT m.id FROM models m WHERE m.identity = :model)
   AND i.label IS NOT NULL
   AND i.label <> e.label
   AND i.missing_since IS NULL

@@ -301,3 +301,130 @@ def test_a_turned_photo_is_labeled_upright(tiny_archive, tiny_onnx, tmp_path, sq
     assert turned.label == upright.label
     for name, p in upright.probabilities.items():
         assert turned.probabilities[name] == pytest.approx(p, abs=1e-6)
+
+
+# -- the report's reads at archive scale: the same answers, from indexes --------------
+
+HAND_LABELS = ["alpha", "beta"]
+
+
+def hand_rows(engine, rows: list[dict]) -> int:
+    """A model with ``rows`` (dicts of some ``images`` columns) inserted as they are."""
+    from datetime import datetime, timezone
+
+    model_id = store.ensure_model(
+        engine, identity="hand-000000000000", sha256="0" * 64, backbone="tiny",
+        class_names=HAND_LABELS, input_size=[24, 24], activation_shape=[6, 6, 4], path="m.onnx",
+    )  # fmt: skip
+    now = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    full = [
+        {"model_id": model_id, "path": f"/archive/{i:04d}.jpg", "size_bytes": 1, "mtime": 1.0,
+         "labeled_at": now, "label": None, "confidence": None, "error": None, "crm": None,
+         "missing_since": None, "out_of_set": None, "roi_share": None, "runner_up": None,
+         "runner_up_probability": None, "ood_score": None, "dicom_modality": None,
+         "dicom_body_part": None, "error_kind": None, **row}
+        for i, row in enumerate(rows)
+    ]  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(store.images.insert(), full)
+    return model_id
+
+
+def edge_confidences(bins: int = 20) -> list[float | None]:
+    """Every bin edge k/bins, and the floats next to it on either side; outside [0, 1]; none."""
+    values: list[float | None] = []
+    for k in range(bins + 1):
+        edge = k / bins
+        values += [edge, float(np.nextafter(edge, -1.0)), float(np.nextafter(edge, 2.0))]
+    return [*values, 1.5, -0.25, None]
+
+
+def test_histograms_and_class_counts_are_the_comparisons_with_the_bin_edges(db):
+    """The report's histograms bin each confidence by a number per row now, and its class
+    counts subtract the failed files from an index's counts: the answers are those of the
+    definition, at every bin edge and the floats beside it, with failed files that have a
+    label, missing files and out-of-set ones among them."""
+    from datetime import datetime, timezone
+
+    gone = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    rows = []
+    for i, confidence in enumerate(edge_confidences()):
+        label = HAND_LABELS[i % 2]
+        rows.append({"label": label, "confidence": confidence})
+        rows.append({"label": label, "confidence": confidence, "error": "half read"})
+        rows.append({"label": label, "confidence": confidence, "missing_since": gone})
+        rows.append({"label": label, "confidence": confidence, "out_of_set": i % 3 == 0})
+    rows.append({"label": None, "confidence": None, "error": "cannot decode image"})
+    rows.append({"label": "gamma", "confidence": None})  # a label in no bin
+    engine = store.open_db(db)
+    model_id = hand_rows(engine, rows)
+
+    counted = [
+        r for r in rows
+        if r.get("error") is None and r.get("missing_since") is None and not r.get("out_of_set")
+    ]  # fmt: skip
+    expected_counts: dict = {}
+    expected_histograms: dict = {}
+    for r in counted:
+        expected_counts[r["label"]] = expected_counts.get(r["label"], 0) + 1
+        if r["label"] is None:
+            continue
+        counts = expected_histograms.setdefault(r["label"], [0] * 20)
+        c = r["confidence"]
+        for i in range(20):  # the definition: i/20 <= c < (i+1)/20, the last bin holds 1.0
+            upper = c is not None and (c <= 1.0 if i == 19 else c < (i + 1) / 20)
+            if c is not None and c >= i / 20 and upper:
+                counts[i] += 1
+    assert store.class_counts(engine, model_id) == expected_counts
+    assert store.confidence_histograms(engine, model_id, 20) == expected_histograms
+    engine.dispose()
+
+
+def test_images_csv_is_every_row_as_spreadsheet_writer_writes_it(db, tmp_path):
+    """images.csv, written from rows streamed in chunks with only the text cells that may
+    need it defused, is the file spreadsheet.writer makes of every stored row; a row
+    without a stored ROI share has it computed from its map, and no other map is read."""
+    import io
+    from datetime import datetime, timezone
+
+    from modlabel import codec, spreadsheet
+    from modlabel.paths import display_path
+    from modlabel.report.files import IMAGE_COLUMNS, image_roi_shares, write_images_csv
+
+    gone = datetime(2026, 12, 1, 3, 4, 5, tzinfo=timezone.utc)
+    maps = codec.encode_maps(np.random.default_rng(0).gamma(2.0, 1.0, (3, 6, 6)).astype("f4"))
+    hostile = ['=HYPERLINK("http://x",A1)', "+1", "-1", "@SUM(A1)", "\tx", "'=x", "''@y", "ok"]
+    rows = []
+    for i, text in enumerate(hostile):
+        rows.append({
+            "path": f"/archive/{text}\n{i}.jpg", "label": text, "confidence": 0.1 * i,
+            "runner_up": text, "runner_up_probability": 0.01 * i, "out_of_set": i % 3 == 1,
+            "ood_score": float(i), "roi_share": None if i % 2 else 0.25 + i / 100,
+            "crm": maps[i % 3], "dicom_modality": text[:16], "dicom_body_part": text,
+            "error_kind": None, "missing_since": gone if i == 4 else None,
+        })  # fmt: skip
+    rows.append({"error": "=cmd|' /C calc'!A0", "error_kind": "corrupt", "crm": None})
+    rows.append({"label": "alpha", "confidence": 0.9, "crm": b"not a map", "roi_share": None})
+    engine = store.open_db(db)
+    model_id = hand_rows(engine, rows)
+    model_row = store.pick_model(engine, "hand-000000000000")
+
+    chunks = list(store.iter_image_values(engine, model_id, IMAGE_COLUMNS, chunk=3))
+    assert [len(c) for c in chunks] == [3, 3, 3, 1]
+    legacy_maps = [r[-1] for c in chunks for r in c if r[-1] is not None]
+    assert len(legacy_maps) == 5  # the rows without a share; the others' maps are not read
+
+    expected = io.StringIO(newline="")
+    writer = spreadsheet.writer(expected)
+    writer.writerow(IMAGE_COLUMNS)
+    for r in store.iter_image_rows(engine, model_id, IMAGE_COLUMNS):
+        if r["roi_share"] is None and r["crm"] is not None:
+            (r["roi_share"],) = image_roi_shares([r["crm"]], model_row.input_size)
+        r["path"] = display_path(r["path"])
+        r["missing_since"] = r["missing_since"].isoformat() if r["missing_since"] else None
+        writer.writerow([r[k] for k in IMAGE_COLUMNS])
+    out = tmp_path / "images.csv"
+    assert write_images_csv(engine, model_row, out, chunk=3) == len(rows)
+    assert out.read_bytes().decode("utf-8") == expected.getvalue()
+    assert "'=HYPERLINK" in expected.getvalue() and "'''@y" in expected.getvalue()
+    engine.dispose()

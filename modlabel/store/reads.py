@@ -17,15 +17,42 @@ def _present(model_id: int) -> list:
     return [images.c.model_id == model_id, images.c.missing_since.is_(None)]
 
 
+# The failed files of a model, on the partial index of errors (model_id, path): a range of
+# that index's second column (true of every path) is what makes SQLite take it when it has
+# no statistics (modlabel never gathers any); else it reads the index of present files'
+# labels and looks every row up in the table for its error.
+def _failed() -> list:
+    return [images.c.error.is_not(None), images.c.path >= ""]
+
+
+def _minus_failed(conn: sa.Connection, present: sa.Select, failed: sa.Select) -> dict:
+    """{key: n} of ``present`` (``key..., n`` rows) less those of ``failed`` (the same
+    query over the present files that failed), zeros dropped.
+
+    The counts of the present files come from one narrow index (``ix_images_present_labels``)
+    without reading the table, but that index cannot tell a failed file (its error is a
+    sentence, too long for an index entry); the failed files are few, and read on the
+    partial index of errors. The difference is exactly the count without them.
+    """
+    totals: dict = {}
+    for *key, n in conn.execute(present):
+        totals[tuple(key)] = int(n)
+    for *key, n in conn.execute(failed):
+        totals[tuple(key)] -= int(n)
+    return {key: n for key, n in totals.items() if n}
+
+
 def class_counts(engine: Engine, model_id: int) -> dict[str, int]:
-    """Images per label of the files that are there (missing and out-of-set ones left out)."""
-    query = (
+    """Images per label of the files that are there (missing, failed and out-of-set ones
+    left out), counted on the index of present files' labels (``_minus_failed``)."""
+    present = (
         sa.select(images.c.label, sa.func.count())
-        .where(*_present(model_id), images.c.error.is_(None), images.c.out_of_set.is_not(True))
+        .where(*_present(model_id), images.c.out_of_set.is_not(True))
         .group_by(images.c.label)
     )
+    failed = present.where(*_failed())
     with engine.connect() as conn:
-        return {label: int(n) for label, n in conn.execute(query)}
+        return {label: n for (label,), n in _minus_failed(conn, present, failed).items()}
 
 
 def error_rows(engine: Engine, model_id: int, limit: int = 100) -> list[tuple[str, str]]:
@@ -71,23 +98,50 @@ def example_rows(
         return [dict(r) for r in conn.execute(query).mappings()]
 
 
-def confidence_histograms(engine: Engine, model_id: int, bins: int = 20) -> dict[str, list[int]]:
-    """Per label, the count of labeled images (present, no error) in each of ``bins`` equal
-    bins of confidence over [0, 1] (the last bin holds 1.0): one pass, one GROUP BY."""
-    c = images.c
-    counts = []
-    for i in range(bins):
-        upper = c.confidence <= 1.0 if i == bins - 1 else c.confidence < (i + 1) / bins
-        inside = sa.and_(c.confidence >= i / bins, upper)
-        counts.append(sa.func.sum(sa.case((inside, 1), else_=0)))
-    query = (
-        sa.select(c.label, *counts)
-        .where(*_present(model_id), c.error.is_(None), c.label.is_not(None))
-        .where(c.out_of_set.is_not(True))
-        .group_by(c.label)
+def _confidence_bin(dialect: str, confidence: sa.ColumnElement, bins: int) -> sa.ColumnElement:
+    """Which of ``bins`` equal bins of [0, 1] holds ``confidence``: bin i holds
+    i/bins <= confidence < (i+1)/bins, bin ``bins`` holds 1.0 exactly (the caller folds it
+    into the last), NULL for a confidence outside [0, 1] or none.
+
+    ``floor(confidence * bins)`` can be one off next to a bin's edge (the product rounds);
+    the two comparisons with the edges, computed as ``i / bins`` is in Python, put it right,
+    so that a row falls where the comparisons with the edges alone would put it.
+    """
+    scaled = confidence * bins
+    # CAST truncates on SQLite (floor for the confidences kept); PostgreSQL's CAST rounds.
+    raw = sa.cast(sa.func.floor(scaled) if dialect == "postgresql" else scaled, sa.Integer)
+    lower = sa.cast(raw, sa.Float) / float(bins)
+    upper = sa.cast(raw + 1, sa.Float) / float(bins)
+    corrected = (
+        raw - sa.case((confidence < lower, 1), else_=0) + sa.case((confidence >= upper, 1), else_=0)
     )
+    return sa.case((sa.and_(confidence >= 0.0, confidence <= 1.0), corrected), else_=None)
+
+
+def confidence_histograms(engine: Engine, model_id: int, bins: int = 20) -> dict[str, list[int]]:
+    """Per label, the count of labeled images (present, no error, not out of set) in each
+    of ``bins`` equal bins of confidence over [0, 1] (the last bin holds 1.0).
+
+    One GROUP BY (label, bin) on the index of present files' labels, less the failed files
+    (``_minus_failed``): a bin number per row, not a comparison per row and bin."""
+    c = images.c
+    where = [*_present(model_id), c.label.is_not(None), c.out_of_set.is_not(True)]
     with engine.connect() as conn:
-        return {row[0]: [int(n or 0) for n in row[1:]] for row in conn.execute(query)}
+
+        def binned_counts(*also: sa.ColumnElement) -> sa.Select:
+            bin_ = _confidence_bin(conn.dialect.name, c.confidence, bins).label("bin")
+            rows = sa.select(c.label, bin_).where(*where, *also).subquery()
+            return sa.select(rows.c.label, rows.c.bin, sa.func.count()).group_by(
+                rows.c.label, rows.c.bin
+            )
+
+        counted = _minus_failed(conn, binned_counts(), binned_counts(*_failed()))
+    histograms: dict[str, list[int]] = {}
+    for (label, bin_), n in counted.items():
+        counts = histograms.setdefault(label, [0] * bins)
+        if bin_ is not None:  # a confidence outside [0, 1] or none: a label, in no bin
+            counts[min(int(bin_), bins - 1)] += n
+    return histograms
 
 
 @dataclass(frozen=True)
@@ -196,6 +250,37 @@ def iter_image_rows(
             if out.get("missing_since") is not None:
                 out["missing_since"] = _aware(out["missing_since"])
             yield out
+
+
+def iter_image_values(
+    engine: Engine, model_id: int, columns: Sequence[str], *, chunk: int = 5000
+) -> Iterator[list[tuple[Any, ...]]]:
+    """Every row of the model (missing and failed ones included), in path order, in lists of
+    up to ``chunk`` rows streamed from the database (a server-side cursor on PostgreSQL).
+
+    Each row is a tuple: the values of ``columns`` (names of ``images``), then the stored
+    CRM if the row has no ``roi_share`` (labeled before the scan stored it; None for an
+    error), else None. Memory stays flat at any size, and the maps of the rows that have
+    their share are not read at all: they are most of a row's bytes. Lists, not rows one at
+    a time: a million rows cost a second less. ``missing_since`` comes with its zone.
+    """
+    c = images.c
+    legacy_crm = sa.case((c.roi_share.is_(None), c.crm), else_=None)
+    query = (
+        sa.select(*(c[name] for name in columns), sa.type_coerce(legacy_crm, sa.LargeBinary))
+        .where(c.model_id == model_id)
+        .order_by(c.path)
+        .execution_options(yield_per=chunk)
+    )
+    at = list(columns).index("missing_since") if "missing_since" in columns else None
+    with engine.connect() as conn:
+        for part in conn.execute(query).partitions():
+            rows = [tuple(row) for row in part]
+            if at is not None:
+                for i, row in enumerate(rows):
+                    if row[at] is not None:
+                        rows[i] = (*row[:at], _aware(row[at]), *row[at + 1 :])
+            yield rows
 
 
 def load_class_maps(engine: Engine, model_id: int) -> list[dict[str, Any]]:
