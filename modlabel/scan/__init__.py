@@ -10,16 +10,20 @@ finished. A file that cannot be read, or that crashes or exhausts its decoder,
 becomes a row with an error, and the scan goes on.
 
 One module a room, the data flowing down: ``job`` (a scan from start to end),
-``changes`` (what needs work), ``pipeline`` (decode, label, write; the
+``backfill`` (the embeddings of rows labeled before they were kept), ``changes`` (what
+needs work), ``pipeline`` (decode, label, write; the
 ``Pipeline`` protocol that ``ray`` implements too), ``lock`` (one scan per
 model and database).
 """
 
+from .backfill import BackfillStats, backfill_embeddings
 from .changes import MissingGuard, ScanStats, Work
 from .job import scan_archive
 from .pipeline import DecodeOptions, Pipeline, ScanContext
 
 __all__ = [
+    "BackfillStats",
+    "backfill_embeddings",
     "DecodeOptions",
     "MissingGuard",
     "Pipeline",

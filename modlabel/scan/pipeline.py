@@ -217,7 +217,10 @@ class RowWriter:
         stats.labeled += len(self.works) - len(failed) - len(kept)
         stats.errors += len(failed)
         stats.kept += len(kept)
+        stats.out_of_set += sum(1 for row in self.rows if row.get("out_of_set"))
         for work in failed:
+            kind = (work.error_kind or Kind.CORRUPT).value  # as label_rows stores it
+            stats.errors_by_kind[kind] = stats.errors_by_kind.get(kind, 0) + 1
             if len(stats.error_paths) < 1000:
                 stats.error_paths.append((work.entry.path, work.error))
             log.info("%s: %s", display_fs_path(work.entry.path), work.error)
@@ -249,7 +252,8 @@ def label_rows(
 ) -> list[dict[str, Any]]:
     """The ``images`` rows of a batch of decoded files, errors included: each labeled
     file through ``infer.label_batch`` (calibrated probabilities, runner-up, out-of-set
-    score and flag, CRM and its ROI share); ``abstain``: no label for flagged images."""
+    score and flag, CRM and its ROI share, GAP embedding); ``abstain``: no label for
+    flagged images."""
     now = store.utcnow()
     ok = [w for w in batch if w.error is None]
     rows: list[dict[str, Any]] = []
@@ -257,6 +261,7 @@ def label_rows(
         labels = infer.label_batch(model, np.stack([w.inputs for w in ok]))
         crms = labels.crm()
         blobs = codec.encode_maps(crms)
+        embeddings = codec.encode_embeddings(labels.embedding)
         input_hw = model.info.input_size
         for i, (work, blob) in enumerate(zip(ok, blobs, strict=True)):
             image = labels[i]
@@ -270,6 +275,7 @@ def label_rows(
                     "probabilities": image.probabilities,
                     "crm": blob,
                     "roi_share": infer.roi_share(crms[i], input_hw),
+                    "embedding": embeddings[i],
                     "error": None,
                     "error_kind": None,
                 }
@@ -288,6 +294,7 @@ def label_rows(
                     "probabilities": None,
                     "crm": None,
                     "roi_share": None,
+                    "embedding": None,
                     "ood_score": None,
                     "out_of_set": None,
                     "error": work.error,

@@ -74,6 +74,7 @@ from .reads import (
     error_rows,
     example_rows,
     iter_image_rows,
+    iter_image_values,
     load_class_maps,
     out_of_set_rows,
 )
@@ -112,6 +113,7 @@ from .schema import (
     upgrade_schema,
     utcnow,
 )
+from .similar import Neighbour, image_id, nearest, search_method, stored_embedding
 
 __all__ = [
     "ALIVE_SECONDS",
@@ -148,6 +150,7 @@ __all__ = [
     "INTERRUPTED",
     "is_transient",
     "iter_image_rows",
+    "iter_image_values",
     "iter_missing",
     "known_files",
     "known_under",
@@ -195,4 +198,10 @@ __all__ = [
     "upsert_class_map",
     "utcnow",
     "write_image_rows",
+    # similar-image search (store.similar)
+    "image_id",
+    "nearest",
+    "Neighbour",
+    "search_method",
+    "stored_embedding",
 ]

@@ -12,10 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .. import redaction, stopping
+from .. import codec, redaction, stopping
 from ..config import DEFAULT_DB_RETRY_SECONDS as DEFAULT_RETRY_SECONDS
 from ..errors import DatabaseError, Interrupted, one_line
 from .schema import check_schema, upgrade_schema
@@ -119,6 +120,23 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+    # For SQL users (sql/similar.sql): the migration defines the same on PostgreSQL.
+    dbapi_connection.create_function(
+        "modlabel_cosine_distance", 2, cosine_distance_of_blobs, deterministic=True
+    )
+
+
+def cosine_distance_of_blobs(a: bytes | None, b: bytes | None) -> float | None:
+    """1 - cos of two stored embeddings (``images.embedding``); NULL for a NULL or
+    embeddings of different lengths (of different models), as in SQL."""
+    if a is None or b is None or len(a) != len(b):
+        return None
+    try:
+        x, y = codec.embedding_codes([a, b]).astype(np.float64)
+    except codec.MapCodecError:
+        return None
+    norms = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return None if norms == 0.0 else 1.0 - float(x @ y) / norms
 
 
 def _sqlite_begin(conn: sa.Connection) -> None:

@@ -220,6 +220,7 @@ _NO_SECOND_LOOK = {
     "runner_up_probability": None,
     "roi_share": None,
     "error_kind": None,
+    "embedding": None,
 }
 
 

@@ -9,6 +9,7 @@ Tables:
   its kind) that kept the file from being labeled.
 * ``class_maps``: the class-level average CRM (paper Eq. 8) per (model, class),
   kept as running sums (``class_sums``).
+* ``settings``: facts about the database itself (how it searches similar images).
 * ``scans``: one row per scan run, for auditing nightly jobs: its status
   (running, finished, failed, interrupted), host and pid, and the counts of
   what it committed.
@@ -91,6 +92,10 @@ images = sa.Table(
     sa.Column("runner_up_probability", sa.Float),
     sa.Column("roi_share", sa.Float),
     sa.Column("error_kind", sa.String(32)),
+    # The GAP embedding, for similar-image search (codec.encode_embeddings: int8 codes of the
+    # unit vector and a scale). PostgreSQL with pgvector also has ``embedding_vec``, kept by
+    # a trigger and outside this table's metadata (store.similar).
+    sa.Column("embedding", sa.LargeBinary),
     sa.UniqueConstraint("model_id", "path", name="uq_images_model_path"),
 )
 sa.Index("ix_images_model_label_confidence", images.c.model_id, images.c.label, images.c.confidence)
@@ -112,6 +117,24 @@ sa.Index(
 )
 sa.Index("ix_images_model_source_id", images.c.model_id, images.c.source_id)
 sa.Index("ix_images_model_dicom_modality", images.c.model_id, images.c.dicom_modality)
+# The class counts, mean confidences and histograms of the files that are there, read from
+# this narrow index alone (migration 0008 says why missing_since is a column of it too).
+sa.Index(
+    "ix_images_present_labels",
+    images.c.model_id,
+    images.c.label,
+    images.c.out_of_set,
+    images.c.confidence,
+    images.c.missing_since,
+    postgresql_where=images.c.missing_since.is_(None),
+    sqlite_where=images.c.missing_since.is_(None),
+)
+# modality-agreement joins its mapping on UPPER(dicom_modality).
+sa.Index(
+    "ix_images_model_dicom_modality_upper",
+    images.c.model_id,
+    sa.func.upper(images.c.dicom_modality),
+)
 sa.Index(
     "ix_images_out_of_set",
     images.c.model_id,
@@ -155,6 +178,14 @@ scans = sa.Table(
     sa.Column("alive_until", sa.DateTime(timezone=True)),
 )
 sa.Index("ix_scans_model_status", scans.c.model_id, scans.c.status)
+
+# Facts about the database itself, one row each: ``similar_search`` (store.similar).
+settings = sa.Table(
+    "settings",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
 
 # Scan statuses. A "running" row whose heartbeat (``alive_until``) has lapsed, or whose
 # process is gone, is shown as interrupted.

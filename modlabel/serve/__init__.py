@@ -1,0 +1,11 @@
+"""``modlabel serve``: a read-only web UI over a modlabel database.
+
+* ``app``: ``create_app`` (Starlette), its security headers, token and root path;
+* ``pages``: the routes (classes, a class grid, an image, scans, search, pictures);
+* ``data``: what they read (keyset pages, an image's history, similar images, health);
+* ``pictures``: what they draw (thumbnails, overlays, class maps), decoded in isolation.
+"""
+
+from .app import UPLOAD_MAX_BYTES, create_app
+
+__all__ = ["UPLOAD_MAX_BYTES", "create_app"]

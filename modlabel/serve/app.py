@@ -1,0 +1,404 @@
+"""``create_app``: the read-only web UI over a modlabel database (Starlette, Jinja2).
+
+Pages are rendered on the server, autoescaped, with no script at all, under a strict
+Content-Security-Policy (``SECURITY_HEADERS``). The database is opened read-only
+(``data.open_read_only``). Pictures are served by row id, from the path stored in that
+row, decoded in the isolated decode workers (``pictures.Painter``); no request ever
+names a file. With a token, every request needs it (``TokenGuard``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+import urllib.parse
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__, codec, geometry, rois, store
+from ..errors import ModelError, ModlabelError, UsageError
+from ..model import OnnxModel
+from ..paths import display_path
+from . import data
+from .pictures import Painter, class_map_picture
+
+log = logging.getLogger("modlabel.serve")
+
+HERE = Path(__file__).parent
+UPLOAD_MAX_BYTES = 20 * 2**20  # an upload larger than this is refused (413)
+UPLOAD_SIMILAR = 24
+MODELS_SECONDS = 10.0
+THREADS = 15  # request threads: SQLAlchemy's default pool (5 connections and 10 more)
+# Where ``modlabel serve --workers N`` hands each worker process create_app's arguments.
+CONFIG_ENV = "MODLABEL_SERVE_CONFIG"
+TOKEN_COOKIE = "modlabel_token"
+SECURITY_HEADERS = {
+    # No script, no inline style, nothing from elsewhere; forms post back here only; only
+    # this server's own pages frame its pages (the image page's similar images).
+    "content-security-policy": "default-src 'none'; img-src 'self'; style-src 'self'; "
+    "frame-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'self'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "SAMEORIGIN",
+    "cross-origin-opener-policy": "same-origin",
+}
+
+
+@dataclass
+class ServeState:
+    """What every request reads: the engine, the model shown, the optional model file."""
+
+    engine: Any
+    model_row: store.ModelRow
+    db_label: str
+    painter: Painter
+    onnx: OnnxModel | None
+    model_note: str  # why CAM and Grad-CAM are (not) offered
+    root_path: str
+    allow_upload: bool
+    upload_pool: Any = None
+    model_matches: bool = False  # the model file is the shown model's (its content hash)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _models: tuple[float, list[store.ModelRow]] | None = None
+
+    def models(self) -> list[store.ModelRow]:
+        """The database's models, read again at most every MODELS_SECONDS (a scan of a
+        new model shows up; a page does not read the table each time)."""
+        with self.lock:
+            now = time.monotonic()
+            if self._models is None or now - self._models[0] > MODELS_SECONDS:
+                self._models = (now, store.list_models(self.engine))
+            return self._models[1]
+
+
+def create_app(
+    db_url: str,
+    *,
+    model_path: str | Path | None = None,
+    token: str | None = None,
+    root_path: str = "",
+    allow_upload: bool = True,
+) -> Starlette:
+    """The web UI of the database at ``db_url``, opened read-only.
+
+    model_path: the ONNX file of the database's model, for CAM and Grad-CAM and for
+    uploads (default: the model row's stored path, where that file exists). token: when
+    given, every request must carry it (``Authorization: Bearer``, or a cookie set by
+    visiting any page with ``?token=``). root_path: the prefix a reverse proxy serves
+    the app under (``/modlabel``), for every link. allow_upload: offer the upload search.
+    """
+    root_path = _clean_root(root_path)
+    engine = data.open_read_only(db_url)
+    onnx, model_note = _load_model(engine, model_path)
+    model_row = _model_row(engine, onnx)
+    matches = onnx is not None and store.model_id_of(engine, onnx.sha256) == model_row.id
+    if onnx is not None and not matches:
+        model_note = f"{onnx.path} is not the model that labeled this database: the stored CRM only"
+    state = ServeState(
+        engine=engine,
+        model_row=model_row,
+        db_label=store.safe_url(db_url),
+        painter=Painter(onnx),
+        onnx=onnx,
+        model_note=model_note,
+        root_path=root_path,
+        allow_upload=allow_upload,
+        model_matches=matches,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        # No more threads at once than the engine's pool has connections: a request then
+        # waits for a thread, never for a connection (whose wait would end in an error).
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = THREADS
+        try:
+            yield
+        finally:
+            state.painter.close()
+            if state.upload_pool is not None:
+                state.upload_pool.close()
+            engine.dispose()
+
+    from .pages import routes
+
+    app = Starlette(
+        routes=[
+            *routes(),
+            Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
+        ],
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, ModlabelError: _modlabel_error},
+    )
+    app.state.serve = state
+    app.add_middleware(SecurityHeaders)
+    if token:
+        app.add_middleware(TokenGuard, token=token)
+    if root_path:
+        app.add_middleware(RootPath, root_path=root_path)
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """``create_app`` with the arguments in ``$MODLABEL_SERVE_CONFIG`` (JSON): the app
+    factory each uvicorn worker process calls under ``modlabel serve --workers N``."""
+    return create_app(**json.loads(os.environ[CONFIG_ENV]))
+
+
+def _clean_root(root_path: str) -> str:
+    root = (root_path or "").strip()
+    if not root or root == "/":
+        return ""
+    if not root.startswith("/") or any(ch in root for ch in "?#\\ \"'<>"):
+        raise UsageError(f"--root-path: a URL path such as /modlabel, not {root_path!r}")
+    return root.rstrip("/")
+
+
+def _load_model(engine: Any, model_path: str | Path | None) -> tuple[OnnxModel | None, str]:
+    """The model file (``model_path``, else the newest model row's stored path where that
+    file exists), and a sentence for the image page. A ``model_path`` that cannot be
+    loaded is an error (``ModelError``); a stored path that cannot is a sentence."""
+    explicit = model_path is not None
+    if model_path is None:
+        rows = store.list_models(engine)
+        stored = Path(rows[-1].path) if rows else None
+        if stored is None or not stored.is_file():
+            return None, "no model file (pass --model): the stored CRM only"
+        model_path = stored
+    try:
+        model = OnnxModel(model_path, device="cpu")
+    except ModelError as exc:
+        if explicit:
+            raise
+        return None, f"the model file cannot be loaded ({exc}): the stored CRM only"
+    return model, ""
+
+
+def _model_row(engine: Any, onnx: OnnxModel | None) -> store.ModelRow:
+    """The model shown: the one the model file labeled with, else the newest."""
+    labeled_with = store.model_id_of(engine, onnx.sha256) if onnx is not None else None
+    for row in store.list_models(engine):
+        if row.id == labeled_with:
+            return row
+    return store.pick_model(engine)
+
+
+def usable_model(state: ServeState) -> OnnxModel | None:
+    """The model file, where it is the shown model's (another model's maps and
+    embeddings would not be this database's)."""
+    return state.onnx if state.model_matches else None
+
+
+# -- templates --------------------------------------------------------------------------
+
+
+def _environment():
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+    )
+    env.filters["display_path"] = display_path
+    env.filters["utc"] = utc
+    env.filters["pct"] = lambda v: "" if v is None else f"{float(v):.1%}"
+    env.filters["q"] = lambda v: urllib.parse.quote(str(v), safe="")
+    env.globals["version"] = __version__
+    return env
+
+
+_ENV = None
+
+
+def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    """A page: ``templates/name`` with the shared context (links under the root path)."""
+    global _ENV
+    if _ENV is None:
+        _ENV = _environment()
+    state: ServeState = request.app.state.serve
+    root = state.root_path
+
+    def href(path: str, params: dict[str, Any] | None = None) -> str:
+        query = urllib.parse.urlencode(
+            {k: v for k, v in (params or {}).items() if v not in (None, "")}
+        )
+        return root + path + (f"?{query}" if query else "")
+
+    html = _ENV.get_template(name).render(
+        href=href,
+        db_label=state.db_label,
+        model=state.model_row,
+        allow_upload=state.allow_upload,
+        **context,
+    )
+    return HTMLResponse(html, status_code=status_code)
+
+
+def utc(moment: datetime | None) -> str:
+    if moment is None:
+        return ""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if request.url.path.endswith(".png"):
+        return Response(status_code=exc.status_code)
+    return render(
+        request,
+        "error.html",
+        exc.status_code,
+        title=str(exc.status_code),
+        message=exc.detail,
+        code=exc.status_code,
+    )
+
+
+async def _modlabel_error(request: Request, exc: Exception) -> Response:
+    code = 400 if isinstance(exc, UsageError) else 503
+    return render(request, "error.html", code, title=str(code), message=str(exc), code=code)
+
+
+# -- middleware -------------------------------------------------------------------------
+
+
+class SecurityHeaders:
+    """Every response carries ``SECURITY_HEADERS``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for key, value in SECURITY_HEADERS.items():
+                    headers[key] = value
+            await send(message)
+
+        await self.app(scope, receive, send_secured)
+
+
+class TokenGuard:
+    """Requests need the token: ``Authorization: Bearer TOKEN``, or the cookie that a
+    visit with ``?token=TOKEN`` sets (the visit is redirected to the same page without
+    it, so that the token leaves the address bar and the history)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token.encode("utf-8")
+
+    def _ok(self, given: str | None) -> bool:
+        return given is not None and hmac.compare_digest(given.encode("utf-8"), self.token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        header = request.headers.get("authorization", "")
+        bearer = header[7:].strip() if header[:7].lower() == "bearer " else None
+        if self._ok(bearer) or self._ok(request.cookies.get(TOKEN_COOKIE)):
+            await self.app(scope, receive, send)
+            return
+        given = request.query_params.get("token")
+        if self._ok(given):
+            kept = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+            target = scope.get("root_path", "") + request.url.path.removeprefix(
+                scope.get("root_path", "")
+            )
+            if kept:
+                target += "?" + urllib.parse.urlencode(kept)
+            response = RedirectResponse(target, status_code=303)
+            response.set_cookie(TOKEN_COOKIE, given, httponly=True, samesite="strict", path="/")
+            await response(scope, receive, send)
+            return
+        response = Response(
+            "401: this modlabel server needs its token (open a page with ?token=..., or send "
+            "Authorization: Bearer ...)\n",
+            status_code=401,
+            media_type="text/plain",
+            headers={"www-authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+
+class RootPath:
+    """Serve under a prefix (``--root-path``) whether or not the proxy strips it: the
+    scope's ``root_path`` is set, which Starlette's routing takes off the path."""
+
+    def __init__(self, app: ASGIApp, root_path: str) -> None:
+        self.app = app
+        self.root_path = root_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and not scope.get("root_path"):
+            scope = dict(scope)
+            scope["root_path"] = self.root_path
+            if not scope["path"].startswith(self.root_path):
+                scope["path"] = self.root_path + scope["path"]
+        await self.app(scope, receive, send)
+
+
+# -- shared by the pages --------------------------------------------------------------
+
+
+def class_maps_of(state: ServeState) -> tuple[dict[str, Any], str]:
+    """Each class's stored average CRM and its ROI (``rois.ClassRoi``), or a sentence why
+    there are none; never computed here (that reads every map)."""
+    engine, model_row = state.engine, state.model_row
+    threshold = store.model_class_min_confidence(engine, model_row.id)
+    if threshold is None:
+        return {}, "class averages are not built yet (modlabel db rebuild-class-maps)"
+    out: dict[str, Any] = {}
+    for row in store.load_class_maps(engine, model_row.id):
+        try:
+            average = codec.decode_map(row["crm"])
+        except codec.MapCodecError:
+            continue
+        roi = rois.class_roi(
+            row["class_name"],
+            average,
+            tuple(model_row.input_size),
+            image_count=row["image_count"],
+            min_confidence=threshold,
+        )
+        out[row["class_name"]] = (row["image_count"], average, roi)
+    return out, ""
+
+
+def class_map_png(state: ServeState, label: str) -> bytes | None:
+    maps, _ = class_maps_of(state)
+    if label not in maps:
+        return None
+    _, average, roi = maps[label]
+    return class_map_picture(average, roi).png
+
+
+ROI_PERCENT = round(geometry.CLASS_ROI_FRACTION * 100)
+DISPLAY_PERCENT = round(geometry.DISPLAY_FRACTION * 100)
