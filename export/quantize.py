@@ -174,7 +174,8 @@ class QuantizationReport:
 
 
 def int8_path(out_path: str | Path) -> Path:
-    """Where ``modlabel export --quantize int8`` writes the int8 model: M.onnx -> M.int8.onnx."""
+    """Where ``modlabel export --quantize int8`` writes the int8 model unless ``--int8-out``
+    names another file: beside the fp32 model ``--out``, M.onnx -> M.int8.onnx."""
     out_path = Path(out_path)
     stem = out_path.name[: -len(".onnx")] if out_path.name.endswith(".onnx") else out_path.name
     return out_path.with_name(stem + INT8_SUFFIX)

@@ -4,7 +4,8 @@ For each image: the original, then one overlay per method (CAM, Grad-CAM and
 CRM by default), each titled with its ROI ratio at the display threshold (the
 measure of Table 3, at the model's input size), under the label and its
 confidence. An image that cannot be read gets an error naming it; the others
-are still explained.
+are still explained. ``explain_roots`` takes folders too, walked as a scan walks
+them (``source.walk_files``, the same image filter).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +22,7 @@ from . import geometry, maps, overlay, stopping
 from .decode_pool import DecodeRequest, image_pool
 from .infer import ImageLabel, describe, label_pixels
 from .model import OnnxModel
+from .source import ImageFilter, Unreadable, walk_files
 
 BATCH_SIZE = 16
 DISPLAY_PX = 512  # longest side of a panel; the figure need not be full resolution
@@ -96,6 +99,35 @@ def explain_images(
     return results
 
 
+def explain_roots(
+    roots: Sequence[str | Path],
+    model: OnnxModel,
+    out_dir: str | Path,
+    *,
+    limit: int | None = None,
+    methods: Sequence[str] | None = None,
+    image_filter: ImageFilter | None = None,
+    batch_size: int = BATCH_SIZE,
+) -> list[ExplainResult]:
+    """``explain_images`` of the images under ``roots`` (files or folders), in the order a
+    scan walks them (``source.walk_files``: folders sorted, hidden names skipped, the same
+    image filter); ``limit``: only the first that many. A file the walk cannot take (gone,
+    too large, not a regular file) is a result with its error, in its place."""
+    found: list[str | Unreadable] = []
+    for entry in walk_files(roots, image_filter=image_filter):
+        if limit is not None and len(found) >= limit:
+            break
+        found.append(entry if isinstance(entry, Unreadable) else entry.path)
+    readable = [p for p in found if not isinstance(p, Unreadable)]
+    explained = iter(
+        explain_images(readable, model, out_dir, methods=methods, batch_size=batch_size)
+    )
+    return [
+        ExplainResult(path=p.path, error=p.reason) if isinstance(p, Unreadable) else next(explained)
+        for p in found
+    ]
+
+
 def _explain_batch(
     loaded: list[_Loaded],
     model: OnnxModel,
@@ -142,7 +174,10 @@ def figure_png(
     height, width = image_rgb.shape[:2]
     panels = 1 + len(per_method)
     panel_w = 3.0
-    fig = Figure(figsize=(panel_w * panels, panel_w * height / width + 0.8), dpi=100)
+    # Constrained layout leaves room for the colour bar (tight_layout cannot place one).
+    fig = Figure(
+        figsize=(panel_w * panels, panel_w * height / width + 1.3), dpi=100, layout="constrained"
+    )
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, panels, squeeze=False)[0]
     axes[0].imshow(image_rgb)
@@ -161,5 +196,20 @@ def figure_png(
         # The scan flags this image too: say so where it is seen, not only in the database.
         heading += f"\nOUT OF SET (score {image.ood_score:.4g}): likely none of the classes"
     fig.suptitle(heading, fontsize=11, color="#b00020" if image.out_of_set else "black")
-    fig.tight_layout()
+    if per_method:
+        _add_colorbar(fig, list(axes[1:]))
     fig.savefig(path, format="png")
+
+
+def _add_colorbar(fig: Any, axes: list[Any]) -> None:
+    """The overlays' colour bar under their panels: 0 to 1 of each map's own max, faded
+    below the display threshold, where the overlay leaves the image uncoloured."""
+    from matplotlib import cm, colors
+
+    mappable = cm.ScalarMappable(colors.Normalize(0.0, 1.0), cmap=overlay.DEFAULT_CMAP)
+    bar = fig.colorbar(
+        mappable, ax=axes, orientation="horizontal", fraction=0.05, shrink=0.6, ticks=[0, 1]
+    )
+    bar.set_label(overlay.COLORBAR_LABEL, fontsize=9)
+    bar.ax.tick_params(labelsize=8)
+    bar.ax.axvspan(0.0, geometry.DISPLAY_FRACTION, color="white", alpha=0.7, lw=0)

@@ -1,8 +1,11 @@
 """Overlays: relevance maps as colored heatmaps, blended on images, with ROI boxes.
 
 Maps are shown the paper's way (Figure 4): normalized by their max to [0, 255],
-negatives clipped, and only values above 20% of the max are drawn. matplotlib
-supplies the colormaps only; nothing here touches pyplot or its global backend.
+negatives clipped, and only values above 20% of the max are drawn. A picture for
+people gets its colour bar (``with_colorbar``: the colormap from 0 to 1 of the
+map's max, labeled "relevance"), so that a colour can be read as a value.
+matplotlib supplies the colormaps only; nothing here touches pyplot or its
+global backend.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from . import geometry, rois
 
@@ -135,3 +138,76 @@ def class_overlay(
             picture, [geometry.scale_box(roi.box, roi.input_hw, (height, width))], width=line
         )
     return picture
+
+
+COLORBAR_LABEL = "relevance"
+COLORBAR_MIN_WIDTH = 120  # px: room for "0", the label and "1" under a narrow picture
+_BAR_HEIGHT = 10
+_FONT_PX = 11
+
+
+@lru_cache(maxsize=4)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # a Pillow without FreeType: its bitmap font, one size
+        return ImageFont.load_default()
+
+
+def colorbar(
+    width: int,
+    *,
+    cmap: str = DEFAULT_CMAP,
+    threshold: float | None = None,
+    label: str = COLORBAR_LABEL,
+) -> np.ndarray:
+    """A horizontal colour bar (h, width, 3) uint8 on white: the colormap from 0 (left) to
+    1 (right) of a map's max, "0" and "1" under its ends and ``label`` between them.
+
+    threshold: the share of the max below which an overlay leaves the image uncoloured
+    (``overlay``'s ``threshold``); that part of the bar is drawn faded, as it is not seen.
+    """
+    pad = 6
+    font = _font(_FONT_PX)
+    text_h = _FONT_PX + 3
+    height = 4 + _BAR_HEIGHT + 2 + text_h + 2
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    bar_w = max(width - 2 * pad, 2)
+    codes = np.linspace(0, 255, bar_w).round().astype(np.uint8)
+    row = _lookup_table(cmap)[codes].astype(np.float32)
+    if threshold is not None:
+        faded = np.arange(bar_w) < threshold * (bar_w - 1)
+        row[faded] = 0.3 * row[faded] + 0.7 * 255
+    bar = np.repeat(row[None].round().astype(np.uint8), _BAR_HEIGHT, axis=0)
+    canvas.paste(Image.fromarray(bar), (pad, 4))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([pad - 1, 3, pad + bar_w, 4 + _BAR_HEIGHT], outline=(120, 120, 120))
+    top = 4 + _BAR_HEIGHT + 2
+    ink = (51, 51, 51)
+    draw.text((pad, top), "0", fill=ink, font=font)
+    right = draw.textlength("1", font=font)
+    draw.text((pad + bar_w - right, top), "1", fill=ink, font=font)
+    middle = draw.textlength(label, font=font)
+    draw.text(((width - middle) / 2, top), label, fill=ink, font=font)
+    return np.asarray(canvas)
+
+
+def with_colorbar(
+    picture: np.ndarray, *, cmap: str = DEFAULT_CMAP, threshold: float | None = None
+) -> np.ndarray:
+    """A heatmap or overlay (H, W, 3) uint8 with its ``colorbar`` below it: (H + h, W', 3)
+    uint8, W' = max(W, COLORBAR_MIN_WIDTH), a narrow picture centred on white."""
+    image = np.asarray(picture, dtype=np.uint8)
+    height, width = image.shape[:2]
+    full = max(width, COLORBAR_MIN_WIDTH)
+    bar = colorbar(full, cmap=cmap, threshold=threshold)
+    out = np.full((height + bar.shape[0], full, 3), 255, np.uint8)
+    left = (full - width) // 2
+    out[:height, left : left + width] = image
+    out[height:] = bar
+    return out
+
+
+def colorbar_height() -> int:
+    """Rows ``with_colorbar`` adds below a picture."""
+    return colorbar(COLORBAR_MIN_WIDTH).shape[0]

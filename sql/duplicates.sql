@@ -1,5 +1,5 @@
 -- The same image content stored under several paths (same SHA-256), with its label.
--- Parameters: model (identity; default: the newest).
+-- Parameters: model (an identity or a prefix of one; default: the newest).
 SELECT i.sha256, COUNT(*) AS copies, MIN(i.path) AS first_path, MAX(i.path) AS last_path,
        MIN(i.label) AS label
 FROM images i

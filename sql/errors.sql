@@ -1,7 +1,7 @@
 -- Files a model could not label, and why: the kind of reason (error_kind: gone,
 -- permission, too_large, corrupt, decoder_crashed, ...) and its sentence (files found gone
 -- since are left out).
--- Parameters: model (identity; default: the newest).
+-- Parameters: model (an identity or a prefix of one; default: the newest).
 SELECT i.path, i.error_kind, i.error, i.dicom_modality, i.labeled_at
 FROM images i
 JOIN models m ON m.id = i.model_id

@@ -1,6 +1,7 @@
 -- Images that two models labeled differently (e.g. last month's model and tonight's);
 -- images either model flagged out of set are left out.
--- Parameters: model_a, model_b (identities, as listed by class-counts.sql).
+-- Parameters: model_a (an identity or a prefix of one, as class-counts lists them),
+--   model_b (the other model, likewise).
 SELECT a.path, a.label AS label_a, a.confidence AS confidence_a,
        b.label AS label_b, b.confidence AS confidence_b
 FROM images a

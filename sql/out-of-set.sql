@@ -1,7 +1,7 @@
 -- Images a model flagged out of set (of none of its classes: a blank page, a photograph),
 -- highest score first; they keep their label (NULL if scanned with --abstain) and are left
 -- out of the other queries and the class averages.
--- Parameters: model (identity; default: the newest).
+-- Parameters: model (an identity or a prefix of one; default: the newest).
 SELECT i.path, i.label, i.confidence, i.runner_up, i.runner_up_probability, i.ood_score,
        i.dicom_modality, i.dicom_body_part, i.source_id
 FROM images i

@@ -230,7 +230,10 @@ def test_flagged_images_leave_counts_averages_and_queries(
         )
 
     def run(name: str, **params) -> list:
-        with open_query(engine, load_query(name), {"model": model.identity, **params}) as rows:
+        query = load_query(name)
+        if "model" in query.parameters:
+            params["model"] = model.identity
+        with open_query(engine, query, params) as rows:
             return list(rows.rows)
 
     flagged = run("out-of-set")

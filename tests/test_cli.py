@@ -8,6 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from modlabel import store
 from modlabel.cli import app
 from modlabel.errors import ExitCode
 
@@ -88,8 +89,13 @@ def test_scan_with_postgresql_url(tiny_archive, tiny_onnx, postgres_url, tmp_pat
     from modlabel.queries import list_queries
     from modlabel.store import open_db, pick_model
 
-    newest = pick_model(open_db(postgres_url)).identity
+    engine = open_db(postgres_url)
+    newest = pick_model(engine).identity
+    with engine.connect() as conn:
+        stored_path = conn.execute(store.images.select().limit(1)).first().path
     params = {
+        "path": stored_path,
+        "limit": "5",
         "label": "chest_xray",
         "min_confidence": "0.0",
         "threshold": "0.99",
@@ -208,3 +214,152 @@ def test_scan_on_a_terminal_shows_progress_and_a_summary(
     assert result.exit_code == 0, result.output
     total = len(list(Path(tiny_archive).rglob("*.jpg")))
     assert f"{total} files: {total} labeled, 0 unchanged, 0 errors" in result.output
+
+
+# -- help, placeholders and usage ---------------------------------------------------------
+
+
+def _every_command() -> list[list[str]]:
+    from typer.main import get_command
+
+    root = get_command(app)
+    found = [[]]
+    for name, command in root.commands.items():
+        found.append([name])
+        found += [[name, sub] for sub in getattr(command, "commands", {})]
+    return found
+
+
+def _help(*command: str) -> str:
+    """``modlabel COMMAND -h`` as one line of words: Rich's boxes and wrapping removed."""
+    result = invoke(*command, "-h")
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.replace("│", " ").replace("╭", " ").split())
+
+
+def test_help_keeps_brackets_and_names_no_python_types():
+    """Help is taken literally (Rich markup swallowed ``[ray]``) and a value's placeholder
+    says what to type, not a Python type (``<bool>``, ``<list[Path]>``)."""
+    import re
+
+    from typer.main import get_command
+
+    def raw_helps(command) -> list[str]:
+        texts = [command.help or "", command.epilog or ""]
+        texts += [getattr(p, "help", None) or "" for p in command.params]
+        return texts
+
+    root = get_command(app)
+    for words in _every_command():
+        command = root
+        for name in words:
+            command = command.commands[name]
+        text = _help(*words)
+        assert not re.search(r"<(bool|str|int|float|path|list|tuple)\b", text), (words, text)
+        for raw in raw_helps(command):
+            for bracketed in re.findall(r"\S*\[[^\]\s]+\]\S*", raw.replace("\\[", "[")):
+                assert bracketed in text, (words, bracketed)
+    assert "pip install 'modlabel[ray]'" in _help("scan")
+    # The list of commands shows each one's first paragraph as one flowing text.
+    assert all("\n" not in c.short_help for c in root.commands.values())
+
+
+def test_placeholders_say_what_to_type():
+    text = _help("scan")
+    for shown in (
+        "PATHS PATH... Files or folders",
+        "--model PATH ONNX model",
+        "--db URL SQLAlchemy URL",
+        "--table-db URL Database of --table",
+        "--batch-size N [x>=1]",
+        "--decode-memory SIZE Address space",
+        "--max-file-size SIZE Refuse",
+        "--decode-timeout SECONDS Seconds",
+        "--class-min-confidence NUMBER [0<=x<=1]",
+        "--include TEXT Glob",
+        "--allow-missing Mark every",  # a flag takes no value
+        "--help -h Show this message",
+    ):
+        assert shown in text, shown
+    report_help = _help("report")
+    assert "--out PATH" in report_help and "--truth-from-folders Ground truth" in report_help
+    assert "--db URL" in _help("db", "status")
+
+
+def test_scan_help_lists_every_exit_code_with_its_meaning():
+    from modlabel.cli.options import EXIT_CODE_MEANINGS
+
+    text = _help("scan")
+    for code in ExitCode:
+        assert f"{int(code)} {EXIT_CODE_MEANINGS[code]}" in text, code
+
+
+def test_bare_modlabel_shows_help_and_usage_errors_exit_2():
+    bare = _run()
+    assert bare.returncode == 0 and "COMMAND [ARGS]..." in bare.stdout, bare.stderr
+    wrong = _run("scan", "--no-such-option")
+    assert wrong.returncode == ExitCode.USAGE
+    assert wrong.stderr.startswith("modlabel: error: No such option: --no-such-option")
+
+
+def _run(*args: object):
+    """The real entry point (``main``): its one-line messages, as a user sees them."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "modlabel", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_report_out_must_be_a_folder(tmp_path):
+    """--out naming a file, or a path under one, is a usage error naming the file (it was
+    "Not a directory" about a report file inside it)."""
+    taken = tmp_path / "report.html"
+    taken.write_text("not a folder")
+    done = _run("report", "--db", tmp_path / "none.db", "--out", taken)
+    assert done.returncode == ExitCode.USAGE
+    assert f"--out: must be a folder; {taken} is a file" in done.stderr
+    done = _run("report", "--db", tmp_path / "none.db", "--out", taken / "sub")
+    assert done.returncode == ExitCode.USAGE
+    assert f"must be a folder; {taken}, above {taken / 'sub'}, is a file" in done.stderr
+
+
+def test_explain_walks_folders_with_a_limit_and_names_a_broken_file(toy_onnx, tmp_path):
+    from toy_onnx import write_pngs
+
+    archive = tmp_path / "archive"
+    write_pngs(archive / "b", 2)
+    write_pngs(archive / "a", 2)
+    (archive / "a" / "notes.txt").write_text("not an image: passed over, as scan does")
+    (archive / "a" / "z_broken.png").write_bytes(b"not a png")
+    result = invoke(
+        "explain", archive, "--model", toy_onnx, "--out", tmp_path / "fig", "--limit", "2",
+        "--format", "json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)  # walk order: a/ before b/, sorted within
+    assert [r["path"] for r in shown] == [str(p) for p in sorted((archive / "a").glob("n*.png"))]
+    result = invoke("explain", archive, "--model", toy_onnx, "--out", tmp_path / "all")
+    assert result.exit_code == 1
+    broken = [line for line in result.output.splitlines() if "broken.png" in line]
+    assert broken == [f"modlabel: {archive / 'a' / 'z_broken.png'}: not a recognized image format"]
+    assert len(list((tmp_path / "all").glob("*.explain.png"))) == 4
+    assert "notes.txt" not in result.output
+
+
+def test_export_names_the_int8_file_before_any_work(tmp_path):
+    """--out is the fp32 model: ``--out m.int8.onnx --quantize int8`` (which wrote fp32
+    there and int8 to m.int8.int8.onnx) is refused at once, saying what to pass."""
+    run = tmp_path / "run"
+    run.mkdir()
+    done = _run("export", run, "--out", tmp_path / "m.int8.onnx", "--quantize", "int8")
+    assert done.returncode == ExitCode.USAGE
+    assert f"--out {tmp_path / 'm.onnx'} (the int8 model then goes to" in done.stderr
+    done = _run("export", run, "--out", tmp_path / "m.onnx", "--int8-out", tmp_path / "q")
+    assert done.returncode == ExitCode.USAGE and "needs --quantize int8" in done.stderr
+    done = _run(
+        "export", run, "--out", tmp_path / "m.onnx", "--quantize", "int8",
+        "--int8-out", tmp_path / "m.onnx",
+    )  # fmt: skip
+    assert done.returncode == ExitCode.USAGE and "is --out, the fp32 model" in done.stderr
+    assert list(tmp_path.iterdir()) == [run]

@@ -178,3 +178,48 @@ def test_a_new_map_method_is_one_function_and_one_registry_entry(toy_onnx, tmp_p
             maps.register(method)
     finally:
         maps.METHODS.pop("half_cam")
+
+
+def test_explain_roots_walks_folders_as_scan_does_with_errors_in_place(toy_onnx, tmp_path):
+    """Folders are walked (a file under one is explained once, with it); a path the walk
+    cannot take is a result with its error, in its place; ``limit`` keeps the first."""
+    from toy_onnx import write_pngs
+
+    from modlabel.explain import explain_roots
+
+    paths = write_pngs(tmp_path / "images", 3)
+    gone = tmp_path / "gone.png"
+    model = OnnxModel(toy_onnx)
+    roots = [paths[1], gone, tmp_path / "images"]
+    results = explain_roots(roots, model, tmp_path / "out")
+    assert [r.path for r in results] == [str(gone), *map(str, paths)]
+    assert results[0].error == "no such file or directory" and results[0].figure is None
+    assert all(r.error is None and r.figure.exists() for r in results[1:])
+    limited = explain_roots(roots, model, tmp_path / "out2", limit=2)
+    assert [r.path for r in limited] == [str(gone), str(paths[0])]
+
+
+def test_explain_figure_has_a_colour_bar(toy_onnx, tmp_path):
+    """Under the overlays, the colormap from 0 to 1 ("relevance"): a row of the figure
+    runs through jet's own colours in order, over a long stretch (an overlay, blended on
+    the image, does not), from the display threshold (below it the bar is faded) to 1."""
+    from toy_onnx import write_pngs
+
+    paths = write_pngs(tmp_path / "images", 1)
+    (result,) = explain_images(paths, OnnxModel(toy_onnx), tmp_path / "out", methods=["crm"])
+    pixels = np.asarray(Image.open(result.figure).convert("RGB")).astype(int)
+    jet = overlay._lookup_table(overlay.DEFAULT_CMAP).astype(int)
+
+    def runs_through_the_colormap(row: np.ndarray) -> bool:
+        distance = np.abs(row[:, None, :] - jet[None, :, :]).sum(axis=2)
+        index = distance.argmin(axis=1)
+        matched = distance.min(axis=1) < 25
+        shown = index[matched]  # in order, left to right
+        return (
+            shown.size > 100
+            and shown.min() < 70
+            and shown.max() > 245
+            and bool(np.all(np.diff(shown) >= -3))
+        )
+
+    assert any(runs_through_the_colormap(row) for row in pixels[pixels.shape[0] // 2 :])

@@ -183,6 +183,24 @@ def test_tiny_export_checks_real_images_when_the_data_is_there(tiny):
     assert parity["real_images"] == len(CLASSES) and parity["random_images"] == 4
 
 
+def test_cli_export_int8_writes_fp32_to_out_and_int8_to_int8_out(tiny, tmp_path):
+    """--out is the fp32 model and --int8-out the int8 one, both printed with their
+    kind (before, --out model.int8.onnx got fp32 and model.int8.int8.onnx the int8)."""
+    run_dir = tiny[0]
+    fp32, int8 = tmp_path / "m.onnx", tmp_path / "q" / "quantized.onnx"
+    result = CliRunner().invoke(
+        app,
+        ["export", str(run_dir), "--out", str(fp32), "--quantize", "int8"]
+        + ["--int8-out", str(int8), "--calibration", "3", "--min-agreement", "0"],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"fp32: {fp32}\nint8: {int8}" in result.output
+    assert sorted(p.name for p in tmp_path.rglob("*.onnx")) == ["m.onnx", "quantized.onnx"]
+    info = OnnxModel(fp32, providers=["CPUExecutionProvider"]).info
+    q_info = OnnxModel(int8, providers=["CPUExecutionProvider"]).info
+    assert "quantization" not in info.extra and "quantization" in q_info.extra
+
+
 # -- every backbone ---------------------------------------------------------------------
 
 

@@ -506,3 +506,78 @@ def test_the_page_renders_in_chromium_with_every_section(tiny_archive, tiny_onnx
     assert done.returncode == 0 and shot.exists(), done.stderr[-3000:]
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[:2] == (4000, 1280) and pixels.std() > 10  # not a blank page
+
+
+# -- colour bars and wrapping ---------------------------------------------------------------
+
+
+def _runs_through_jet(row: np.ndarray) -> bool:
+    """A row of pixels that shows the colormap (jet) in order over a long stretch."""
+    from modlabel import overlay
+
+    jet = overlay._lookup_table(overlay.DEFAULT_CMAP).astype(int)
+    distance = np.abs(row.astype(int)[:, None, :] - jet[None, :, :]).sum(axis=2)
+    shown = distance.argmin(axis=1)[distance.min(axis=1) < 25]
+    return (
+        shown.size > 80
+        and shown.min() < 70
+        and shown.max() > 245
+        and bool(np.all(np.diff(shown) >= -3))
+    )
+
+
+def test_class_heatmaps_and_example_overlays_carry_a_colour_bar():
+    """Every heatmap on the page has its colour bar below it (0 to 1 of the map's max,
+    "relevance"), and the page's size for a class heatmap is the picture's, bar included."""
+    from modlabel import overlay, rois
+    from modlabel.report import html
+
+    rng = np.random.default_rng(5)
+    average = _map(rng, (1, 2), (3, 5))
+    roi = rois.class_roi("alpha", average, INPUT_HW, image_count=1, min_confidence=0.0)
+    png = base64.b64decode(html.class_heatmap_png(average, roi))
+    picture = np.asarray(Image.open(io.BytesIO(png)))
+    height = html.map_size(INPUT_HW)[0]
+    assert picture.shape[:2] == html.heatmap_size(INPUT_HW)
+    assert picture.shape[0] == height + overlay.colorbar_height()
+    bar = picture[height:]
+    assert any(_runs_through_jet(row) for row in bar)
+
+    display = rng.integers(0, 255, (90, 150, 3), dtype=np.uint8)
+    thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(html.example_png(display, average)))))
+    assert thumb.shape[1] == html.EXAMPLE_PX and thumb.shape[0] > 108  # 108: the image alone
+    assert any(_runs_through_jet(row) for row in thumb[108:])
+
+
+def test_the_scans_table_wraps_within_the_page_at_1280_px(hand_db, tmp_path):
+    """A long scan reason wraps inside its cell: nothing of the page lies beyond a 1280 px
+    window (it widened the table past the page, cutting the reason column off)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    engine, model, _rows = hand_db
+    reason = (
+        "/archive/shares/radiology-2026 is empty, but 48213 files are stored under it (a "
+        "share that did not mount?): nothing was marked missing; --allow-missing marks them"
+    )
+    scan_id = store.start_scan(engine, model.id, ["/archive/shares/radiology-2026/incoming"])
+    store.finish_scan(engine, scan_id, status="failed", reason=reason, seen=0, unchanged=0)
+    out = tmp_path / "report"
+    db = f"sqlite:///{tmp_path / 'hand.db'}"
+    result = CliRunner().invoke(app, ["report", "--db", db, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto((out / "report.html").resolve().as_uri())
+            widths = page.evaluate(
+                "[document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+            )
+            cells = page.evaluate(
+                "Array.from(document.querySelectorAll('#scans td')).map(td => "
+                "[td.textContent, td.getBoundingClientRect().right])"
+            )
+        finally:
+            browser.close()
+    assert widths[0] <= widths[1], widths
+    assert reason in [text for text, _right in cells]
+    assert all(right <= widths[1] for _text, right in cells), cells

@@ -15,7 +15,7 @@ import sys
 
 import typer
 
-from . import bench, explain, query, report, scan, train  # noqa: F401 - they register
+from . import bench, explain, query, report, scan, serve, similar, train  # noqa: F401 - they register
 from .app import app
 from .query import _format_rows  # noqa: F401 - the table writer, for its tests
 
@@ -48,21 +48,44 @@ def main() -> None:
         say_error("aborted")
         code = ExitCode.INTERRUPTED
     except BrokenPipeError:
-        # The reader went away; say nothing, like other Unix tools.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        code = ExitCode.ERROR
+        code = _reader_gone()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else ExitCode.ERROR
+        if code == ExitCode.ERROR and _typer_saw_a_closed_pipe():
+            code = _reader_gone()
     _exit(code)
+
+
+def _reader_gone() -> int:
+    """The reader of stdout went away (``| head``): what it wanted it has, so say nothing
+    and exit 0, like other Unix tools. What is still buffered goes to /dev/null, or
+    Python's own flush at exit would fail again (and exit 120)."""
+    from ..errors import ExitCode
+
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return ExitCode.OK
+
+
+def _typer_saw_a_closed_pipe() -> bool:
+    # Typer (like click) turns a closed pipe met inside a command into ``sys.exit(1)``,
+    # after wrapping the streams in PacifyFlushWrapper: that wrapper is the only sign.
+    return type(sys.stdout).__name__ == "PacifyFlushWrapper"
 
 
 def _exit(code: int) -> None:
     from ..errors import ExitCode
 
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left after the last write
+        code = _reader_gone() if code == ExitCode.OK else code
+    except (OSError, ValueError):
+        pass
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
     if code == ExitCode.INTERRUPTED:
         # A stop: what had to be recorded is. Threads still in a C call (a model still
         # loading) must not make the interpreter's shutdown wait or crash.

@@ -17,9 +17,19 @@ from .options import methods as methods_of
 
 @command(app)
 def explain(
-    images: Annotated[list[Path], typer.Argument(help="Images to explain.")],
+    images: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Images, or folders walked as `modlabel scan` walks them (sorted; hidden "
+            "names skipped; only image files).",
+        ),
+    ],
     model: ModelPathOption = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the figures.")] = Path("explain"),
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, help="Only the first N images, in the walk's order."),
+    ] = None,
     device: DeviceOption = "auto",
     methods: MethodsOption = None,
     fmt: Annotated[
@@ -35,11 +45,16 @@ def explain(
     the label, calibrated confidence and runner-up a scan stores, and a warning on images
     the model flags out of set.
 
+    Folders are walked as `modlabel scan` walks them. An image that cannot be read is
+    one line naming it; the others are still explained (exit 1 then).
+
     Example: modlabel explain scan.jpg --model model.onnx --out figures/ --format json
+
+    Or, the first 20 images under a folder: modlabel explain /archive --limit 20 --model model.onnx
     """
     import json
 
-    from ..explain import explain_images
+    from ..explain import explain_roots
     from ..model import OnnxModel
 
     if fmt not in ("text", "json"):
@@ -48,7 +63,7 @@ def explain(
     path = model_path(model)
     output_dir(out)
     onnx_model = OnnxModel(path, device=device)
-    results = explain_images([str(p) for p in images], onnx_model, out, methods=wanted)
+    results = explain_roots(images, onnx_model, out, limit=limit, methods=wanted)
     failed = sum(1 for r in results if r.error)
     for r in results:
         if r.error:

@@ -4,12 +4,16 @@ error (exit 2) before anything runs."""
 from __future__ import annotations
 
 import math
+import types
+import typing
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperArgument, TyperOption
 
 from .. import config
+from ..errors import ExitCode
 
 DeviceOption = Annotated[
     str,
@@ -24,6 +28,7 @@ DbOption = Annotated[
     str | None,
     typer.Option(
         "--db",
+        metavar="URL",
         help=f"SQLAlchemy URL, libpq connection string or SQLite file (default: "
         f"${config.DB_ENV}, else ./{config.DEFAULT_DB_FILE}).",
         show_default=False,
@@ -42,7 +47,8 @@ ClassConfidenceOption = Annotated[
 ]
 
 ModelPathOption = Annotated[
-    Path | None, typer.Option("--model", help=f"ONNX model (default: ${config.MODEL_ENV}).")
+    Path | None,
+    typer.Option("--model", metavar="PATH", help=f"ONNX model (default: ${config.MODEL_ENV})."),
 ]
 
 VerboseOption = Annotated[
@@ -108,10 +114,15 @@ def decode_memory(text: str, option: str = "--decode-memory") -> int:
 
 
 def output_dir(path: Path, option: str = "--out", *, create: bool = True) -> Path:
-    """A folder to write to: created if need be (``create``); a usage error when it is a
-    file, or cannot be made."""
-    if path.exists() and not path.is_dir():
-        raise typer.BadParameter(f"{path} exists and is not a folder", param_hint=option)
+    """A folder to write to: created if need be (``create``); a usage error when it, or a
+    folder above it, is a file (else the first write says "File exists" or "Not a
+    directory" about a path inside it), or when it cannot be made."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                what = f"{path} is a file" if part == path else f"{part}, above {path}, is a file"
+                raise typer.BadParameter(f"must be a folder; {what}", param_hint=option)
+            break
     if not create:
         return path
     try:
@@ -142,3 +153,84 @@ def methods(text: str | None) -> tuple[str, ...]:
         return maps.parse_methods(text)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--methods") from None
+
+
+# Exit codes, one line each, for help texts (``exit_codes_epilog``). ``ExitCode`` is the
+# source of truth: a code added there without a line here fails ``exit_codes_epilog``.
+EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "done (files that could not be labeled are rows with their error, not a failure)",
+    ExitCode.ERROR: "any other error",
+    ExitCode.USAGE: "bad command line",
+    ExitCode.NO_INPUT: "a root or table does not exist",
+    ExitCode.MODEL: "the model cannot be loaded",
+    ExitCode.DATABASE: "the database cannot be reached, opened or written",
+    ExitCode.LOCKED: "another scan of this model holds the database's lock",
+    ExitCode.INTERRUPTED: "interrupted by a signal",
+    ExitCode.VANISHED: "a root looks vanished (nothing was marked missing)",
+    ExitCode.INTERNAL: "a bug in modlabel (MODLABEL_DEBUG=1 shows the traceback)",
+}
+
+
+def exit_codes_epilog() -> str:
+    """Every ``ExitCode`` with its meaning, as a help epilog: made from the enum, so a code
+    added there cannot be missing from ``scan -h``."""
+    missing = [code.name for code in ExitCode if code not in EXIT_CODE_MEANINGS]
+    if missing:
+        raise RuntimeError(f"EXIT_CODE_MEANINGS lacks {', '.join(missing)}")
+    return (
+        "Exit codes: "
+        + "; ".join(f"{int(code)} {EXIT_CODE_MEANINGS[code]}" for code in ExitCode)
+        + "."
+    )
+
+
+# Placeholders in help (``--db URL``, ``--batch-size N``), by option name where the type
+# alone does not say what the value is; the rest by type (``placeholder``).
+PLACEHOLDERS_BY_OPTION = {
+    "--db": "URL",
+    "--table-db": "URL",
+    "--decode-memory": "SIZE",
+    "--max-file-size": "SIZE",
+    "--decode-timeout": "SECONDS",
+    "--db-retry": "SECONDS",
+    "--missing-for": "AGE",
+    "--max-missing": "N|SHARE",
+    "--param": "KEY=VALUE",
+    "--compare": "keras PATH",
+}
+PLACEHOLDERS_BY_TYPE: dict[Any, str] = {
+    Path: "PATH",
+    int: "N",
+    float: "NUMBER",
+    str: "TEXT",
+}
+
+
+def placeholder(param: TyperOption | TyperArgument) -> str | None:
+    """What help shows for a parameter's value: ``PATH``, ``N``, ``NUMBER``, ``TEXT``,
+    ``URL``, ``SIZE``, ``SECONDS``, ...; ``""`` for a flag, which takes none; ``None`` where
+    nothing here says better than Typer (a choice, a date). Typer's own ``<list[Path]>``
+    and ``<bool>`` name Python types, not what to type."""
+    if isinstance(param, TyperOption) and (param.is_flag or param.count):
+        return ""
+    for name in param.opts:
+        if name in PLACEHOLDERS_BY_OPTION:
+            return PLACEHOLDERS_BY_OPTION[name]
+    annotation = param.type_descriptor.annotation
+    if typing.get_origin(annotation) in (list, tuple):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        names = [PLACEHOLDERS_BY_TYPE.get(_bare(a)) for a in args]
+        if None in names:
+            return None
+        if typing.get_origin(annotation) is list:
+            return names[0]
+        return " ".join(n for n in names if n)
+    return PLACEHOLDERS_BY_TYPE.get(_bare(annotation))
+
+
+def _bare(annotation: Any) -> Any:
+    """``X`` of ``X | None``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation

@@ -9,9 +9,10 @@ import typer
 
 from ..errors import ModlabelError
 from .app import app
-from .edge import command, fail
+from .edge import command
 from .options import ClassConfidenceOption, DbOption, db_url, output_dir
 from .options import methods as methods_of
+from .scan import JsonOption, printed_outcome
 
 
 @command(app)
@@ -71,6 +72,11 @@ def report(
             "or all (default: cam, gradcam, crm).",
         ),
     ] = None,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="Print nothing but errors (not where the report went)."),
+    ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Write a report: a self-contained HTML page (per class the count, the average CRM with
     its ROI box, a confidence histogram, the most and least confident images; the scans,
@@ -78,11 +84,16 @@ def report(
 
     Example: modlabel report --db labels.db --out report/ --format html,rois
     """
+    from ..outcome import Outcome, no_counts
     from ..report import build_report, parse_formats
-    from ..store import open_db, safe_url
+    from ..store import open_db, pick_model, safe_url, utcnow
 
     output_dir(out, create=False)  # made once the options are known to be good
-    try:
+    url = db_url(db)
+    outcome = None
+    if as_json:
+        outcome = Outcome("report", utcnow(), db=safe_url(url), counts=no_counts("report"))
+    with printed_outcome(outcome):
         wanted = parse_formats(formats)
         truth_data = None
         if truth is not None or truth_from_folders:
@@ -91,9 +102,9 @@ def report(
             truth_data = load_truth(truth, from_folders=truth_from_folders)
         elif faithfulness:
             raise ModlabelError("--faithfulness needs --truth or --truth-from-folders")
-        url = db_url(db)
+        engine = open_db(url, create=False, migrate=False)
         result = build_report(
-            open_db(url, create=False, migrate=False),
+            engine,
             out,
             model_identity=model,
             examples_per_class=examples,
@@ -104,8 +115,16 @@ def report(
             faithfulness=faithfulness,
             methods=methods_of(methods) if methods is not None else None,
         )
-    except ModlabelError as exc:
-        raise fail(exc) from None
+        if outcome is not None:
+            outcome.model = pick_model(engine, model).identity
+            outcome.counts = {
+                "images": result.total_images,
+                "classes": len(result.classes),
+                "errors": result.errors,
+            }
+            outcome.outputs = [str(path) for path in result.files]
+    if quiet or as_json:  # stdout is the JSON object's alone
+        return
     typer.echo(
         f"report: {out} ({result.total_images} images, "
         f"{len(result.classes)} classes, {result.errors} errors)"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,14 +13,16 @@ from typing import Annotated, Any
 import typer
 
 from .. import config, stopping
-from ..errors import ModlabelError
+from ..errors import ExitCode, ModlabelError, StopRequested
+from ..outcome import Outcome
 from .app import app
-from .edge import command, interactive, say
+from .edge import as_modlabel_error, clean, click_exceptions, command, interactive, say
 from .options import (
     DbOption,
     DeviceOption,
     ModelPathOption,
     db_url,
+    exit_codes_epilog,
     model_path,
     seconds,
     size_bytes,
@@ -26,12 +31,68 @@ from .options import (
     decode_memory as decode_memory_bytes,
 )
 
-SCAN_EXIT_CODES = """Exit codes: 0 done (files that could not be labeled are rows with
-their error, not a failure); 1 any other error; 2 bad command line; 3 a root or
-table does not exist; 4 the model cannot be loaded; 5 the database cannot be
-reached, opened or written; 6 another scan of this model holds the database's
-lock; 7 interrupted by a signal; 8 a root looks vanished (nothing was marked
-missing); 70 a bug in modlabel."""
+JsonOption = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="At the end, print one JSON object on stdout: how the run ended (status, "
+        "exit code, the error) and what it did, whatever the outcome "
+        "(schema: modlabel.outcome.SCHEMA).",
+    ),
+]
+
+
+@contextlib.contextmanager
+def printed_outcome(outcome: Outcome | None) -> Iterator[None]:
+    """Around a run of a command with ``--json``: print ``outcome`` as one JSON object on
+    stdout when the run ends, however it ends (exit 0, a failure's exit code, a stop),
+    then let the ending go on to the edge, which prints the one-line error on stderr.
+
+    A usage error (exit 2) prints no object: the run never began. ``outcome=None``
+    (no ``--json``): nothing is printed."""
+    if outcome is None:
+        yield
+        return
+    clock = time.perf_counter()
+    try:
+        yield
+    except click_exceptions.ClickException:
+        raise
+    except BaseException as exc:
+        code, error = _ending(exc)
+        if code == ExitCode.USAGE:  # an option's value that cannot be used (UsageError)
+            raise
+        outcome.end(code, error, time.perf_counter() - clock)
+        typer.echo(outcome.to_json())
+        raise
+    outcome.end(ExitCode.OK, None, time.perf_counter() - clock)
+    typer.echo(outcome.to_json())
+
+
+def _ending(exc: BaseException) -> tuple[int, str | None]:
+    """The exit code and the one line the edge gives ``exc`` (``edge.edge``)."""
+    if isinstance(exc, typer.Exit):
+        code = int(exc.exit_code)
+        return code, None if code == ExitCode.OK else f"exit {code}"
+    if isinstance(exc, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED, "interrupted (SIGINT)"
+    if isinstance(exc, StopRequested):
+        return ExitCode.INTERRUPTED, clean(str(exc))
+    if isinstance(exc, Exception):
+        if stopping.requested():  # what the stop cancelled, failing: a stop, as the edge says
+            return ExitCode.INTERRUPTED, clean(stopping.reason())
+        try:
+            error = as_modlabel_error(exc)
+        except BaseException:  # noqa: BLE001 - MODLABEL_DEBUG: the edge shows the traceback
+            return ExitCode.INTERNAL, clean(f"internal error: {type(exc).__name__}: {exc}")
+        return int(error.exit_code), clean(str(error))
+    if isinstance(exc, SystemExit):
+        code = exc.code if isinstance(exc.code, int) else ExitCode.ERROR
+        return code, None if code == ExitCode.OK else f"exit {code}"
+    return ExitCode.INTERNAL, clean(f"{type(exc).__name__}: {exc}")
+
+
+SCAN_EXIT_CODES = exit_codes_epilog()  # every ExitCode, with its meaning
 
 
 @command(app, interruptible=False, epilog=SCAN_EXIT_CODES)
@@ -95,9 +156,13 @@ def scan(
     quiet: Annotated[
         bool,
         typer.Option(
-            "--quiet", "-q", help="Print nothing but errors (the default when not on a terminal)."
+            "--quiet",
+            "-q",
+            help="Print nothing but errors: no progress bar, no summary (the default when "
+            "not on a terminal).",
         ),
     ] = False,
+    as_json: JsonOption = False,
     table: Annotated[
         str | None,
         typer.Option(
@@ -234,10 +299,11 @@ def scan(
     modlabel scan --table figures --path-column file --base-dir /figures --model model.onnx
     """
     from .. import decode_pool
-    from ..paths import display_fs_path
-    from ..scan import DecodeOptions, scan_archive
-    from ..source import ImageFilter, table_files
-    from ..store import open_db
+    from ..outcome import Outcome, scan_counts
+    from ..paths import display_fs_path, to_db
+    from ..scan import DecodeOptions, ScanStats, scan_archive
+    from ..source import ImageFilter, check_roots, table_files
+    from ..store import open_db, safe_url, utcnow
 
     show = interactive() and not quiet
     path_to_model = model_path(model)
@@ -261,90 +327,186 @@ def scan(
     roots = [str(p) for p in paths or []]
     if table is not None:
         roots = [f"table:{table}.{blob_column or path_column}"]
-    decode_pool.start_server()  # the decoders' imports overlap the model's loading
-    started = _Started()
-    try:
-        run_pipeline = None
-        if engine_name == "ray":
-            from ..scan.ray import ray_pipeline
-
-            run_pipeline = ray_pipeline(
-                address=address, actors=actors, gpus_per_actor=gpus_per_actor, device=device
-            )
-        onnx_model = load_model(path_to_model, device)
-        stopping.check()
-        with stopping.interruptible():
-            started.engine = open_db(url, retry_seconds=db_retry)
-        stopping.check()
-        entries = None
-        if table is not None:
-            entries = table_files(
-                source_url,
-                table,
-                path_column,
-                id_column=id_column,
-                blob_column=blob_column,
-                base_dir=base_dir,
-                max_bytes=max_bytes,
-            )
-        bar = None
-        if show:
-            from tqdm import tqdm
-
-            bar = tqdm(unit="img", desc="scan", dynamic_ncols=True)
+    stats = ScanStats()
+    started = _Started(utcnow())
+    outcome = None
+    if as_json:
+        outcome = Outcome("scan", started.at, db=safe_url(url), counts=scan_counts(stats))
+    with printed_outcome(outcome):
+        decode_pool.start_server()  # the decoders' imports overlap the model's loading
         try:
-            started.scanning = True
-            stats = scan_archive(
-                roots,
-                onnx_model,
-                started.engine,
-                entries=entries,
-                retry_errors=retry_errors,
-                batch_size=batch_size,
-                decoding=decoding,
-                on_progress=bar.update if bar is not None else None,
-                follow_symlinks=follow_symlinks,
-                max_file_bytes=max_bytes,
-                image_filter=ImageFilter(tuple(include or ()), tuple(exclude or ())),
-                class_min_confidence=class_min_confidence,
-                abstain=abstain,
-                commit_rows=commit_every,
-                wait=wait,
-                db_retry=db_retry,
-                missing_guard=guard,
-                run_pipeline=run_pipeline,
-            )
+            if table is None:
+                # Before the model and the database: a root that is not there (a share
+                # that did not mount) is recorded without creating a database for it.
+                check_roots(roots)
+            run_pipeline = None
+            if engine_name == "ray":
+                from ..scan.ray import ray_pipeline
+
+                run_pipeline = ray_pipeline(
+                    address=address, actors=actors, gpus_per_actor=gpus_per_actor, device=device
+                )
+            onnx_model = load_model(path_to_model, device)
+            started.model = onnx_model.identity
+            stopping.check()
+            with stopping.interruptible():
+                started.engine = open_db(url, retry_seconds=db_retry)
+            stopping.check()
+            entries = None
+            if table is not None:
+                entries = table_files(
+                    source_url,
+                    table,
+                    path_column,
+                    id_column=id_column,
+                    blob_column=blob_column,
+                    base_dir=base_dir,
+                    max_bytes=max_bytes,
+                )
+            bar = None
+            if show:
+                total = None
+                if table is not None:
+                    total = table_row_count(source_url, table, None if blob_column else path_column)
+                bar = ScanProgressBar(stats, total)
+            try:
+                scan_archive(
+                    roots,
+                    onnx_model,
+                    started.engine,
+                    entries=entries,
+                    retry_errors=retry_errors,
+                    batch_size=batch_size,
+                    decoding=decoding,
+                    on_progress=bar.update if bar is not None else None,
+                    follow_symlinks=follow_symlinks,
+                    max_file_bytes=max_bytes,
+                    image_filter=ImageFilter(tuple(include or ()), tuple(exclude or ())),
+                    class_min_confidence=class_min_confidence,
+                    abstain=abstain,
+                    commit_rows=commit_every,
+                    wait=wait,
+                    db_retry=db_retry,
+                    missing_guard=guard,
+                    run_pipeline=run_pipeline,
+                    stats=stats,
+                )
+            finally:
+                if bar is not None:
+                    bar.close()
+        except BaseException as exc:
+            if stats.scan_id is None:  # the scan's own row records its end, once it has one
+                started.recorded = _record_unstarted(
+                    exc, started, url, path_to_model, [to_db(r) for r in roots]
+                )
+            raise
         finally:
-            if bar is not None:
-                bar.close()
-    except BaseException as exc:
-        if not started.scanning:
-            _record_unstarted(exc, started.engine, url, path_to_model, roots)
-        raise
-    for path, reason in stats.error_paths:
-        say(f"{display_fs_path(path)}: {reason}")
-    if stats.errors > len(stats.error_paths):
-        more = stats.errors - len(stats.error_paths)
-        say(f"... and {more} more errors (see images.error)")
-    if show:
-        if stats.interrupted_before:
-            typer.echo(f"{stats.interrupted_before} earlier run(s) had died; marked interrupted")
-        typer.echo(
-            f"scan #{stats.scan_id}: {stats.seen} files: {stats.labeled} labeled, "
-            f"{stats.unchanged} unchanged, {stats.errors} errors, "
-            + (f"{stats.kept} unreachable (labels kept), " if stats.kept else "")
-            + f"{stats.skipped} skipped "
-            f"as not images, {stats.missing} found gone, in {stats.seconds:.1f} s "
-            f"({stats.images_per_second:.1f} images/s)"
-        )
+            if outcome is not None:
+                _fill_scan_outcome(outcome, stats, started)
+        for path, reason in stats.error_paths:
+            say(f"{display_fs_path(path)}: {reason}")
+        if stats.errors > len(stats.error_paths):
+            more = stats.errors - len(stats.error_paths)
+            say(f"... and {more} more errors (see images.error)")
+        if show and not as_json:  # stdout is the JSON object's alone
+            if stats.interrupted_before:
+                typer.echo(
+                    f"{stats.interrupted_before} earlier run(s) had died; marked interrupted"
+                )
+            typer.echo(scan_summary(stats))
+
+
+def scan_summary(stats: Any) -> str:
+    """The line a person reads after a scan; the rate only when something was labeled
+    (a rescan with nothing new did not run at "0.0 images/s")."""
+    from ..outcome import labeling_rate
+
+    rate = labeling_rate(stats.labeled, stats.seconds)
+    return (
+        f"scan #{stats.scan_id}: {stats.seen} files: {stats.labeled} labeled, "
+        f"{stats.unchanged} unchanged, {stats.errors} errors, "
+        + (f"{stats.kept} unreachable (labels kept), " if stats.kept else "")
+        + f"{stats.skipped} skipped as not images, {stats.missing} found gone, "
+        f"in {stats.seconds:.1f} s" + (f" ({rate:.1f} images/s)" if rate is not None else "")
+    )
+
+
+def _fill_scan_outcome(outcome: Any, stats: Any, started: _Started) -> None:
+    from ..outcome import labeling_rate, scan_counts
+
+    outcome.counts = scan_counts(stats)
+    outcome.scan_id = stats.scan_id if stats.scan_id is not None else started.recorded
+    outcome.model = started.model
+    outcome.images_per_second = labeling_rate(stats.labeled, stats.seconds)
 
 
 class _Started:
-    """How far a scan command got: its database, and whether the scan itself began (which
-    records its own end)."""
+    """How far a scan command got: when it began, its model and database, and the id of
+    the ``scans`` row written for it if it ended before its scan began."""
 
-    engine: Any = None
-    scanning = False
+    def __init__(self, at: Any) -> None:
+        self.at = at
+        self.model: str | None = None
+        self.engine: Any = None
+        self.recorded: int | None = None
+
+
+class ScanProgressBar:
+    """The bar a person sees on a terminal (stderr): files done (of the total, with an
+    ETA, where the source knows it: a ``--table``), how many were labeled, the rate
+    and the elapsed time. Off a terminal there is none."""
+
+    REFRESH_SECONDS = 0.5  # the labeled count is re-rendered this often, not per file
+
+    def __init__(self, stats: Any, total: int | None) -> None:
+        from tqdm import tqdm
+
+        self.stats = stats
+        self.bar = tqdm(total=total, unit=" files", desc="scan", dynamic_ncols=True)
+        self.shown = 0.0
+
+    def update(self, n: int) -> None:
+        now = time.monotonic()
+        if now - self.shown >= self.REFRESH_SECONDS:
+            self.shown = now
+            self.bar.set_postfix_str(
+                f"seen {self.stats.seen}, labeled {self.stats.labeled}", refresh=False
+            )
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.set_postfix_str(
+            f"seen {self.stats.seen}, labeled {self.stats.labeled}", refresh=False
+        )
+        self.bar.close()
+
+
+def table_row_count(url: str, table: str, column: str | None) -> int | None:
+    """How many figures a ``--table`` lists (its rows; with ``column``, those with a
+    path in it), for the progress bar's total and ETA: one ``count(*)``; None when the
+    table cannot be counted (the scan itself then says why)."""
+    import sqlalchemy as sa
+
+    from ..store import sqlite_file
+
+    file = sqlite_file(url)
+    if file is not None and not file.exists():
+        return None  # connecting would create it
+    try:
+        engine = sa.create_engine(url)
+    except Exception:  # noqa: BLE001 - a bar without a total
+        return None
+    try:
+        source = sa.table(table, *([sa.column(column)] if column else []))
+        query = sa.select(sa.func.count()).select_from(source)
+        if column:
+            query = query.where(source.c[column].is_not(None))
+        with engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+    except Exception:  # noqa: BLE001 - a bar without a total
+        return None
+    finally:
+        engine.dispose()
 
 
 def missing_guard(text: str, allow: bool) -> Any:
@@ -389,35 +551,60 @@ def load_model(path: Path, device: str) -> Any:
     return box["model"]
 
 
-def _record_unstarted(exc: BaseException, engine: Any, url: str, model: Path, roots: list) -> None:
+def _record_unstarted(
+    exc: BaseException, started: _Started, url: str, model: Path, roots: list[str]
+) -> int | None:
     """A run that ended before its scan began still leaves a ``scans`` row, where the
-    database exists and is this modlabel's: a stop (interrupted), or a root that does
-    not exist (failed)."""
-    from ..errors import InputError, Interrupted, StopRequested
+    database exists and is this modlabel's: a stop (interrupted); a root or table that
+    does not exist, a model that cannot be loaded (failed). Returns the row's id.
 
-    if isinstance(exc, (Interrupted, StopRequested)):
-        status = "interrupted"
-    elif isinstance(exc, InputError):
-        status = "failed"
+    Not recorded: a scan refused the lock (the scan that holds it is the one running;
+    its row says so) and a database that failed (there is nowhere to record). No
+    database is created to hold the row: a SQLite file that does not exist stays absent.
+    """
+    from ..errors import (
+        DatabaseError,
+        Interrupted,
+        LockedError,
+        StopRequested,
+        UsageError,
+    )
+
+    if isinstance(exc, KeyboardInterrupt):
+        status, reason = "interrupted", "interrupted (SIGINT)"
+    elif isinstance(exc, (Interrupted, StopRequested)):
+        status, reason = "interrupted", str(exc)
+    elif isinstance(exc, ModlabelError) and not isinstance(
+        exc, (DatabaseError, LockedError, UsageError)
+    ):
+        status, reason = "failed", str(exc)
     else:
-        return
+        return None
     try:
         import hashlib
 
         from .. import store
 
+        engine = started.engine
         if engine is None:
-            if store.sqlite_file(url) is not None and not store.sqlite_file(url).exists():
-                return  # no database to record in: none is created for it
+            file = store.sqlite_file(url)
+            if file is not None and not file.exists():
+                return None  # no database to record in: none is created for it
             engine = store.open_db(url, migrate=False, create=False)
         try:
             digest = hashlib.sha256(model.read_bytes()).hexdigest()
             model_id = store.model_id_of(engine, digest)
         except OSError:
             model_id = None
-        store.record_run(engine, model_id, roots, status=status, reason=str(exc))
+        try:
+            return store.record_run(
+                engine, model_id, roots, status=status, reason=reason, started_at=started.at
+            )
+        finally:
+            if engine is not started.engine:
+                engine.dispose()
     except BaseException:  # noqa: BLE001 - the record is a courtesy; the exit says it all
-        return
+        return None
 
 
 @command(app, interruptible=False)
@@ -453,6 +640,13 @@ def prune(
             "(10%) or a count (500); more needs --force.",
         ),
     ] = f"{config.DEFAULT_MAX_MISSING_SHARE:.0%}",
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="Print nothing but errors (no list, no count of what went)."
+        ),
+    ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Delete the rows of files that scans found gone (images.missing_since) at least
     --missing-for ago.
@@ -464,6 +658,7 @@ def prune(
 
     Example: modlabel prune --db labels.db --dry-run
     """
+    from ..outcome import no_counts
     from ..paths import display_path
     from ..scan.lock import acquire_scan_lock
     from ..store import (
@@ -473,40 +668,60 @@ def prune(
         open_db,
         pick_model,
         prune_missing,
+        safe_url,
         utcnow,
     )
 
     grace = duration(missing_for, "--missing-for")
     guard = missing_guard(max_missing, force)
     url = db_url(db)
-    with stopping.interruptible():
-        engine = open_db(url, create=False, migrate=not dry_run)
-        model_row = pick_model(engine, model)
-        cutoff = utcnow() - grace
-        count = count_prunable(engine, model_row.id, older_than=cutoff)
-        total = count_rows(engine, model_row.id)
-    refusal = guard.refusal(f"model {model_row.identity}", count, total, empty=False)
-    if refusal is not None:
-        refusal = (
-            f"prune would delete {count} of the model's {total} rows, more than --max-missing "
-            "allows (a share that did not mount?): nothing was deleted; --force deletes them"
+    outcome = None
+    if as_json:
+        outcome = Outcome(
+            "prune", utcnow(), db=safe_url(url), counts=no_counts("prune"), dry_run=dry_run
         )
-    if dry_run:
+    talk = not quiet and not as_json  # stdout is the JSON object's alone
+    with printed_outcome(outcome):
         with stopping.interruptible():
-            for path, since in iter_missing(engine, model_row.id, older_than=cutoff):
-                typer.echo(f"{display_path(path)}\tmissing since {since:%Y-%m-%d %H:%M}")
-        note = f" ({refusal})" if refusal else ""
-        say(f"{count} rows of files missing for {missing_for} or more would be pruned{note}")
-        return
-    if refusal is not None:
-        raise ModlabelError(refusal)
-    with stopping.interruptible():
-        lock = acquire_scan_lock(engine, model_row.id)
-        try:
-            count = prune_missing(engine, model_row.id, older_than=cutoff)
-        finally:
-            lock.release()
-    typer.echo(f"pruned {count} rows of missing files")
+            engine = open_db(url, create=False, migrate=not dry_run)
+            model_row = pick_model(engine, model)
+            if outcome is not None:
+                outcome.model = model_row.identity
+            cutoff = utcnow() - grace
+            count = count_prunable(engine, model_row.id, older_than=cutoff)
+            total = count_rows(engine, model_row.id)
+        if outcome is not None:
+            outcome.counts.update(prunable=count, rows=total)
+        refusal = guard.refusal(f"model {model_row.identity}", count, total, empty=False)
+        if refusal is not None:
+            refusal = (
+                f"prune would delete {count} of the model's {total} rows, more than "
+                "--max-missing allows (a share that did not mount?): nothing was deleted; "
+                "--force deletes them"
+            )
+        if dry_run:
+            if talk:
+                with stopping.interruptible():
+                    for path, since in iter_missing(engine, model_row.id, older_than=cutoff):
+                        typer.echo(f"{display_path(path)}\tmissing since {since:%Y-%m-%d %H:%M}")
+            if not quiet:
+                note = f" ({refusal})" if refusal else ""
+                say(
+                    f"{count} rows of files missing for {missing_for} or more would be pruned{note}"
+                )
+            return
+        if refusal is not None:
+            raise ModlabelError(refusal)
+        with stopping.interruptible():
+            lock = acquire_scan_lock(engine, model_row.id)
+            try:
+                pruned = prune_missing(engine, model_row.id, older_than=cutoff)
+            finally:
+                lock.release()
+        if outcome is not None:
+            outcome.counts["pruned"] = pruned
+        if talk:
+            typer.echo(f"pruned {pruned} rows of missing files")
 
 
 def duration(text: str, option: str) -> timedelta:

@@ -156,14 +156,21 @@ def evaluate(
 @command(app)
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder written by `modlabel train`.")],
-    out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="The fp32 ONNX file to write (always written; with --quantize int8 the "
+            "int8 model goes to --int8-out).",
+        ),
+    ],
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
     quantize: Annotated[
         str,
         typer.Option(
-            help="none, or int8: also write a static int8 model beside --out "
-            "(M.onnx -> M.int8.onnx), calibrated on the training split and refused "
-            "when its labels agree with fp32's on less than --min-agreement of the test split."
+            help="none, or int8: also write a static int8 model to --int8-out, calibrated on "
+            "the training split and refused when its labels agree with fp32's on less than "
+            "--min-agreement of the test split."
         ),
     ] = "none",
     calibration: Annotated[
@@ -187,17 +194,29 @@ def export(
             help="Most share of the validation split the out-of-set threshold may flag.",
         ),
     ] = 0.05,
+    int8_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--int8-out",
+            help="With --quantize int8: the int8 ONNX file to write (default: beside --out, "
+            "M.onnx -> M.int8.onnx).",
+            show_default=False,
+        ),
+    ] = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Export a run to one self-contained ONNX file with outputs logits and activations.
 
     Fits a temperature (calibrated confidences) and an out-of-set threshold on the
-    run's validation split and stores them in the file's metadata.
+    run's validation split and stores them in the file's metadata. --out is the fp32
+    model; --quantize int8 adds an int8 one (--int8-out). Both paths are printed, labeled.
 
     Example: modlabel export demo/run --out demo/model.onnx --quantize int8
+    (writes fp32 demo/model.onnx and int8 demo/model.int8.onnx)
     """
     if quantize not in ("none", "int8"):
         raise typer.BadParameter(f"{quantize!r}: choose none or int8", param_hint="--quantize")
+    int8_target = export_int8_path(out, int8_out, quantize)
     try:
         _load_tensorflow(verbose)
         from modlabel.export.onnx_export import export_run
@@ -206,7 +225,7 @@ def export(
     except ModlabelError as exc:
         raise fail(exc) from None
     typer.echo(
-        f"wrote {report.out_path} (opset {report.opset}); parity: max |Δlogits| "
+        f"wrote fp32 model {report.out_path} (opset {report.opset}); parity: max |Δlogits| "
         f"{report.max_abs_logits_diff:.2e}, max rel. |Δactivations| "
         f"{report.max_rel_activations_diff:.2e}"
     )
@@ -223,15 +242,15 @@ def export(
             f"{c.rule.threshold:.4g} (at most {c.rule.rate:.0%} of val); flags "
             f"{c.test_flagged:.1%} of the {c.test_split} images"
         )
-    if quantize == "none":
+    if int8_target is None:
         return
     try:
-        from modlabel.export.quantize import int8_path, quantize_run
+        from modlabel.export.quantize import quantize_run
 
         q = quantize_run(
             run,
             report.out_path,
-            int8_path(report.out_path),
+            int8_target,
             calibration=calibration,
             min_agreement=min_agreement,
         )
@@ -239,7 +258,7 @@ def export(
         raise fail(exc) from None
     f = q.fidelity
     typer.echo(
-        f"wrote {q.out_path} (int8, {q.options.describe()}; calibrated on "
+        f"wrote int8 model {q.out_path} ({q.options.describe()}; calibrated on "
         f"{q.calibration_images} training images)\n"
         f"label agreement with fp32: {f.agreement:.2%} of {f.images} {q.evaluation_split} "
         f"images (--min-agreement {q.min_agreement:g})\n"
@@ -247,3 +266,37 @@ def export(
         f"CRM correlation per image: min {f.crm_correlation_min:.5f}, "
         f"mean {f.crm_correlation_mean:.5f}"
     )
+    typer.echo(f"fp32: {report.out_path}\nint8: {q.out_path}")
+
+
+def export_int8_path(out: Path, int8_out: Path | None, quantize: str) -> Path | None:
+    """Where ``export`` writes the int8 model (None: it writes none), checked before the
+    export's long work: ``--int8-out``, else ``int8_path(--out)`` beside the fp32 model.
+
+    ``--out model.int8.onnx`` without ``--int8-out`` is refused: --out is the fp32
+    model, and the int8 one would land at ``model.int8.int8.onnx``."""
+    from modlabel.export.quantize import INT8_SUFFIX, int8_path
+
+    if quantize != "int8":
+        if int8_out is not None:
+            raise typer.BadParameter("needs --quantize int8", param_hint="--int8-out")
+        return None
+    if int8_out is None:
+        if out.name.endswith(INT8_SUFFIX):
+            fp32 = out.with_name(out.name[: -len(INT8_SUFFIX)] + ".onnx")
+            raise typer.BadParameter(
+                f"{out} is where the fp32 model goes, and its name says int8: pass "
+                f"--out {fp32} (the int8 model then goes to {int8_path(fp32)}), or name "
+                "the int8 file with --int8-out",
+                param_hint="--out",
+            )
+        return int8_path(out)
+    if int8_out.resolve() == out.resolve():
+        raise typer.BadParameter(
+            f"{int8_out} is --out, the fp32 model: name another file", param_hint="--int8-out"
+        )
+    if int8_out.is_dir():
+        raise typer.BadParameter(
+            f"{int8_out} is a folder; name the .onnx file to write", param_hint="--int8-out"
+        )
+    return int8_out

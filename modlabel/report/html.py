@@ -70,7 +70,7 @@ class ClassView:
     roi: rois.ClassRoi | None  # None: no image in the average
     map_shape: tuple[int, int] | None
     heatmap_png: str | None
-    heatmap_hw: tuple[int, int] | None  # the drawn size, a multiple of the input size
+    heatmap_hw: tuple[int, int] | None  # the picture: the map (input size x k) over its bar
     histogram: HistogramView | None = None
     most_confident: list[ExampleView] = field(default_factory=list)
     least_confident: list[ExampleView] = field(default_factory=list)
@@ -88,8 +88,8 @@ def _png_b64(pixels: np.ndarray | Image.Image) -> str:
     return base64.b64encode(png_bytes(pixels)).decode("ascii")
 
 
-def heatmap_size(input_hw: Sequence[int]) -> tuple[int, int]:
-    """The page's size for a class heatmap: the input size times the integer nearest to
+def map_size(input_hw: Sequence[int]) -> tuple[int, int]:
+    """The drawn size of a class heatmap: the input size times the integer nearest to
     HEATMAP_PX / its longer side (at least 1), so input pixels map to whole pixels and
     the boxes of the input-size ROI are drawn exactly."""
     height, width = int(input_hw[0]), int(input_hw[1])
@@ -97,20 +97,31 @@ def heatmap_size(input_hw: Sequence[int]) -> tuple[int, int]:
     return height * factor, width * factor
 
 
+def heatmap_size(input_hw: Sequence[int]) -> tuple[int, int]:
+    """The page's size (height, width) of a class heatmap's picture: ``map_size`` and
+    the colour bar below it (``overlay.with_colorbar``)."""
+    height, width = map_size(input_hw)
+    return height + overlay.colorbar_height(), max(width, overlay.COLORBAR_MIN_WIDTH)
+
+
 def class_heatmap_png(average: np.ndarray, roi: rois.ClassRoi) -> str:
     """The average CRM as Figure 9 draws it, with the ROI of the map as shown (white box;
-    a black box per region where several pass), at ``heatmap_size``; base64 PNG."""
-    return _png_b64(overlay.class_overlay(average, heatmap_size(roi.input_hw), roi=roi))
+    a black box per region where several pass), at ``map_size``, over its colour bar (a
+    colour is read as a share of the max); base64 PNG of ``heatmap_size``."""
+    picture = overlay.class_overlay(average, map_size(roi.input_hw), roi=roi)
+    return _png_b64(overlay.with_colorbar(picture))
 
 
 def example_png(display: np.ndarray, crm_map: np.ndarray) -> str:
     """An archive image (as a decode worker shrank it, ``decode_pool.image_pool``), fit to
-    the page's thumbnail box, with its CRM overlaid."""
+    the page's thumbnail box, with its CRM overlaid above ``geometry.DISPLAY_FRACTION`` of
+    its max, over its colour bar (faded where the overlay leaves the image uncoloured)."""
     img = Image.fromarray(display)
     # Fit to the thumbnail box, small images enlarged too, so that examples line up.
     img = ImageOps.contain(img, (EXAMPLE_PX, EXAMPLE_PX), Image.Resampling.BILINEAR)
-    blended = overlay.overlay(np.asarray(img), crm_map, threshold=geometry.DISPLAY_FRACTION)
-    return _png_b64(blended)
+    threshold = geometry.DISPLAY_FRACTION
+    blended = overlay.overlay(np.asarray(img), crm_map, threshold=threshold)
+    return _png_b64(overlay.with_colorbar(blended, threshold=threshold))
 
 
 def confidence_histogram(

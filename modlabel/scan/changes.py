@@ -50,6 +50,8 @@ class ScanStats:
     kept: int = 0  # files labeled before that could not be reached: their rows stay
     scan_id: int | None = None
     interrupted_before: int = 0  # earlier runs found dead and marked interrupted
+    errors_by_kind: dict[str, int] = field(default_factory=dict)  # Kind value -> files
+    out_of_set: int = 0  # labeled images the model flagged out of set
 
     @property
     def images_per_second(self) -> float:
@@ -305,7 +307,7 @@ class ChangeLookup:
         refusal = self.guard.refusal(root, self.gone.count, self.live, empty)
         if refusal is not None:
             self.refusals.append(refusal)
-            log.warning("%s", refusal)
+            log.info("%s", refusal)  # said once, in the VanishedError at the end
         else:
             for chunk in self.gone.chunks():
                 stopping.check()

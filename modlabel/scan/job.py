@@ -60,6 +60,7 @@ def scan_archive(
     abstain: bool = False,
     missing_guard: MissingGuard | None = None,
     run_pipeline: Pipeline | None = None,
+    stats: ScanStats | None = None,
 ) -> ScanStats:
     """Label every image under ``roots`` that the database lacks for ``model``.
 
@@ -99,7 +100,13 @@ def scan_archive(
     (``scan.pipeline.local``), ``modlabel.scan.ray.ray_pipeline`` on a Ray cluster.
     Listing, change detection, the lock, the run record and the writes stay in
     this process.
+
+    ``stats``: the counts to fill in as the scan goes (a new ``ScanStats`` if None), so
+    that a caller has them, and the ``scan_id`` of its ``scans`` row, when the scan
+    raises; ``stats.scan_id`` stays None until that row exists.
     """
+    if stats is None:
+        stats = ScanStats()
     if run_pipeline is None:
         run_pipeline = local
     if entries is None:
@@ -121,7 +128,6 @@ def scan_archive(
     )
     scan_lock = retry(acquire_scan_lock, engine, model_id, wait=wait)
     retry.on_recovered = scan_lock.reacquire
-    stats = ScanStats()
     try:
         stats.interrupted_before = retry(store.interrupt_stale_scans, engine, model_id)
         retry(store.ensure_class_maps, engine, model_id, info.class_names, class_min_confidence)

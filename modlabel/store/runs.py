@@ -78,10 +78,18 @@ def start_scan(engine: Engine, model_id: int, roots: Sequence[str]) -> int:
 
 
 def record_run(
-    engine: Engine, model_id: int | None, roots: Sequence[str], *, status: str, reason: str
+    engine: Engine,
+    model_id: int | None,
+    roots: Sequence[str],
+    *,
+    status: str,
+    reason: str,
+    started_at: datetime | None = None,
 ) -> int:
     """The ``scans`` row of a run that ended before its scan began (a stop during start-up,
-    a refusal at the start): finished at once, with its status and reason."""
+    a root that does not exist, a model that cannot be loaded): finished now, with its
+    status and reason. ``started_at``: when the run began (default: now), so that the
+    row shows how long its start-up took."""
     now = utcnow()
     with engine.begin() as conn:
         return int(
@@ -89,7 +97,7 @@ def record_run(
                 scans.insert().values(
                     model_id=model_id,
                     roots=list(roots),
-                    started_at=now,
+                    started_at=started_at or now,
                     finished_at=now,
                     **NO_COUNTS,
                     status=status,
