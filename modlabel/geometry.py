@@ -158,33 +158,52 @@ def label_components(
     step to one of the 8 surrounding cells (``connectivity=8``, corners count)
     or one of the 4 sharing an edge (``connectivity=4``). labels: (H, W) int32,
     0 off the mask and 1..count on it, numbered in raster order of each region's
-    first cell (as ``scipy.ndimage.label`` numbers them). A flood fill from each
-    unlabeled cell: linear in H*W, and maps have at most a few hundred cells.
+    first cell (as ``scipy.ndimage.label`` numbers them).
+
+    By runs: each row's runs of True cells (found by numpy), joined with the runs
+    of the row above that touch them (union-find), so the Python loop is over
+    runs, not cells: a 300 x 300 map upsampled from 18 x 18 has a few hundred.
     """
     cells = np.asarray(mask, dtype=bool)
     if cells.ndim != 2:
         raise ValueError(f"expected one mask (H, W), got shape {cells.shape}")
     if connectivity not in _NEIGHBOURS:
         raise ValueError(f"connectivity must be 4 or 8, not {connectivity!r}")
-    steps = _NEIGHBOURS[connectivity]
     height, width = cells.shape
-    on = cells.tolist()  # Python lists: a cell at a time, far faster than numpy indexing
-    labels = [[0] * width for _ in range(height)]
-    count = 0
-    for y, x in np.argwhere(cells).tolist():  # row-major: raster order
-        if labels[y][x]:
-            continue
-        count += 1
-        labels[y][x] = count
-        stack = [(y, x)]
-        while stack:
-            cy, cx = stack.pop()
-            for dy, dx in steps:
-                ny, nx = cy + dy, cx + dx
-                if 0 <= ny < height and 0 <= nx < width and on[ny][nx] and not labels[ny][nx]:
-                    labels[ny][nx] = count
-                    stack.append((ny, nx))
-    return np.array(labels, dtype=np.int32).reshape(height, width), count
+    labels = np.zeros((height, width), dtype=np.int32)
+    if height == 0 or width == 0:
+        return labels, 0
+    edges = np.diff(np.pad(cells, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    rows, starts = np.nonzero(edges == 1)  # row-major: runs in raster order
+    ends = np.nonzero(edges == -1)[1]  # one past each run's last cell, in the same order
+    first_run = np.searchsorted(rows, np.arange(height + 1)).tolist()
+    rows, starts, ends = rows.tolist(), starts.tolist(), ends.tolist()
+    parent = list(range(len(starts)))
+
+    def root(run: int) -> int:
+        while parent[run] != run:
+            parent[run] = parent[parent[run]]
+            run = parent[run]
+        return run
+
+    reach = 1 if connectivity == 8 else 0  # a diagonal step joins runs a cell apart
+    for y in range(1, height):
+        above, here, after = first_run[y - 1], first_run[y], first_run[y + 1]
+        for run in range(here, after):
+            low, high = starts[run] - reach, ends[run] + reach
+            while above < here and ends[above] <= low:  # ends before this run: and the next
+                above += 1
+            touching = above
+            while touching < here and starts[touching] < high:
+                a, b = root(run), root(touching)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+                touching += 1
+    numbers: dict[int, int] = {}
+    for run in range(len(starts)):
+        number = numbers.setdefault(root(run), len(numbers) + 1)
+        labels[rows[run], starts[run] : ends[run]] = number
+    return labels, len(numbers)
 
 
 def component_boxes(
