@@ -150,11 +150,20 @@ def nearest(
     method = method or search_method(engine)
     if method == PGVECTOR and engine.dialect.name != "postgresql":
         raise DatabaseError("pgvector search needs PostgreSQL")
-    if method == PGVECTOR:
-        found = _nearest_pgvector(engine, model_id, query, k, label, include_out_of_set, exclude_id)
-    else:
-        found = _nearest_exact(engine, model_id, query, k, label, include_out_of_set, exclude_id)
-    return _described(engine, found)
+    ask = _Ask(model_id, int(k), label, include_out_of_set, exclude_id)
+    search = _nearest_pgvector if method == PGVECTOR else _nearest_exact
+    return _described(engine, search(engine, query, ask))
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """What a search is for: the k nearest rows of a model, and which rows may be results."""
+
+    model_id: int
+    k: int
+    label: str | None
+    include_out_of_set: bool
+    exclude_id: int | None
 
 
 def _filters(model_id: int, label: str | None, include_out_of_set: bool) -> list:
@@ -179,21 +188,14 @@ def _unit(query: np.ndarray) -> np.ndarray:
     return (query / norm).astype(np.float32)
 
 
-def _nearest_exact(
-    engine: Engine,
-    model_id: int,
-    query: np.ndarray,
-    k: int,
-    label: str | None,
-    include_out_of_set: bool,
-    exclude_id: int | None,
-) -> list[tuple[int, float]]:
+def _nearest_exact(engine: Engine, query: np.ndarray, ask: _Ask) -> list[tuple[int, float]]:
     """Streamed exact search: (id, distance) of the k nearest, nearest first."""
+    k, exclude_id = ask.k, ask.exclude_id
     unit = _unit(query)
     best: list[tuple[float, int]] = []  # a min-heap of (similarity, -id): the k best so far
     # One float32 buffer for every chunk's codes: the cosine needs their direction only.
     buffer = np.empty((CHUNK_ROWS, unit.shape[0]), np.float32)
-    for ids, blobs in _chunks(engine, model_id, label, include_out_of_set):
+    for ids, blobs in _chunks(engine, ask):
         codes = embedding_codes(blobs)
         if codes.shape[1] != unit.shape[0]:
             raise InputError(
@@ -220,14 +222,12 @@ def _nearest_exact(
     return [(-neg_id, 1.0 - s) for s, neg_id in sorted(best, reverse=True)]
 
 
-def _chunks(
-    engine: Engine, model_id: int, label: str | None, include_out_of_set: bool
-) -> Iterator[tuple[np.ndarray, list[bytes]]]:
+def _chunks(engine: Engine, ask: _Ask) -> Iterator[tuple[np.ndarray, list[bytes]]]:
     """(ids, blobs) of the rows searched, ``CHUNK_ROWS`` at a time, streamed by the driver
     (a server-side cursor on PostgreSQL)."""
     query = (
         sa.select(images.c.id, images.c.embedding)
-        .where(*_filters(model_id, label, include_out_of_set))
+        .where(*_filters(ask.model_id, ask.label, ask.include_out_of_set))
         .execution_options(yield_per=CHUNK_ROWS)
     )
     with engine.connect() as conn:
@@ -242,16 +242,11 @@ def _codes_literal(query: np.ndarray) -> str:
     return "[" + ",".join(str(int(v)) for v in codes) + "]"
 
 
-def _nearest_pgvector(
-    engine: Engine,
-    model_id: int,
-    query: np.ndarray,
-    k: int,
-    label: str | None,
-    include_out_of_set: bool,
-    exclude_id: int | None,
-) -> list[tuple[int, float]]:
-    """The HNSW index's answer: (id, distance) of the k nearest, nearest first."""
+def _nearest_pgvector(engine: Engine, query: np.ndarray, ask: _Ask) -> list[tuple[int, float]]:
+    """pgvector's answer (its HNSW index's, where built): (id, distance) of the k nearest,
+    nearest first."""
+    model_id, k, label, exclude_id = ask.model_id, ask.k, ask.label, ask.exclude_id
+    include_out_of_set = ask.include_out_of_set
     _unit(query)
     dims = int(query.shape[0])
     m = int(model_id)  # a literal, so that the planner matches the model's partial index
