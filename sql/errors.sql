@@ -4,8 +4,7 @@
 -- Parameters: model (an identity or a prefix of one; default: the newest).
 SELECT i.path, i.error_kind, i.error, i.dicom_modality, i.labeled_at
 FROM images i
-JOIN models m ON m.id = i.model_id
-WHERE m.identity = :model
+WHERE i.model_id = (SELECT m.id FROM models m WHERE m.identity = :model)
   AND i.error IS NOT NULL
   AND i.missing_since IS NULL
 ORDER BY i.error_kind, i.path;

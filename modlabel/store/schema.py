@@ -129,6 +129,29 @@ sa.Index(
     postgresql_where=images.c.missing_since.is_(None),
     sqlite_where=images.c.missing_since.is_(None),
 )
+# The duplicates query groups the model's hashes on this narrow index (migration 0009).
+_PRESENT_WITH_A_HASH = sa.and_(
+    images.c.sha256.is_not(None), images.c.error.is_(None), images.c.missing_since.is_(None)
+)
+sa.Index(
+    "ix_images_present_hashes",
+    images.c.model_id,
+    images.c.sha256,
+    images.c.out_of_set,
+    images.c.error,
+    images.c.missing_since,
+    postgresql_where=_PRESENT_WITH_A_HASH,
+    sqlite_where=_PRESENT_WITH_A_HASH,
+)
+# The errors query's rows in its own order (migration 0009 says why).
+sa.Index(
+    "ix_images_errors_by_kind",
+    images.c.model_id,
+    images.c.error_kind,
+    images.c.path,
+    postgresql_where=images.c.error.is_not(None),
+    sqlite_where=images.c.error.is_not(None),
+)
 # modality-agreement joins its mapping on UPPER(dicom_modality).
 sa.Index(
     "ix_images_model_dicom_modality_upper",
