@@ -6,6 +6,7 @@
 * ``pictures``: what they draw (thumbnails, overlays, class maps), decoded in isolation.
 """
 
-from .app import UPLOAD_MAX_BYTES, create_app
+from .app import create_app
+from .state import UPLOAD_MAX_BYTES
 
 __all__ = ["UPLOAD_MAX_BYTES", "create_app"]

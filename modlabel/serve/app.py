@@ -14,12 +14,8 @@ import hmac
 import json
 import logging
 import os
-import threading
-import time
 import urllib.parse
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +24,21 @@ from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__, codec, geometry, rois, store
+from .. import store
 from ..errors import ModelError, ModlabelError, UsageError
 from ..model import OnnxModel
-from ..paths import display_path
 from . import data
-from .pictures import Painter, class_map_picture
+from .pages import routes
+from .pictures import Painter
+from .state import HERE, ServeState, render
 
 log = logging.getLogger("modlabel.serve")
 
-HERE = Path(__file__).parent
-UPLOAD_MAX_BYTES = 20 * 2**20  # an upload larger than this is refused (413)
-UPLOAD_SIMILAR = 24
-MODELS_SECONDS = 10.0
 THREADS = 15  # request threads: SQLAlchemy's default pool (5 connections and 10 more)
 # Where ``modlabel serve --workers N`` hands each worker process create_app's arguments.
 CONFIG_ENV = "MODLABEL_SERVE_CONFIG"
@@ -60,33 +53,6 @@ SECURITY_HEADERS = {
     "x-frame-options": "SAMEORIGIN",
     "cross-origin-opener-policy": "same-origin",
 }
-
-
-@dataclass
-class ServeState:
-    """What every request reads: the engine, the model shown, the optional model file."""
-
-    engine: Any
-    model_row: store.ModelRow
-    db_label: str
-    painter: Painter
-    onnx: OnnxModel | None
-    model_note: str  # why CAM and Grad-CAM are (not) offered
-    root_path: str
-    allow_upload: bool
-    upload_pool: Any = None
-    model_matches: bool = False  # the model file is the shown model's (its content hash)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    _models: tuple[float, list[store.ModelRow]] | None = None
-
-    def models(self) -> list[store.ModelRow]:
-        """The database's models, read again at most every MODELS_SECONDS (a scan of a
-        new model shows up; a page does not read the table each time)."""
-        with self.lock:
-            now = time.monotonic()
-            if self._models is None or now - self._models[0] > MODELS_SECONDS:
-                self._models = (now, store.list_models(self.engine))
-            return self._models[1]
 
 
 def create_app(
@@ -137,8 +103,6 @@ def create_app(
             if state.upload_pool is not None:
                 state.upload_pool.close()
             engine.dispose()
-
-    from .pages import routes
 
     app = Starlette(
         routes=[
@@ -199,66 +163,6 @@ def _model_row(engine: Any, onnx: OnnxModel | None) -> store.ModelRow:
         if row.id == labeled_with:
             return row
     return store.pick_model(engine)
-
-
-def usable_model(state: ServeState) -> OnnxModel | None:
-    """The model file, where it is the shown model's (another model's maps and
-    embeddings would not be this database's)."""
-    return state.onnx if state.model_matches else None
-
-
-# -- templates --------------------------------------------------------------------------
-
-
-def _environment():
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined
-
-    env = Environment(
-        loader=FileSystemLoader(HERE / "templates"),
-        autoescape=True,
-        undefined=StrictUndefined,
-    )
-    env.filters["display_path"] = display_path
-    env.filters["utc"] = utc
-    env.filters["pct"] = lambda v: "" if v is None else f"{float(v):.1%}"
-    env.filters["q"] = lambda v: urllib.parse.quote(str(v), safe="")
-    env.globals["version"] = __version__
-    return env
-
-
-_ENV = None
-
-
-def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-    """A page: ``templates/name`` with the shared context (links under the root path)."""
-    global _ENV
-    if _ENV is None:
-        _ENV = _environment()
-    state: ServeState = request.app.state.serve
-    root = state.root_path
-
-    def href(path: str, params: dict[str, Any] | None = None) -> str:
-        query = urllib.parse.urlencode(
-            {k: v for k, v in (params or {}).items() if v not in (None, "")}
-        )
-        return root + path + (f"?{query}" if query else "")
-
-    html = _ENV.get_template(name).render(
-        href=href,
-        db_label=state.db_label,
-        model=state.model_row,
-        allow_upload=state.allow_upload,
-        **context,
-    )
-    return HTMLResponse(html, status_code=status_code)
-
-
-def utc(moment: datetime | None) -> str:
-    if moment is None:
-        return ""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -363,42 +267,3 @@ class RootPath:
             if not scope["path"].startswith(self.root_path):
                 scope["path"] = self.root_path + scope["path"]
         await self.app(scope, receive, send)
-
-
-# -- shared by the pages --------------------------------------------------------------
-
-
-def class_maps_of(state: ServeState) -> tuple[dict[str, Any], str]:
-    """Each class's stored average CRM and its ROI (``rois.ClassRoi``), or a sentence why
-    there are none; never computed here (that reads every map)."""
-    engine, model_row = state.engine, state.model_row
-    threshold = store.model_class_min_confidence(engine, model_row.id)
-    if threshold is None:
-        return {}, "class averages are not built yet (modlabel db rebuild-class-maps)"
-    out: dict[str, Any] = {}
-    for row in store.load_class_maps(engine, model_row.id):
-        try:
-            average = codec.decode_map(row["crm"])
-        except codec.MapCodecError:
-            continue
-        roi = rois.class_roi(
-            row["class_name"],
-            average,
-            tuple(model_row.input_size),
-            image_count=row["image_count"],
-            min_confidence=threshold,
-        )
-        out[row["class_name"]] = (row["image_count"], average, roi)
-    return out, ""
-
-
-def class_map_png(state: ServeState, label: str) -> bytes | None:
-    maps, _ = class_maps_of(state)
-    if label not in maps:
-        return None
-    _, average, roi = maps[label]
-    return class_map_picture(average, roi).png
-
-
-ROI_PERCENT = round(geometry.CLASS_ROI_FRACTION * 100)
-DISPLAY_PERCENT = round(geometry.DISPLAY_FRACTION * 100)

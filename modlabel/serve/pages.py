@@ -16,8 +16,10 @@ from starlette.routing import Route
 from .. import store
 from ..errors import UsageError
 from . import data
-from .app import (
+from .pictures import MODEL_METHODS, STORED_METHOD
+from .state import (
     DISPLAY_PERCENT,
+    HERE,
     ROI_PERCENT,
     UPLOAD_MAX_BYTES,
     UPLOAD_SIMILAR,
@@ -27,7 +29,6 @@ from .app import (
     render,
     usable_model,
 )
-from .pictures import MODEL_METHODS, STORED_METHOD
 
 PNG_CACHE = "private, max-age=600"
 METHOD_TITLES = {"none": "image", "crm": "CRM", "cam": "CAM", "gradcam": "Grad-CAM"}
@@ -284,8 +285,6 @@ def class_map(request: Request) -> Response:
 
 
 def favicon(_request: Request) -> Response:
-    from .app import HERE
-
     return Response(
         (HERE / "static" / "favicon.svg").read_bytes(),
         media_type="image/svg+xml",
