@@ -102,6 +102,13 @@ class RoiStats:
     ratio: float
 
 
+def roi_share(map2d: np.ndarray, input_hw: Sequence[int]) -> float:
+    """The share of the image where a map, upsampled to the model's input (as shown), is
+    above the display threshold (20% of its max): Table 3's ratio."""
+    upsampled = upsample(np.asarray(map2d, np.float32), input_hw)
+    return float(roi_mask(upsampled, DISPLAY_FRACTION).mean())
+
+
 def roi_stats(
     map2d: np.ndarray,
     size_hw: Sequence[int] | None = None,

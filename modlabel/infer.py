@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import geometry, maps
+from . import maps
 from .calibration import calibrated_softmax
 from .model import OnnxModel
 from .ood import gap_embedding
@@ -128,13 +128,6 @@ def label_batch(model: OnnxModel, inputs: np.ndarray) -> Labels:
 def label_pixels(model: OnnxModel, pixels: np.ndarray) -> Labels:
     """``label_batch`` of (N, H, W, 3) uint8 pixels at the model's input size."""
     return label_batch(model, model.preprocess(np.asarray(pixels)))
-
-
-def roi_share(map2d: np.ndarray, input_hw: Sequence[int]) -> float:
-    """The share of the image where a map, upsampled to the model's input (as shown), is
-    above the display threshold (20% of its max): Table 3's ratio."""
-    upsampled = geometry.upsample(np.asarray(map2d, np.float32), input_hw)
-    return float(geometry.roi_mask(upsampled, geometry.DISPLAY_FRACTION).mean())
 
 
 def describe(image: ImageLabel) -> dict[str, Any]:

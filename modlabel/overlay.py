@@ -208,6 +208,7 @@ def with_colorbar(
     return out
 
 
+@lru_cache(maxsize=1)
 def colorbar_height() -> int:
     """Rows ``with_colorbar`` adds below a picture."""
     return colorbar(COLORBAR_MIN_WIDTH).shape[0]

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -61,18 +62,18 @@ class NamedQuery:
     description: str
     declared: tuple[Parameter, ...] = ()
 
-    @property
+    @cached_property
     def body(self) -> str:
         """The statement without its comment lines (which may mention :parameters)."""
         lines = [line for line in self.sql.splitlines() if not line.lstrip().startswith("--")]
         return "\n".join(lines).strip().rstrip(";")
 
-    @property
+    @cached_property
     def parameters(self) -> list[str]:
         """The names of the parameters the statement uses, sorted."""
         return sorted(set(_PARAM.findall(self.body)))
 
-    @property
+    @cached_property
     def parameter_specs(self) -> list[Parameter]:
         """The statement's parameters in the header's order, with their meaning and default;
         one the header does not declare (a file of the user's own) is required."""

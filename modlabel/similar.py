@@ -16,9 +16,9 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from . import paths, store
-from .decode_pool import DecodeRequest, image_pool
+from .decode_pool import DecodePool, DecodeRequest, image_pool
 from .errors import ImageError, InputError
-from .infer import label_pixels
+from .infer import Labels, label_pixels
 from .model import OnnxModel
 from .store.similar import Neighbour, nearest, stored_embedding
 
@@ -46,19 +46,26 @@ def stored_key(engine: Engine, model_id: int, text: str) -> int | None:
     return None
 
 
+def label_one(model: OnnxModel, pool: DecodePool, request: DecodeRequest) -> Labels:
+    """One image (a file, or its bytes: an upload) decoded by ``pool``'s isolated workers and
+    run through the model: its label and embedding, as a scan would store them. Raises
+    ``ImageError`` naming it when it cannot be decoded."""
+    decoded = pool.decode(request)
+    if decoded.failed is not None:
+        raise InputError(decoded.failed)
+    if decoded.error is not None or decoded.cancelled or decoded.pixels is None:
+        raise ImageError(request.path, decoded.error or "decoding stopped")
+    return label_pixels(model, np.asarray(decoded.pixels)[None])
+
+
 def embed_bytes_or_file(
     model: OnnxModel, *, path: str | None = None, data: bytes | None = None, max_bytes: int
 ) -> np.ndarray:
     """The (K,) embedding of one image (a file, or its bytes: an upload), decoded in an
     isolated worker under the default memory and time limits, ``max_bytes`` at most."""
-    request = DecodeRequest(path or "upload", data=data, max_bytes=max_bytes)
+    request = DecodeRequest(path or "the upload", data=data, max_bytes=max_bytes)
     with image_pool(model.info.input_size, max_bytes=max_bytes) as pool:
-        decoded = pool.decode(request)
-    if decoded.failed is not None:
-        raise InputError(decoded.failed)
-    if decoded.error is not None or decoded.pixels is None:
-        raise ImageError(f"{path or 'the upload'}: {decoded.error or 'decoding stopped'}")
-    return label_pixels(model, decoded.pixels[None]).embedding[0]
+        return label_one(model, pool, request).embedding[0]
 
 
 def resolve_query(

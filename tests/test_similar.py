@@ -266,3 +266,11 @@ def test_the_named_query_gives_what_modlabel_similar_gives(db_url, toy_onnx, tmp
     np.testing.assert_allclose(
         [r["distance"] for r in by_sql], [r["distance"] for r in by_cli], atol=1e-5
     )
+
+
+def test_a_new_file_that_cannot_be_decoded_is_one_line_naming_it(db_url, toy_onnx, tmp_path):
+    scanned(tmp_path, toy_onnx, db_url, count=3)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    result = run_cli("similar", broken, "--db", db_url)
+    assert_clean_failure(result, 1, "broken.png: ")

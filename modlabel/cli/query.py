@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
+from ..paths import display_path
 from ..timestamps import iso_utc
 from .app import app
 from .edge import command
@@ -245,8 +246,6 @@ def _is_number(value: Any) -> bool:
 def _table_cells(row: tuple) -> list[str]:
     """A row as the table shows it: one line per row (control characters in a cell are
     escaped), floats rounded, timestamps ISO 8601 UTC."""
-    from ..paths import display_path
-
     cells = []
     for v in row:
         if v is None:

@@ -14,7 +14,7 @@ import typer
 
 from .. import config, stopping
 from ..errors import ExitCode, ModlabelError, StopRequested
-from ..outcome import Outcome
+from ..outcome import Outcome, labeling_rate, no_counts, scan_counts
 from .app import app
 from .edge import as_modlabel_error, clean, click_exceptions, command, interactive, say
 from .options import (
@@ -299,7 +299,6 @@ def scan(
     modlabel scan --table figures --path-column file --base-dir /figures --model model.onnx
     """
     from .. import decode_pool
-    from ..outcome import Outcome, scan_counts
     from ..paths import display_fs_path, to_db
     from ..scan import DecodeOptions, ScanStats, scan_archive
     from ..source import ImageFilter, check_roots, table_files
@@ -419,7 +418,6 @@ def scan(
 def scan_summary(stats: Any) -> str:
     """The line a person reads after a scan; the rate only when something was labeled
     (a rescan with nothing new did not run at "0.0 images/s")."""
-    from ..outcome import labeling_rate
 
     rate = labeling_rate(stats.labeled, stats.seconds)
     return (
@@ -432,7 +430,6 @@ def scan_summary(stats: Any) -> str:
 
 
 def _fill_scan_outcome(outcome: Any, stats: Any, started: _Started) -> None:
-    from ..outcome import labeling_rate, scan_counts
 
     outcome.counts = scan_counts(stats)
     outcome.scan_id = stats.scan_id if stats.scan_id is not None else started.recorded
@@ -658,7 +655,6 @@ def prune(
 
     Example: modlabel prune --db labels.db --dry-run
     """
-    from ..outcome import no_counts
     from ..paths import display_path
     from ..scan.lock import acquire_scan_lock
     from ..store import (

@@ -253,14 +253,8 @@ def image_roi_shares(blobs: Sequence[bytes | None], input_hw: Sequence[int]) -> 
             decoded.append(codec.decode_map(blob) if blob is not None else None)
         except codec.MapCodecError:
             decoded.append(None)
-    # One map at a time: a (H, h) x (h, w) x (w, W) product is a BLAS call, three times
-    # faster than numpy's loop over a batch, and only one map at the input size is held.
-    return [
-        float(geometry.roi_mask(geometry.upsample(m, input_hw), geometry.DISPLAY_FRACTION).mean())
-        if m is not None
-        else None
-        for m in decoded
-    ]
+    # One map at a time, as the scan computes it for the rows it writes.
+    return [geometry.roi_share(m, input_hw) if m is not None else None for m in decoded]
 
 
 def write_images_csv(

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from .. import codec, config, infer, stopping, store
+from .. import codec, config, geometry, infer, stopping, store
 from ..decode_pool import Decoded, DecodePool, DecodeRequest, DecodeSpec
 from ..errors import ImageError, Interrupted, ModlabelError
 from ..model import OnnxModel
@@ -274,7 +274,7 @@ def label_rows(
                     "label": image.stored_label(abstain=abstain),
                     "probabilities": image.probabilities,
                     "crm": blob,
-                    "roi_share": infer.roi_share(crms[i], input_hw),
+                    "roi_share": geometry.roi_share(crms[i], input_hw),
                     "embedding": embeddings[i],
                     "error": None,
                     "error_kind": None,

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 
 from .. import store
 from ..errors import DatabaseError, InputError, UsageError
+from ..store import similar
 from ..store.schema import _aware, images, scans
 
 PAGE_SIZE = 48
@@ -409,15 +410,11 @@ def similar_to_row(
     """The ``k`` stored images nearest to a stored one, or why there are none: a row
     without an embedding, or a database (or modlabel) that keeps none, says so."""
     try:
-        from ..store import similar
-    except ImportError:  # a modlabel without similar-image search
-        return SimilarResult([], NO_EMBEDDING)
-    try:
         _, vector = similar.stored_embedding(engine, model_id, int(row_id))
         found = similar.nearest(engine, model_id, vector, k, exclude_id=int(row_id))
+    except similar.NoEmbedding:
+        return SimilarResult([], NO_EMBEDDING)
     except InputError as exc:
-        if "no stored embedding" in str(exc):
-            return SimilarResult([], NO_EMBEDDING)
         return SimilarResult([], str(exc))
     except (sa.exc.OperationalError, sa.exc.ProgrammingError, DatabaseError):
         # A database written before embeddings were kept (no column, no settings table).
@@ -460,11 +457,7 @@ def similar_cached(
 def similar_to_vector(engine: Engine, model_id: int, vector: Any, k: int) -> SimilarResult:
     """The ``k`` stored images nearest to an embedding computed here (an upload)."""
     try:
-        from ..store import similar
-
         found = similar.nearest(engine, model_id, vector, k)
-    except ImportError:
-        return SimilarResult([], NO_EMBEDDING)
     except InputError as exc:
         return SimilarResult([], str(exc))
     except (sa.exc.OperationalError, sa.exc.ProgrammingError, DatabaseError):

@@ -5,7 +5,6 @@ its thread pool); the upload is read asynchronously, bounded, before anything pa
 
 from __future__ import annotations
 
-import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartParser
@@ -226,20 +225,20 @@ async def upload_search(request: Request) -> Response:
 
 
 def _search_by_image(state: ServeState, content: bytes, filename: str) -> dict:
-    from ..decode_pool import DecodeRequest
-    from ..infer import label_batch
-    from ..scan.pipeline import DecodeOptions, decoder_pool
+    from ..decode_pool import DecodeRequest, image_pool
+    from ..errors import ImageError, InputError
+    from ..similar import label_one
 
     model = usable_model(state)
     assert model is not None
     with state.lock:
-        if state.upload_pool is None:
-            state.upload_pool = decoder_pool(model, DecodeOptions(), UPLOAD_MAX_BYTES)
+        if state.upload_pool is None:  # kept for the server's life: no start-up per upload
+            state.upload_pool = image_pool(model.info.input_size, max_bytes=UPLOAD_MAX_BYTES)
         pool = state.upload_pool
-    decoded = pool.decode(DecodeRequest(filename or "upload", data=content))
-    if decoded.error or decoded.cancelled or decoded.failed:
-        return {"error": decoded.error or decoded.failed or "decoding stopped", "name": filename}
-    labels = label_batch(model, np.asarray(decoded.pixels)[None])
+    try:
+        labels = label_one(model, pool, DecodeRequest(filename or "upload", data=content))
+    except (ImageError, InputError) as exc:
+        return {"error": str(exc), "name": filename}
     image = labels[0]
     similar = data.similar_to_vector(
         state.engine, state.model_row.id, labels.embedding[0], UPLOAD_SIMILAR

@@ -114,15 +114,18 @@ def utc(moment: datetime | None) -> str:
 # -- shared by the pages --------------------------------------------------------------
 
 
-def class_maps_of(state: ServeState) -> tuple[dict[str, Any], str]:
+def class_maps_of(state: ServeState, only: str | None = None) -> tuple[dict[str, Any], str]:
     """Each class's stored average CRM and its ROI (``rois.ClassRoi``), or a sentence why
-    there are none; never computed here (that reads every map)."""
+    there are none; never computed here (that reads every map). ``only``: that class's
+    alone (a picture request decodes one map, not every class's)."""
     engine, model_row = state.engine, state.model_row
     threshold = store.model_class_min_confidence(engine, model_row.id)
     if threshold is None:
         return {}, "class averages are not built yet (modlabel db rebuild-class-maps)"
     out: dict[str, Any] = {}
     for row in store.load_class_maps(engine, model_row.id):
+        if only is not None and row["class_name"] != only:
+            continue
         try:
             average = codec.decode_map(row["crm"])
         except codec.MapCodecError:
@@ -139,7 +142,7 @@ def class_maps_of(state: ServeState) -> tuple[dict[str, Any], str]:
 
 
 def class_map_png(state: ServeState, label: str) -> bytes | None:
-    maps, _ = class_maps_of(state)
+    maps, _ = class_maps_of(state, only=label)
     if label not in maps:
         return None
     _, average, roi = maps[label]

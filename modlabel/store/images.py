@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from ..dicom import NO_HEADER_COLUMNS
 from .class_sums import track
 from .runs import ScanProgress, record_progress
 from .schema import _aware, images, insert_for, utcnow
@@ -209,8 +210,6 @@ def prune_missing(
 
 
 _IMAGE_COLUMNS = tuple(c.name for c in images.columns if c.name not in ("id", "model_id", "path"))
-# The DICOM header columns of a row that has none (not DICOM, or written by other code).
-_NO_DICOM = {"dicom_modality": None, "dicom_body_part": None, "dicom_sop_uid": None}
 # The out-of-set columns of a row without a score (an error, a model without a threshold).
 _NO_OUT_OF_SET = {"ood_score": None, "out_of_set": None}
 # The runner-up, the ROI share and the error's kind of a row without them (written by
@@ -242,7 +241,7 @@ def write_image_rows(
     defaults = {
         "missing_since": None,
         "source_id": None,
-        **_NO_DICOM,
+        **NO_HEADER_COLUMNS,
         **_NO_OUT_OF_SET,
         **_NO_SECOND_LOOK,
     }

@@ -45,6 +45,10 @@ CHUNK_ROWS = 4096
 EF_SEARCH = 100
 
 
+class NoEmbedding(InputError):
+    """A stored image without an embedding: an error row, or labeled before they were kept."""
+
+
 @dataclass(frozen=True)
 class Neighbour:
     """One result of a search: a stored image and its cosine distance to the query."""
@@ -124,7 +128,7 @@ def stored_embedding(engine: Engine, model_id: int, key: int | str) -> tuple[int
         why = "it is an error row" if row.error is not None else "it was labeled before "
         if row.error is None:
             why += "embeddings were kept (modlabel db backfill-embeddings fills them)"
-        raise InputError(f"{key}: the image has no stored embedding: {why}")
+        raise NoEmbedding(f"{key}: the image has no stored embedding: {why}")
     return int(row.id), decode_embeddings([row.embedding])[0]
 
 
