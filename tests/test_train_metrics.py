@@ -1,4 +1,5 @@
-"""modlabel.metrics against values computed by hand (no TensorFlow)."""
+"""modlabel.metrics (numpy) against values computed by hand and against scikit-learn, the
+independent reference (no TensorFlow)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,20 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    matthews_corrcoef,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
-from modlabel.metrics import classification_metrics, format_metrics_table
+from modlabel.metrics import (
+    classification_metrics,
+    format_metrics_table,
+    one_vs_rest_auc,
+    weighted_auc,
+)
 
 # Six images, three classes; predictions (argmax) are 0, 1, 1, 1, 2, 0.
 Y_TRUE = [0, 0, 1, 1, 2, 2]
@@ -77,3 +89,91 @@ def test_table_shows_summary_per_class_and_confusion_matrix():
     assert lines[1].split()[:2] == ["6", "0.6667"]
     assert any(line.split()[:2] == ["mri", "0.6667"] for line in lines)
     assert any(line.split() == ["2", "xray", "1", "0", "1"] for line in lines)
+
+
+def sklearn_table2(y: np.ndarray, probs: np.ndarray) -> dict:
+    """scikit-learn's Table 2 of (N,) classes and (N, C) probabilities, macro over all C."""
+    labels = list(range(probs.shape[1]))
+    pred = probs.argmax(axis=1)
+    per = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    macro = precision_recall_fscore_support(
+        y, pred, labels=labels, average="macro", zero_division=0
+    )
+    aucs = [
+        roc_auc_score(y == c, probs[:, c]) if 0 < (y == c).sum() < y.size else None for c in labels
+    ]
+    defined = [a for a in aucs if a is not None]
+    return {
+        "accuracy": accuracy_score(y, pred),
+        "precision": macro[0],
+        "recall": macro[1],
+        "f1": macro[2],
+        "mcc": matthews_corrcoef(y, pred),
+        "auc": float(np.mean(defined)) if defined else None,
+        "auc_classes": len(defined),
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+        "per_class": [
+            {
+                "precision": per[0][c],
+                "recall": per[1][c],
+                "f1": per[2][c],
+                "auc": aucs[c],
+                "support": int(per[3][c]),
+            }
+            for c in labels
+        ],
+    }
+
+
+def random_case(rng: np.random.Generator, n: int, c: int, kind: str):
+    y = rng.integers(0, c, n)
+    probs = rng.dirichlet(np.ones(c), size=n)
+    if kind == "ties":  # few distinct scores: many tied within every class's column
+        probs = np.round(probs, 1)
+    elif kind == "never_predicted":  # class 0 never the argmax, though it has images
+        probs[:, 0] = 0.0
+        y[:2] = 0
+    elif kind == "no_support":  # the last class has no image, yet is predicted
+        y = np.minimum(y, c - 2)
+        probs[: n // 3, c - 1] = 2.0
+    elif kind == "one_class":  # every image of one class: no AUC is defined
+        y[:] = 1
+    return y, probs
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "never_predicted", "no_support", "one_class"])
+def test_metrics_equal_scikit_learn(kind):
+    rng = np.random.default_rng(len(kind))
+    for trial in range(6):
+        n, c = int(rng.integers(5, 60)), int(rng.integers(3, 6))
+        y, probs = random_case(rng, n, c, kind)
+        names = [f"class{k}" for k in range(c)]
+        got, sk = classification_metrics(y, probs, names), sklearn_table2(y, probs)
+        for key in ("accuracy", "precision", "recall", "f1", "mcc", "auc"):
+            if sk[key] is None:
+                assert got[key] is None, (kind, trial, key)
+            else:
+                assert got[key] == pytest.approx(sk[key], abs=1e-12), (kind, trial, key)
+        assert got["auc_classes"] == sk["auc_classes"]
+        assert got["confusion_matrix"] == sk["confusion_matrix"]
+        for name, expected in zip(names, sk["per_class"], strict=True):
+            assert got["per_class"][name] == pytest.approx(expected, abs=1e-12), (kind, name)
+    if kind == "never_predicted":
+        assert got["per_class"]["class0"]["precision"] == 0 and got["per_class"]["class0"]["auc"]
+    if kind == "no_support":
+        assert got["per_class"][names[-1]]["support"] == 0
+        assert got["per_class"][names[-1]]["auc"] is None
+
+
+def test_auc_with_ties_and_weights_equals_scikit_learn():
+    rng = np.random.default_rng(7)
+    score = np.round(rng.random(50), 1)  # 11 distinct scores for 50 items: ties
+    is_class = rng.random(50) < 0.3
+    assert one_vs_rest_auc(is_class, score) == pytest.approx(
+        roc_auc_score(is_class, score), abs=1e-12
+    )
+    weights = rng.integers(0, 4, size=(4, 50)).astype(np.float64)  # a bootstrap's counts
+    for b, got in enumerate(weighted_auc(is_class, score, weights)):
+        expected = roc_auc_score(is_class, score, sample_weight=weights[b])
+        assert got == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(one_vs_rest_auc(np.zeros(5, bool), np.arange(5.0)))

@@ -16,7 +16,7 @@ that is relative is taken relative to the current folder.
 What is computed, on the stored rows that have truth:
 
 * Table 2 from the stored probabilities: accuracy, macro AUC (one-vs-rest),
-  macro precision, recall and F1, MCC (``modlabel.metrics``, scikit-learn), a
+  macro precision, recall and F1, MCC (``modlabel.metrics``, numpy), a
   confusion matrix and one ROC curve per class (one-vs-rest).
 * Eq. 8 as the paper defines it: per class, the average of the stored CRMs of
   the correctly classified images, each divided by its own max
@@ -63,16 +63,19 @@ from .localization import (
     GroundTruth,
     LocalizationReport,
     MethodRow,
+    PooledLocalization,
     ScoredBatch,
     box_mask,
     evaluate_localization,
     localization_scores,
     localize_images,
+    pool_localization,
     read_records,
     scale_gt_box,
 )
 from .results import RANDOM, TruthReport, render_truth_html
-from .tables import format_report
+from .significance import Comparison, FigureInterval, StatisticsSettings
+from .tables import comparison_sentences, format_pooled, format_report
 from .truth import Truth, TruthRecord, file_key, load_truth
 
 __all__ = [
@@ -80,23 +83,30 @@ __all__ = [
     "RANDOM",
     "TABLE3_SIZE",
     "ClassSummary",
+    "Comparison",
+    "FigureInterval",
     "GroundTruth",
     "LocalizationReport",
     "MethodRow",
+    "PooledLocalization",
     "ScoredBatch",
+    "StatisticsSettings",
     "Truth",
     "TruthRecord",
     "TruthReport",
     "blur_sigma",
     "box_mask",
+    "comparison_sentences",
     "curve_area",
     "evaluate_localization",
     "evaluate_truth",
     "file_key",
+    "format_pooled",
     "format_report",
     "load_truth",
     "localization_scores",
     "localize_images",
+    "pool_localization",
     "pixel_order",
     "read_records",
     "relevance_curves",

@@ -14,11 +14,14 @@ from ..model import OnnxModel
 from ..paths import display_path
 from .results import (
     BLUR_SIGMA_AT_224,
+    FAITHFULNESS_METRICS,
+    FAITHFULNESS_SAMPLE,
     FAITHFULNESS_STEPS,
     RANDOM,
     Faithfulness,
     FaithfulnessRow,
 )
+from .significance import Comparison, FigureInterval, StatisticsSettings, image_statistics
 
 # --------------------------------------------------------------------------
 # Faithfulness: deletion and insertion (RISE).
@@ -91,7 +94,13 @@ def faithfulness_test(
     steps: int,
     seed: int,
     batch_size: int,
+    settings: StatisticsSettings | None = None,
 ) -> Faithfulness:
+    """Deletion and insertion areas of every method and the random ranking on a
+    seeded sample of ``sample`` of the ``correct`` (file, class index) images, with
+    bootstrap intervals over the sample and paired tests of every two rankings
+    (``settings``; default: ``StatisticsSettings(seed=seed)``)."""
+    settings = settings if settings is not None else StatisticsSettings(seed=seed)
     info = model.info
     rng = np.random.default_rng(seed)
     picked = sorted(rng.choice(len(correct), size=min(sample, len(correct)), replace=False))
@@ -144,6 +153,21 @@ def faithfulness_test(
         rows.append(
             FaithfulnessRow(method, len(areas[method]["deletion"]), d_mean, d_std, i_mean, i_std)
         )
+    intervals: list[FigureInterval] = []
+    comparisons: list[Comparison] = []
+    if shown:
+        # Per image (rows, in the sample's order) and ranking: its two areas.
+        per_image = {
+            m: np.column_stack([areas[m]["deletion"], areas[m]["insertion"]]) for m in names
+        }
+        intervals, comparisons = image_statistics(
+            per_image,
+            FAITHFULNESS_METRICS,
+            {FAITHFULNESS_SAMPLE: np.arange(len(shown))},
+            tested=FAITHFULNESS_METRICS,
+            settings=settings,
+            compare_in=FAITHFULNESS_SAMPLE,
+        )
     return Faithfulness(
         requested=sample,
         seed=seed,
@@ -155,4 +179,7 @@ def faithfulness_test(
             m: {k: np.mean(v, axis=0).tolist() if v else [] for k, v in c.items()}
             for m, c in curves.items()
         },
+        settings=settings,
+        intervals=intervals,
+        comparisons=comparisons,
     )

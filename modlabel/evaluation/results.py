@@ -14,8 +14,10 @@ import numpy as np
 from .. import geometry, maps, spreadsheet
 from ..errors import ModlabelError
 from ..store import ClassMap
-from .localization import TABLE3_SIZE, LocalizationReport
+from .localization import TABLE3_SIZE, TESTED_METRICS, LocalizationReport
 from .matching import Matching
+from .significance import Comparison, FigureInterval, StatisticsSettings
+from .tables import MEASURES, comparison_sentences, format_interval, statistics_note
 from .truth import TruthKind
 
 RANDOM = "random"  # the faithfulness baseline: pixels in a random order
@@ -71,9 +73,19 @@ class FaithfulnessRow:
     insertion_std: float | None
 
 
+FAITHFULNESS_METRICS = ("deletion_auc", "insertion_auc")
+FAITHFULNESS_SAMPLE = "sample"  # the group name of the faithfulness intervals
+
+
 @dataclass(frozen=True)
 class Faithfulness:
-    """Deletion and insertion (RISE) on a seeded sample of correct images."""
+    """Deletion and insertion (RISE) on a seeded sample of correct images.
+
+    intervals: each method's mean areas (``FAITHFULNESS_METRICS``) with their
+    bootstrap intervals over the sample's images; comparisons: every two
+    methods (the random baseline among them) on each area, a paired bootstrap
+    over the same images, Holm-adjusted over the pairs of each area.
+    """
 
     requested: int
     seed: int
@@ -82,6 +94,14 @@ class Faithfulness:
     images: list[str]  # the sample, as paths to show
     rows: list[FaithfulnessRow]  # one per method, then the random baseline
     curves: dict[str, dict[str, list[float]]]  # method -> deletion/insertion -> mean p
+    settings: StatisticsSettings | None = None
+    intervals: list[FigureInterval] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
+
+    def interval_text(self, method: str, metric: str) -> str:
+        """``0.123 [0.101, 0.145]``, or ``-``."""
+        found = next((i for i in self.intervals if i.method == method and i.metric == metric), None)
+        return format_interval(found, MEASURES[metric][1])
 
 
 @dataclass
@@ -136,6 +156,44 @@ class TruthReport:
 
     def title(self, method: str) -> str:
         return self.method_titles.get(method, method)
+
+    # The intervals and paired tests, in the words of ``modlabel localize`` (tables).
+    tested_metrics: tuple[str, ...] = TESTED_METRICS
+
+    def measure_title(self, metric: str) -> str:
+        return MEASURES[metric][0]
+
+    def interval_text(self, method: str, metric: str) -> str:
+        """A figure over all classes with its interval: ``0.89 [0.83, 0.94]``."""
+        return format_interval(
+            self.localization.interval("all", method, metric), MEASURES[metric][1]
+        )
+
+    def localization_note(self) -> str:
+        loc = self.localization
+        if loc.settings is None:
+            return ""
+        pairs = len(loc.methods) * (len(loc.methods) - 1) // 2
+        return statistics_note(loc.settings, "the correctly classified images", pairs)
+
+    def localization_sentences(self) -> list[str]:
+        return comparison_sentences(self.localization.comparisons)
+
+    def faithfulness_note(self) -> str:
+        faith = self.faithfulness
+        if faith is None or faith.settings is None:
+            return ""
+        pairs = len(faith.rows) * (len(faith.rows) - 1) // 2
+        s = faith.settings
+        return (
+            f"{s.level:.0%} percentile bootstrap intervals over the sample's images "
+            f"({s.resamples} resamples, seed {s.seed}); every two rankings compared by a "
+            f"paired bootstrap over the same images, p-values Holm-adjusted over the {pairs} "
+            f"pairs of each area; significant: Holm-adjusted p < {s.alpha:g}."
+        )
+
+    def faithfulness_sentences(self) -> list[str]:
+        return comparison_sentences(self.faithfulness.comparisons) if self.faithfulness else []
 
     def to_dict(self) -> dict[str, Any]:
         return json_ready(
@@ -242,6 +300,8 @@ def _write_files(report: TruthReport, folder: Path, formats: Sequence[str]) -> N
             "localization_classes",
             [asdict(c) for c in [*report.localization.classes, report.localization.totals]],
         ),
+        ("localization_intervals", [asdict(i) for i in report.localization.intervals]),
+        ("localization_tests", [asdict(c) for c in report.localization.comparisons]),
         (
             "map_scores",
             [{k: v for k, v in asdict(r).items() if k != "histogram"} for r in report.map_scores],
@@ -250,6 +310,8 @@ def _write_files(report: TruthReport, folder: Path, formats: Sequence[str]) -> N
     if report.faithfulness is not None:
         faith = report.faithfulness
         table.append(("faithfulness", [asdict(r) for r in faith.rows]))
+        table.append(("faithfulness_intervals", [asdict(i) for i in faith.intervals]))
+        table.append(("faithfulness_tests", [asdict(c) for c in faith.comparisons]))
         table.append(
             (
                 "faithfulness_curves",

@@ -2,16 +2,25 @@
 
 ``evaluation.localization`` computes the numbers (``LocalizationReport``); this module
 only lays them out as text grids (rows: methods, columns: classes), so another
-face of the same report (an HTML page, say) can be added beside it.
+face of the same report (an HTML page, say) can be added beside it. The sentences
+that say which differences between methods (or models) are significant are made
+here once (``comparison_sentences``), for the text and the report's page alike.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .. import maps
-from .localization import OVERALL, LocalizationReport, MethodRow
+from .localization import (
+    OVERALL,
+    TESTED_METRICS,
+    LocalizationReport,
+    MethodRow,
+    PooledLocalization,
+)
+from .significance import Comparison, FigureInterval, StatisticsSettings
 
 
 def _header_lines(name: str) -> list[str]:
@@ -82,6 +91,178 @@ LOCALIZATION_SECTIONS = (
 )
 
 
+# How the intervals' table and the sentences name each measure, and its decimals.
+MEASURES: dict[str, tuple[str, int]] = {
+    "pointing": ("pointing game", 2),
+    "energy": ("energy", 2),
+    "roi_iou": ("IoU", 2),
+    "roi_precision": ("ROI precision", 2),
+    "roi_recall": ("ROI recall", 2),
+    "distractor_share": ("distractor share", 3),
+    "roi_ratio": ("ROI ratio (%)", 1),
+    "deletion_auc": ("deletion area", 3),
+    "insertion_auc": ("insertion area", 3),
+}
+# The chance level beside a measure in the intervals' table (``ClassSummary`` field).
+CHANCE_OF = {
+    "pointing": "structure_area",
+    "energy": "structure_area",
+    "roi_precision": "structure_area",
+    "distractor_share": "distractor_area",
+}
+
+
+def measure_name(metric: str) -> str:
+    return MEASURES.get(metric, (metric, 2))[0]
+
+
+def format_interval(interval: FigureInterval | None, digits: int) -> str:
+    """``0.89 [0.83, 0.94]``; ``-`` where there is no figure."""
+    found = interval.interval() if interval is not None else None
+    return "-" if found is None else found.text(digits)
+
+
+def format_p(p: float | None) -> str:
+    if p is None:
+        return "-"
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}" if p < 0.01 else f"= {p:.2f}"
+
+
+def _digits_for(digits: int, *values: float | None) -> int:
+    """``digits``, or more where every value would round to 0 but one is not 0: a
+    difference of 0.0004 shows as +0.0004, not +0.00 (at most 6 decimals)."""
+    largest = max((abs(v) for v in values if v is not None), default=0.0)
+    if largest == 0 or largest >= 0.5 * 10.0**-digits:
+        return digits
+    return min(6, 1 - math.floor(math.log10(largest)))
+
+
+def _signed(value: float, digits: int) -> str:
+    return f"{value:+.{digits}f}"
+
+
+def _side(name: str) -> str:
+    return maps.title(name)
+
+
+def comparison_sentences(comparisons: Sequence[Comparison]) -> list[str]:
+    """One sentence per pair (of methods, or of models on one method): each measure's
+    difference with its interval and p, and whether it is significant, e.g.
+    ``CRM vs CAM: pointing game -0.04 [-0.10, 0.02], p = 0.31, not significant; ...``.
+    Significant means Holm-adjusted p below alpha (``Comparison.significant``); where
+    the adjustment changes p, it is given too (``Holm p``)."""
+    pairs: dict[tuple[str, str, str | None], list[Comparison]] = {}
+    for c in comparisons:
+        pairs.setdefault((c.first, c.second, c.method), []).append(c)
+    sentences = []
+    for (first, second, method), found in pairs.items():
+        parts = []
+        for c in found:
+            digits = _digits_for(
+                MEASURES.get(c.metric, (c.metric, 2))[1], c.difference, c.low, c.high
+            )
+            if c.difference is None:
+                parts.append(f"{measure_name(c.metric)} undefined")
+                continue
+            low = "-" if c.low is None else f"{c.low:.{digits}f}"
+            high = "-" if c.high is None else f"{c.high:.{digits}f}"
+            holm = (
+                f" (Holm p {format_p(c.p_holm)})"
+                if c.p_holm is not None and c.p_holm != c.p_value
+                else ""
+            )
+            verdict = "significant" if c.significant else "not significant"
+            parts.append(
+                f"{measure_name(c.metric)} {_signed(c.difference, digits)} [{low}, {high}], "
+                f"p {format_p(c.p_value)}{holm}, {verdict}"
+            )
+        head = (
+            f"{first} vs {second}, {_side(method)}"
+            if method
+            else f"{_side(first)} vs {_side(second)}"
+        )
+        sentences.append(f"{head}: " + "; ".join(parts) + ".")
+    return sentences
+
+
+def statistics_note(settings: StatisticsSettings, over: str, families: int) -> str:
+    """The sentence that states how the intervals and tests were drawn."""
+    return (
+        f"{settings.level:.0%} percentile bootstrap intervals over {over} ({settings.resamples} "
+        f"resamples, seed {settings.seed}). Paired tests: McNemar's exact test for the "
+        "pointing game, a paired bootstrap for the other measures; p-values Holm-adjusted "
+        f"over the {families} pairs of each measure; significant: Holm-adjusted p < "
+        f"{settings.alpha:g}."
+    )
+
+
+def _interval_grid(
+    methods: Sequence[str],
+    interval: Callable[[str, str], FigureInterval | None],
+    chance: Callable[[str], float | None] | None,
+) -> list[str]:
+    """Rows: the tested measures; columns: the methods (and the chance level)."""
+    columns = [maps.title(m) for m in methods] + (["chance"] if chance else [])
+    rows = []
+    for metric in TESTED_METRICS:
+        name, digits = MEASURES[metric]
+        cells = [format_interval(interval(m, metric), digits) for m in methods]
+        if chance:
+            cells.append(_fmt_rate(chance(metric), digits))
+        rows.append((name, cells))
+    return _grid([c.replace("_", " ") for c in columns], rows)
+
+
+def format_statistics(report: LocalizationReport) -> list[str]:
+    """The all-classes figures with their intervals, then a sentence per method pair."""
+    if report.settings is None:
+        return []
+    totals = report.totals
+
+    def chance(metric: str) -> float | None:
+        field = CHANCE_OF.get(metric)
+        return getattr(totals, field) if field else None
+
+    pairs = len(report.methods) * (len(report.methods) - 1) // 2
+    lines = [
+        "",
+        f"All classes, with intervals over the {report.correct} correctly classified images",
+    ]
+    lines += _interval_grid(report.methods, lambda m, k: report.interval(OVERALL, m, k), chance)
+    lines.append(statistics_note(report.settings, "images", pairs))
+    lines += comparison_sentences(report.comparisons)
+    return lines
+
+
+def format_pooled(pooled: PooledLocalization) -> str:
+    """Several models: the pooled figures with their intervals, a sentence per method
+    pair, then a sentence per two models and method."""
+    settings = pooled.settings
+    pairs = len(pooled.methods) * (len(pooled.methods) - 1) // 2
+    lines = [
+        f"Pooled over {len(pooled.models)} models ({', '.join(pooled.models)}): each figure "
+        "is the mean over models of each model's mean over its correctly classified images.",
+    ]
+    lines += _interval_grid(pooled.methods, pooled.interval, None)
+    lines.append(
+        f"{settings.level:.0%} two-stage bootstrap intervals ({settings.resamples} resamples, "
+        f"seed {settings.seed}): the models resampled, then the images within each. Paired "
+        "tests from the same two-stage bootstrap of the per-image differences; p-values "
+        f"Holm-adjusted over the {pairs} pairs of each measure; significant: Holm-adjusted "
+        f"p < {settings.alpha:g}."
+    )
+    lines += comparison_sentences(pooled.comparisons)
+    if pooled.model_comparisons:
+        lines += [
+            "",
+            "Model against model, method by method, over the images both classified "
+            "correctly (McNemar's exact test for the pointing game, a paired bootstrap "
+            "otherwise; Holm-adjusted over the model pairs and methods of each measure):",
+        ]
+        lines += comparison_sentences(pooled.model_comparisons)
+    return "\n".join(lines) + "\n"
+
+
 def format_report(report: LocalizationReport) -> str:
     """Table 3 (rows: methods, columns: classes, cells "pixels (ratio%)"), then the
     localization metrics against the ground-truth boxes in the same layout."""
@@ -131,6 +312,7 @@ def format_report(report: LocalizationReport) -> str:
             )
     lines += ["", "Localization against the ground-truth boxes"]
     lines += _grid(columns, localization)
+    lines += format_statistics(report)
     if report.unreadable:
         lines.append(f"{len(report.unreadable)} unreadable files left out")
     return "\n".join(lines) + "\n"
