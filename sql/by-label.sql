@@ -1,13 +1,22 @@
 -- The images a model labeled :label with a confidence of at least :min_confidence, most
 -- confident first. Each comes with its runner-up class and its DICOM header; files found gone
 -- and images flagged out of set are left out.
+-- label_reviewed: what a person said (`modlabel review`; empty: none of the classes, or
+-- no review), label_final: the review's label where there is one, else the model's.
 -- Parameters: label (a class name of the model), min_confidence (0..1; default 0),
 --   model (an identity or a prefix of one; default: the newest).
 SELECT i.path, i.label, i.confidence, i.runner_up, i.runner_up_probability,
        i.out_of_set, i.ood_score, i.dicom_modality, i.dicom_body_part,
-       i.width, i.height, i.source_id, i.labeled_at
+       i.width, i.height, i.source_id, i.labeled_at,
+       r.label AS label_reviewed,
+       CASE WHEN r.id IS NULL THEN i.label ELSE r.label END AS label_final
 FROM images i
 JOIN models m ON m.id = i.model_id
+LEFT JOIN reviews r  -- the image's current review (store.reviews): its latest not undone
+  ON r.path = i.path AND r.sha256 = i.sha256 AND r.undone_at IS NULL
+ AND NOT EXISTS (SELECT 1 FROM reviews later
+                 WHERE later.path = r.path AND later.sha256 = r.sha256
+                   AND later.undone_at IS NULL AND later.id > r.id)
 WHERE m.identity = :model
   AND i.label = :label
   AND i.confidence >= CAST(:min_confidence AS REAL)

@@ -10,7 +10,9 @@ data flowing down this list and never back up:
 * ``class_sums``: the class-level average maps (Eq. 8), kept as running sums by
   every write of image rows;
 * ``images``: the scan's lookups and writes (upserts, missing files, prune);
-* ``reads``: what the report and the commands that only read ask.
+* ``reads``: what the report and the commands that only read ask;
+* ``reviews``: the human labels, kept apart (``reviews`` table), and the reads that
+  show them beside the model's.
 
 Every write is an upsert (``INSERT ... ON CONFLICT``), so scans that overlap
 never fail on each other's rows, and a batch lands whole or not at all. This
@@ -73,10 +75,24 @@ from .reads import (
     error_groups,
     error_rows,
     example_rows,
+    iter_image_columns,
     iter_image_rows,
-    iter_image_values,
     load_class_maps,
     out_of_set_rows,
+)
+from .reviews import (
+    ImageKey,
+    Review,
+    ReviewedRow,
+    count_reviews,
+    current_review,
+    current_reviews,
+    latest_reviews,
+    record_review,
+    record_reviews,
+    review_history,
+    reviewed_rows,
+    undo_review,
 )
 from .runs import (
     ScanProgress,
@@ -108,6 +124,7 @@ from .schema import (
     insert_for,
     metadata,
     models,
+    reviews,
     scans,
     schema_revisions,
     upgrade_schema,
@@ -150,7 +167,7 @@ __all__ = [
     "INTERRUPTED",
     "is_transient",
     "iter_image_rows",
-    "iter_image_values",
+    "iter_image_columns",
     "iter_missing",
     "known_files",
     "known_under",
@@ -198,6 +215,20 @@ __all__ = [
     "upsert_class_map",
     "utcnow",
     "write_image_rows",
+    # the human labels (store.reviews)
+    "count_reviews",
+    "current_review",
+    "current_reviews",
+    "ImageKey",
+    "latest_reviews",
+    "record_review",
+    "record_reviews",
+    "Review",
+    "review_history",
+    "ReviewedRow",
+    "reviewed_rows",
+    "reviews",
+    "undo_review",
     # similar-image search (store.similar)
     "image_id",
     "nearest",

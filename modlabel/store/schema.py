@@ -13,6 +13,8 @@ Tables:
 * ``scans``: one row per scan run, for auditing nightly jobs: its status
   (running, finished, failed, interrupted), host and pid, and the counts of
   what it committed.
+* ``reviews``: what people said the images are, keyed by stored path and content
+  hash (not by a model's row): the human labels, kept apart (``store.reviews``).
 
 Paths are stored as text through ``modlabel.paths`` (any byte string a file
 system allows). The schema is created and upgraded by Alembic migrations
@@ -129,7 +131,8 @@ sa.Index(
     postgresql_where=images.c.missing_since.is_(None),
     sqlite_where=images.c.missing_since.is_(None),
 )
-# The duplicates query groups the model's hashes on this narrow index (migration 0009).
+# The duplicates query groups the model's hashes, with their paths and labels, on this
+# index alone (migrations 0009, 0012).
 _PRESENT_WITH_A_HASH = sa.and_(
     images.c.sha256.is_not(None), images.c.error.is_(None), images.c.missing_since.is_(None)
 )
@@ -140,8 +143,20 @@ sa.Index(
     images.c.out_of_set,
     images.c.error,
     images.c.missing_since,
+    images.c.path,
+    images.c.label,
     postgresql_where=_PRESENT_WITH_A_HASH,
     sqlite_where=_PRESENT_WITH_A_HASH,
+)
+# model-disagreements reads each model's rows in path order from this index alone (0012).
+sa.Index(
+    "ix_images_model_path_labels",
+    images.c.model_id,
+    images.c.path,
+    images.c.label,
+    images.c.confidence,
+    images.c.out_of_set,
+    images.c.missing_since,
 )
 # The errors query's rows in its own order (migration 0009 says why).
 sa.Index(
@@ -209,6 +224,62 @@ settings = sa.Table(
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
+
+# The exact similar-image search's copy of the embeddings (migration 0011, store.similar):
+# one row per (model, block of 1024 row ids), the block's searchable rows as arrays. A row
+# whose row_count is NULL is stale (triggers on images mark it) and is read from images.
+embedding_blocks = sa.Table(
+    "embedding_blocks",
+    metadata,
+    sa.Column(
+        "model_id",
+        sa.Integer,
+        sa.ForeignKey("models.id", ondelete="CASCADE"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    sa.Column("block", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("row_count", sa.Integer),
+    sa.Column("dims", sa.Integer),
+    sa.Column("ids", sa.LargeBinary),
+    sa.Column("codes", sa.LargeBinary),
+    sa.Column("norms", sa.LargeBinary),
+    sa.Column("labels", sa.JSON),
+    sa.Column("label_codes", sa.LargeBinary),
+    sa.Column("out_of_set", sa.LargeBinary),
+)
+
+# What people said the images are (migration 0010): one row per review, never deleted,
+# keyed by the image (stored path and content hash), not by a model's row, so that it
+# survives relabels, rescans and prunes. label NULL: none of the classes. The latest
+# review of an image that is not undone (``undone_at`` NULL) is its review (store.reviews).
+reviews = sa.Table(
+    "reviews",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("path", PATH_TYPE, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("label", sa.String(80)),
+    sa.Column("reviewer", sa.String(255), nullable=False),
+    sa.Column("reviewed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("note", sa.Text),
+    # The queue that chose the image, or manual / csv (reviews.STRATEGIES).
+    sa.Column("strategy", sa.String(32), nullable=False),
+    # The model whose labels the reviewer saw, for the record (NULL: unknown).
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id")),
+    sa.Column("undone_at", sa.DateTime(timezone=True)),
+    sa.Column("undone_by", sa.String(255)),
+)
+# An image's current review, and that no later one exists, by index probes (0010).
+sa.Index(
+    "ix_reviews_current",
+    reviews.c.path,
+    reviews.c.sha256,
+    reviews.c.id,
+    postgresql_where=reviews.c.undone_at.is_(None),
+    sqlite_where=reviews.c.undone_at.is_(None),
+)
+sa.Index("ix_reviews_reviewed_at", reviews.c.reviewed_at)
 
 # Scan statuses. A "running" row whose heartbeat (``alive_until``) has lapsed, or whose
 # process is gone, is shown as interrupted.
