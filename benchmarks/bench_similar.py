@@ -7,16 +7,24 @@ Two parts, each printing figures (it asserts nothing):
   nearest stored neighbours (``modlabel.store.nearest``, the image itself left out),
   and the share of them with the image's own class (its folder), per class and overall.
 * ``scale``: N synthetic embeddings (K values, clustered like a model's classes) are
-  written as a scan writes them, then Q queries are timed in a child process of their
-  own per method, with its peak RSS (``ru_maxrss``): the exact streamed search on SQLite
-  and on PostgreSQL, and pgvector's ordering where the server has the extension
-  (``--pgvector URL``). With ``--hnsw`` the model's HNSW index is built first
-  (``modlabel db index-embeddings``), and its recall@10 against the exact search printed.
+  written as a scan writes them (``store.write_image_rows``, which builds the exact
+  search's blocks), then Q queries are timed in a child process of their own per method:
+  wall-clock and CPU time (on a shared machine the CPU time is what the search costs,
+  the wall-clock what it waited too), and the child's own peak RSS (``own_peak_mb``).
+  The methods: the exact search on SQLite and on PostgreSQL (with ``--rows-too`` also
+  with its blocks stale: every row read from ``images``), and pgvector's ordering where
+  the server has the extension (``--pgvector URL``). With ``--hnsw`` the model's HNSW
+  index is built first (``modlabel db index-embeddings``), and its recall@10 against the
+  exact search printed. Each row is as wide as a scan writes it (a compressed 18 x 18
+  CRM, the probabilities as JSON, a path), so that a scan of the table pages through
+  what a real one would. ``--sqlite-file PATH`` keeps the SQLite database there and
+  reuses it on the next run when it holds the same rows (a million take minutes to
+  write).
 
 Usage:
   python benchmarks/bench_similar.py quality --model demo/model.onnx --archive ARCHIVE
   python benchmarks/bench_similar.py scale --rows 1000000 --dims 512 [--postgres URL]
-      [--pgvector URL [--hnsw]] [--sqlite-only]
+      [--pgvector URL [--hnsw]] [--sqlite-only] [--rows-too] [--sqlite-file /tmp/similar_1m.db]
 """
 
 from __future__ import annotations
@@ -38,10 +46,20 @@ import numpy as np
 import sqlalchemy as sa
 
 from modlabel import codec, store
-from modlabel.store.similar import EXACT, PGVECTOR, create_search_index, nearest, search_method
+from modlabel.errors import ModlabelError
+from modlabel.store.schema import embedding_blocks
+from modlabel.store.similar import (
+    EXACT,
+    PGVECTOR,
+    create_search_index,
+    nearest,
+    refresh_embedding_blocks,
+    search_method,
+)
 
 CHUNK = 20_000
 CLASSES = 7
+CLASS_NAMES = [f"c{i}" for i in range(CLASSES)]
 
 
 def quality(model: Path, archive: Path, k: int = 10) -> None:
@@ -108,9 +126,18 @@ def synthetic(rows: int, dims: int, seed: int = 0):
         yield start, cls, np.abs(centres[cls] + rng.normal(size=(n, dims)))
 
 
-def fill(url: str, rows: int, dims: int) -> int:
-    engine = store.open_db(url)
-    model_id = store.ensure_model(
+def crm_blobs(count: int = 256, seed: int = 3) -> list[bytes]:
+    """Compressed 18 x 18 CRMs (``codec.encode_maps``) of smooth random maps, about as
+    large as a scan's, cycled through the rows so that each row is as wide as a real one."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:18, 0:18]
+    centres = rng.uniform(0, 18, size=(count, 2, 1, 1))
+    maps = np.exp(-((y - centres[:, 0]) ** 2 + (x - centres[:, 1]) ** 2) / 20.0)
+    return codec.encode_maps(maps + 0.05 * rng.random(maps.shape))
+
+
+def model_for(engine: sa.Engine, dims: int) -> int:
+    return store.ensure_model(
         engine,
         identity=f"bench-{dims}",
         sha256="0" * 64,
@@ -120,25 +147,66 @@ def fill(url: str, rows: int, dims: int) -> int:
         activation_shape=[18, 18, dims],
         path="/nonexistent/bench.onnx",
     )
+
+
+def reusable(url: str, rows: int, dims: int) -> int | None:
+    """The bench model's id where ``url`` (a kept SQLite file) already holds its ``rows``
+    embeddings of ``dims`` values; None where it must be written."""
+    try:  # upgraded to this modlabel's schema, as a scan would
+        engine = store.open_db(url, create=False, migrate=True)
+    except ModlabelError:
+        return None
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(
+                sa.text(
+                    "SELECT m.id, count(*), max(length(i.embedding)) FROM models m "
+                    "JOIN images i ON i.model_id = m.id WHERE m.identity = :identity "
+                    "GROUP BY m.id"
+                ),
+                {"identity": f"bench-{dims}"},
+            ).first()
+    finally:
+        engine.dispose()
+    if found is None or found[1] != rows or found[2] != codec.EMBEDDING_HEADER_BYTES + dims:
+        return None
+    return int(found[0])
+
+
+def fill(url: str, rows: int, dims: int) -> int:
+    engine = store.open_db(url)
+    model_id = model_for(engine, dims)
     now = datetime.now(timezone.utc)
+    crms = crm_blobs()
     started = time.perf_counter()
     for start, cls, vectors in synthetic(rows, dims):
         blobs = codec.encode_embeddings(vectors)
+        probabilities = np.full((len(cls), CLASSES), 0.1 / (CLASSES - 1))
+        probabilities[np.arange(len(cls)), cls] = 0.9
         batch = [
             {
-                "model_id": model_id,
                 "path": f"/archive/{(start + i) // 1000:05d}/{start + i:08d}.jpg",
                 "size_bytes": 1000,
                 "mtime": 0.0,
+                "sha256": f"{start + i:064x}",
+                "width": 300,
+                "height": 300,
                 "label": f"c{c}",
                 "confidence": 0.9,
+                "probabilities": dict(zip(CLASS_NAMES, p.tolist(), strict=True)),
+                "crm": crms[(start + i) % len(crms)],
+                "roi_share": 0.2,
+                "ood_score": 0.1,
+                "out_of_set": False,
+                "runner_up": f"c{(c + 1) % CLASSES}",
+                "runner_up_probability": 0.1 / (CLASSES - 1),
                 "labeled_at": now,
                 "embedding": blob,
             }
-            for i, (c, blob) in enumerate(zip(cls.tolist(), blobs, strict=True))
+            for i, (c, blob, p) in enumerate(zip(cls.tolist(), blobs, probabilities, strict=True))
         ]
-        with engine.begin() as conn:
-            conn.execute(store.images.insert(), batch)
+        # As a scan writes them: the rows, and the search's blocks rebuilt as they fill.
+        store.write_image_rows(engine, model_id, batch)
     print(
         f"  wrote {rows:,} rows of {dims} values in {time.perf_counter() - started:.0f} s "
         f"({search_method(engine)})"
@@ -152,15 +220,31 @@ def child(url: str, model_id: int, dims: int, method: str, queries: int, k: int)
     engine = store.open_db(url, create=False, migrate=False)
     rng = np.random.default_rng(99)
     _, _, qs = next(synthetic(queries, dims, seed=7))
-    latencies, results = [], []
+    latencies, cpu, results = [], [], []
     for q in qs:
-        started = time.perf_counter()
+        started, used = time.perf_counter(), time.process_time()
         found = nearest(engine, model_id, q, k, method=method, include_out_of_set=True)
         latencies.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - used)
         results.append([n.id for n in found])
     del rng
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"latencies": latencies, "results": results, "peak_mb": peak}))
+    figures = {"latencies": latencies, "cpu": cpu, "results": results, "peak_mb": own_peak_mb()}
+    print(json.dumps(figures))
+
+
+def own_peak_mb() -> float:
+    """This process's peak RSS in MB: the kernel's high-water mark of its own memory
+    (VmHWM). Not ``ru_maxrss``: Linux carries that over ``execve`` from the process that
+    was forked, so a child of a parent that had grown to 500 MB writing the rows reports
+    500 MB whatever it used itself."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
 def in_child(url: str, model_id: int, dims: int, method: str, queries: int, k: int) -> dict:
@@ -191,7 +275,8 @@ def report(name: str, figures: dict, exact: dict | None = None) -> None:
     lat = sorted(figures["latencies"])
     line = (
         f"  {name:<28} p50 {1000 * statistics.median(lat):8.1f} ms   max "
-        f"{1000 * lat[-1]:8.1f} ms   peak RSS {figures['peak_mb']:6.0f} MB"
+        f"{1000 * lat[-1]:8.1f} ms   CPU p50 {1000 * statistics.median(figures['cpu']):8.1f} ms"
+        f"   peak RSS {figures['peak_mb']:6.0f} MB"
     )
     if exact is not None and "results" in exact:
         recall = np.mean(
@@ -202,6 +287,28 @@ def report(name: str, figures: dict, exact: dict | None = None) -> None:
         )
         line += f"   recall@k {recall:.3f}"
     print(line)
+
+
+def rows_only(url: str, model_id: int, args: argparse.Namespace) -> dict:
+    """The exact search with every block of the model stale (each row read from
+    ``images``, as just after the upgrade to 0011), then the blocks rebuilt."""
+    engine = store.open_db(url, create=False, migrate=False)
+    blocks = embedding_blocks
+    data = [c.name for c in blocks.c if c.name not in ("model_id", "block")]
+    with engine.begin() as conn:
+        conn.execute(
+            blocks.update()
+            .where(blocks.c.model_id == model_id)
+            .values({name: None for name in data})
+        )
+    try:
+        return in_child(url, model_id, args.dims, EXACT, args.queries, args.k)
+    finally:
+        started = time.perf_counter()
+        with engine.begin() as conn:
+            built = refresh_embedding_blocks(conn, model_id, limit=None)
+        print(f"  rebuilt {built} blocks in {time.perf_counter() - started:.1f} s")
+        engine.dispose()
 
 
 def postgres_database(admin_url: str) -> tuple[str, callable]:
@@ -222,7 +329,8 @@ def postgres_database(admin_url: str) -> tuple[str, callable]:
 def scale(args: argparse.Namespace) -> None:
     targets: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        targets.append(("SQLite", f"sqlite:///{tmp}/vectors.db"))
+        kept = args.sqlite_file.absolute() if args.sqlite_file else Path(tmp) / "vectors.db"
+        targets.append(("SQLite", f"sqlite:///{kept}"))
         drops = []
         if not args.sqlite_only:
             url, drop = postgres_database(args.postgres)
@@ -238,9 +346,18 @@ def scale(args: argparse.Namespace) -> None:
                     f"{name}: {args.rows:,} embeddings of {args.dims} values, "
                     f"{args.queries} queries of k={args.k}"
                 )
-                model_id = fill(url, args.rows, args.dims)
+                model_id = reusable(url, args.rows, args.dims) if name == "SQLite" else None
+                if model_id is None:
+                    if name == "SQLite" and kept.exists():
+                        for stale in kept.parent.glob(kept.name + "*"):  # with -wal, -shm
+                            stale.unlink()
+                    model_id = fill(url, args.rows, args.dims)
+                else:
+                    print(f"  reused the {args.rows:,} rows in {kept}")
                 exact = in_child(url, model_id, args.dims, EXACT, args.queries, args.k)
-                report("exact, streamed", exact)
+                report("exact, blocks", exact)
+                if args.rows_too:
+                    report("exact, rows (blocks stale)", rows_only(url, model_id, args), exact)
                 engine = store.open_db(url, create=False, migrate=False)
                 if search_method(engine) == PGVECTOR:
                     report(
@@ -288,6 +405,16 @@ def main() -> None:
     s.add_argument("--pgvector", help="a PostgreSQL server with the vector extension")
     s.add_argument("--hnsw", action="store_true", help="build and measure the HNSW index")
     s.add_argument("--sqlite-only", action="store_true")
+    s.add_argument(
+        "--rows-too",
+        action="store_true",
+        help="also time the search with the blocks stale (every row read from images)",
+    )
+    s.add_argument(
+        "--sqlite-file",
+        type=Path,
+        help="keep the SQLite database here, and reuse it when it holds the same rows",
+    )
     args = parser.parse_args()
     if args.part == "quality":
         quality(args.model, args.archive, args.k)

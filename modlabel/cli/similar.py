@@ -158,12 +158,19 @@ def db_index_embeddings(db: DbOption = None, model: ModelIdOption = None) -> Non
     Example: modlabel db index-embeddings --db postgresql://modlabel@db/archive
     """
     from ..store import open_db, pick_model
-    from ..store.similar import create_search_index, search_method
+    from ..store.similar import create_search_index, refresh_embedding_blocks, search_method
 
     engine = open_db(db_url(db), create=False, migrate=True)
     row = pick_model(engine, model)
     name = create_search_index(engine, row.id)
     if name is None:
-        say(f"this database searches {search_method(engine)}ly: there is no index to build")
+        # The exact search reads contiguous blocks: build every stale one now, so the
+        # first searches after an upgrade or a backfill need not read row by row.
+        with engine.begin() as conn:
+            built = refresh_embedding_blocks(conn, row.id, limit=None)
+        say(
+            f"this database searches {search_method(engine)}ly: there is no index to build; "
+            f"{built:,} stale block{'s' if built != 1 else ''} of the exact search rebuilt"
+        )
     else:
         say(f"index {name} of {row.identity} is built")

@@ -23,6 +23,7 @@ from ..errors import Interrupted, ModlabelError
 from ..model import OnnxModel
 from ..paths import from_db
 from ..store import images
+from ..store.similar import refresh_embedding_blocks
 from .pipeline import DecodeOptions, decoder_pool
 
 PAGE_ROWS = 256
@@ -113,3 +114,6 @@ def _write(engine: Engine, model_id: int, rows: list[tuple[int, str | None, byte
                 )
                 .values(embedding=blob)
             )
+        # The exact search's blocks of these rows are stale now (their trigger): rebuilt in
+        # the same transaction, as every writer of images does.
+        refresh_embedding_blocks(conn, model_id)

@@ -15,6 +15,7 @@ from ..dicom import NO_HEADER_COLUMNS
 from .class_sums import track
 from .runs import ScanProgress, record_progress
 from .schema import _aware, images, insert_for, utcnow
+from .similar import refresh_embedding_blocks
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def touch_files(
                 .values(size_bytes=sa.bindparam("s"), mtime=sa.bindparam("m"), missing_since=None),
                 [{"p": p, "s": s, "m": m} for p, s, m in stats],
             )
+        refresh_embedding_blocks(conn, model_id)  # the search's copy, kept in step
         if progress is not None:
             record_progress(conn, progress, labeled=0, errors=0)
 
@@ -137,6 +139,7 @@ def set_missing(
                     .values(missing_since=utcnow() if missing else None)
                 )
             changed += int(result.rowcount or 0)
+        refresh_embedding_blocks(conn, model_id)
         if progress is not None:
             record_progress(conn, progress, labeled=0, errors=0)
     return changed
@@ -206,6 +209,7 @@ def prune_missing(
                         images.c.path.in_(paths), *_missing_since(model_id, older_than)
                     )
                 )
+            refresh_embedding_blocks(conn, model_id)
             deleted += len(paths)
 
 
@@ -254,6 +258,7 @@ def write_image_rows(
         )
         with track(conn, model_id, [r["path"] for r in rows], written=rows):
             conn.execute(stmt, [{**r, "model_id": model_id} for r in rows])
+        refresh_embedding_blocks(conn, model_id)
         if progress is not None:
             errors = sum(1 for r in rows if r["error"] is not None)
             record_progress(conn, progress, labeled=len(rows) - errors, errors=errors)

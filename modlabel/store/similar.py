@@ -11,9 +11,15 @@ when its schema is made (migration 0007), and recorded in ``settings``
   cosine distance: an exact scan in the server, or, once ``modlabel db index-embeddings``
   has built a model's partial HNSW index (``create_search_index``), an approximate search
   in milliseconds at millions of rows.
-* ``exact``: SQLite, and PostgreSQL without the extension. The rows are streamed in
-  chunks of ``CHUNK_ROWS`` and the k best kept as they pass: exact, memory bounded by
-  the chunk, never the table.
+* ``exact``: SQLite, and PostgreSQL without the extension. Every searchable row of the
+  model is compared, and the k best kept as they pass: exact, memory bounded by a chunk,
+  never the table. The embeddings are read from ``embedding_blocks`` (migration 0011):
+  a model's rows in blocks of ``BLOCK_ROWS`` row ids, each block one database row of
+  arrays (ids, int8 codes, norms, label and out-of-set codes), so that a million rows
+  are ~1,000 reads and ~4,000 BLAS calls instead of a million Python rows. Triggers on
+  ``images`` mark a block stale when any of its rows changes; a stale block's rows are
+  read from ``images`` (the same answer, slower), and the writers rebuild stale blocks
+  in their own transactions (``refresh_embedding_blocks``).
 
 Both give the same neighbours up to the index's recall (tests compare them with a brute
 force in numpy). Missing files and error rows are never results.
@@ -22,8 +28,12 @@ force in numpy). Missing files and error rows are never results.
 from __future__ import annotations
 
 import heapq
+import json
+import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import sqlalchemy as sa
@@ -31,16 +41,28 @@ from sqlalchemy.engine import Engine
 
 from ..codec import (
     EMBEDDING_HEADER_BYTES,
+    MapCodecError,
     decode_embeddings,
     embedding_codes,
     encode_embeddings,
 )
 from ..errors import DatabaseError, InputError
-from .schema import images, settings
+from .schema import embedding_blocks, images, settings
 
 SEARCH_SETTING = "similar_search"
 PGVECTOR, EXACT = "pgvector", "exact"
+# Row ids per block of ``embedding_blocks``: a row's block is id // BLOCK_ROWS (the
+# triggers of migration 0011 compute it too). About 530 KB of codes a block at K = 512.
+BLOCK_ROWS = 1024
+# Stale blocks one write rebuilds at most (about 5 ms each): a backlog (after the
+# upgrade, a backfill) is worked off over a few writes rather than in one.
+REFRESH_BLOCKS = 256
+# Blocks a fetch brings (PostgreSQL: the server-side cursor's batch), rows a fetch of a
+# stale range brings, rows per BLAS call.
+BLOCKS_PER_FETCH = 8
 CHUNK_ROWS = 4096
+DOT_ROWS = 256
+NO_LABEL = 0xFFFF  # label_codes of a row without a label
 # HNSW's candidate list: at least this, and 2k for a larger k (pgvector's ef_search).
 EF_SEARCH = 100
 
@@ -170,19 +192,29 @@ class _Ask:
     exclude_id: int | None
 
 
-def _filters(model_id: int, label: str | None, include_out_of_set: bool) -> list:
+def _searchable() -> list:
+    """The rows a search may return at all: embedded, present, not an error."""
     c = images.c
-    where = [
-        c.model_id == model_id,
-        c.embedding.is_not(None),
-        c.missing_since.is_(None),
-        c.error.is_(None),
-    ]
-    if label is not None:
-        where.append(c.label == label)
-    if not include_out_of_set:
+    return [c.embedding.is_not(None), c.missing_since.is_(None), c.error.is_(None)]
+
+
+def _chosen(ask: _Ask) -> list:
+    """The search's own filters on searchable rows: its label, out-of-set rows left out."""
+    c = images.c
+    where = []
+    if ask.label is not None:
+        where.append(c.label == ask.label)
+    if not ask.include_out_of_set:
         where.append(c.out_of_set.is_not(True))
     return where
+
+
+def _in_block(model_id: int, first: int, end: int) -> list:
+    """The model's rows with ids in [first, end), found by the primary key."""
+    c = images.c
+    # ``+ 0``: SQLite, without statistics, would otherwise walk the model's index (all its
+    # rows) rather than the id range; an expression is no index's column.
+    return [c.model_id + 0 == model_id, c.id >= first, c.id < end]
 
 
 def _unit(query: np.ndarray) -> np.ndarray:
@@ -192,51 +224,274 @@ def _unit(query: np.ndarray) -> np.ndarray:
     return (query / norm).astype(np.float32)
 
 
-def _nearest_exact(engine: Engine, query: np.ndarray, ask: _Ask) -> list[tuple[int, float]]:
-    """Streamed exact search: (id, distance) of the k nearest, nearest first."""
-    k, exclude_id = ask.k, ask.exclude_id
-    unit = _unit(query)
-    best: list[tuple[float, int]] = []  # a min-heap of (similarity, -id): the k best so far
-    # One float32 buffer for every chunk's codes: the cosine needs their direction only.
-    buffer = np.empty((CHUNK_ROWS, unit.shape[0]), np.float32)
-    for ids, blobs in _chunks(engine, ask):
-        codes = embedding_codes(blobs)
-        if codes.shape[1] != unit.shape[0]:
-            raise InputError(
-                f"the query has {unit.shape[0]} values and the stored embeddings "
-                f"{codes.shape[1]}: a vector of another model"
-            )
-        vectors = buffer[: len(codes)]
-        np.copyto(vectors, codes)
-        norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
-        similarity = vectors @ unit
-        np.divide(similarity, norms, out=similarity, where=norms > 0)
-        if exclude_id is not None:
-            similarity[ids == exclude_id] = -np.inf
+def code_norms(codes: np.ndarray) -> np.ndarray:
+    """(N,) float32 L2 norms of (N, K) int8 embedding codes, their squares summed exactly
+    in integers: the same for a row wherever it is read from (a block or ``images``)."""
+    squares = np.einsum("ij,ij->i", codes, codes, dtype=np.int64)
+    return np.sqrt(squares.astype(np.float64)).astype(np.float32)
+
+
+def _cosines(
+    codes: np.ndarray, norms: np.ndarray, unit: np.ndarray, scratch: np.ndarray
+) -> np.ndarray:
+    """(N,) float32 cos(f, q) of (N, K) int8 codes with norms (N,) and the unit query
+    (K,): codes · q / |codes| (the scale of the codes is one positive factor a row; a
+    zero embedding's cosine is 0). One BLAS matrix-vector product per ``DOT_ROWS`` rows,
+    whose float32 copy (``scratch``, (DOT_ROWS, K)) stays in the cache."""
+    n = len(codes)
+    similarity = np.empty(n, np.float32)
+    for start in range(0, n, DOT_ROWS):
+        part = scratch[: min(DOT_ROWS, n - start)]
+        np.copyto(part, codes[start : start + len(part)])
+        np.matmul(part, unit, out=similarity[start : start + len(part)])
+    np.divide(similarity, norms, out=similarity, where=norms > 0)
+    return similarity
+
+
+class _Nearest:
+    """The k most similar rows offered so far: a min-heap of (similarity, -id)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.heap: list[tuple[float, int]] = []
+
+    def offer(self, ids: np.ndarray, similarity: np.ndarray) -> None:
+        k, heap = self.k, self.heap
+        if len(ids) == 0:
+            return
+        if len(heap) == k:  # only what beats the k-th best so far can enter
+            better = similarity >= heap[0][0]
+            if not better.any():
+                return
+            ids, similarity = ids[better], similarity[better]
         top = np.argpartition(-similarity, min(k, len(ids)) - 1)[:k]
         for i in top.tolist():
             s = float(similarity[i])
             if s == -np.inf:
                 continue
             item = (s, -int(ids[i]))  # ties: the lower id first
-            if len(best) < k:
-                heapq.heappush(best, item)
-            elif item > best[0]:
-                heapq.heapreplace(best, item)
-    return [(-neg_id, 1.0 - s) for s, neg_id in sorted(best, reverse=True)]
+            if len(heap) < k:
+                heapq.heappush(heap, item)
+            elif item > heap[0]:
+                heapq.heapreplace(heap, item)
+
+    def found(self) -> list[tuple[int, float]]:
+        """(id, cosine distance) nearest first."""
+        return [(-neg_id, 1.0 - s) for s, neg_id in sorted(self.heap, reverse=True)]
 
 
-def _chunks(engine: Engine, ask: _Ask) -> Iterator[tuple[np.ndarray, list[bytes]]]:
-    """(ids, blobs) of the rows searched, ``CHUNK_ROWS`` at a time, streamed by the driver
-    (a server-side cursor on PostgreSQL)."""
-    query = (
-        sa.select(images.c.id, images.c.embedding)
-        .where(*_filters(ask.model_id, ask.label, ask.include_out_of_set))
-        .execution_options(yield_per=CHUNK_ROWS)
-    )
+def _nearest_exact(engine: Engine, query: np.ndarray, ask: _Ask) -> list[tuple[int, float]]:
+    """Exact search: (id, distance) of the k nearest, nearest first. The model's blocks
+    (``embedding_blocks``) are read one after the other, and the rows of its stale blocks
+    from ``images``, all in one snapshot; memory is bounded by a block or a chunk."""
+    unit = _unit(query)
+    nearest_rows = _Nearest(ask.k)
+    scratch = np.empty((DOT_ROWS, unit.shape[0]), np.float32)
+    with _snapshot(engine) as conn:
+        for ids, codes, norms in _searched(conn, ask):
+            if codes.shape[1] != unit.shape[0]:
+                raise InputError(
+                    f"the query has {unit.shape[0]} values and the stored embeddings "
+                    f"{codes.shape[1]}: a vector of another model"
+                )
+            similarity = _cosines(codes, norms, unit, scratch)
+            if ask.exclude_id is not None:
+                similarity[ids == ask.exclude_id] = -np.inf
+            nearest_rows.offer(ids, similarity)
+    return nearest_rows.found()
+
+
+@contextmanager
+def _snapshot(engine: Engine) -> Iterator[sa.Connection]:
+    """A connection in one read transaction: the blocks and the rows of the stale ones
+    as of one moment (SQLite's WAL snapshot; PostgreSQL's REPEATABLE READ)."""
     with engine.connect() as conn:
-        for part in conn.execute(query).partitions():
-            yield np.fromiter((r[0] for r in part), np.int64, len(part)), [r[1] for r in part]
+        if conn.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            yield conn
+
+
+Chunk = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids (N,) int64, codes (N, K) int8, norms
+
+
+def _searched(conn: sa.Connection, ask: _Ask) -> Iterator[Chunk]:
+    """The rows searched, as (ids, codes, norms) chunks: each current block of the model,
+    then the rows of its stale blocks, ``CHUNK_ROWS`` at a time."""
+    b = embedding_blocks.c
+    stale = (
+        conn.execute(
+            sa.select(b.block)
+            .where(b.model_id == ask.model_id, b.row_count.is_(None))
+            .order_by(b.block)
+        )
+        .scalars()
+        .all()
+    )
+    current = (
+        sa.select(*(b[name] for name in _Block._fields))
+        .where(b.model_id == ask.model_id, b.row_count > 0)
+        .order_by(b.block)
+    )
+    for part in _fetched(conn, current, BLOCKS_PER_FETCH):
+        for values in part:
+            chunk = _block_rows(_Block._make(values), ask)
+            if chunk is not None:
+                yield chunk
+    for first, end in _id_ranges(stale):
+        query = sa.select(images.c.id, images.c.embedding).where(
+            *_in_block(ask.model_id, first, end), *_searchable(), *_chosen(ask)
+        )
+        for rows in _fetched(conn, query, CHUNK_ROWS):
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            codes = embedding_codes([r[1] for r in rows])
+            yield ids, codes, code_norms(codes)
+
+
+class _Block(NamedTuple):
+    """A stored block as the driver gives it (``embedding_blocks``' columns)."""
+
+    block: int
+    row_count: int
+    dims: int
+    ids: bytes
+    codes: bytes
+    norms: bytes
+    labels: list | str | None  # JSON: parsed by psycopg, text from SQLite
+    label_codes: bytes
+    out_of_set: bytes
+
+
+def _block_rows(block: _Block, ask: _Ask) -> Chunk | None:
+    """The rows of a stored block that the search keeps (its label, out-of-set ones only
+    when asked for); None when none."""
+    n, k = int(block.row_count), int(block.dims)
+    if len(block.codes) != n * k or len(block.ids) != 8 * n or len(block.norms) != 4 * n:
+        raise DatabaseError(
+            f"embedding_blocks: block {block.block} of model {ask.model_id} is damaged "
+            "(its arrays do not hold row_count x dims values)"
+        )
+    ids = np.frombuffer(block.ids, "<i8")
+    codes = np.frombuffer(block.codes, np.int8).reshape(n, k)
+    norms = np.frombuffer(block.norms, "<f4")
+    keep = None
+    if ask.label is not None:
+        labels = json.loads(block.labels) if isinstance(block.labels, str) else block.labels
+        if ask.label not in (labels or []):
+            return None
+        keep = np.frombuffer(block.label_codes, "<u2") == labels.index(ask.label)
+    if not ask.include_out_of_set:
+        inside = np.frombuffer(block.out_of_set, np.uint8) == 0
+        keep = inside if keep is None else keep & inside
+    if keep is not None and not keep.all():
+        if not keep.any():
+            return None
+        ids, codes, norms = ids[keep], codes[keep], norms[keep]
+    return ids, codes, norms
+
+
+def _id_ranges(blocks: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """[first, end) row ids of runs of consecutive block numbers (ascending)."""
+    run_start = previous = None
+    for block in blocks:
+        if previous is not None and block == previous + 1:
+            previous = block
+            continue
+        if run_start is not None:
+            yield run_start * BLOCK_ROWS, (previous + 1) * BLOCK_ROWS
+        run_start = previous = block
+    if run_start is not None:
+        yield run_start * BLOCK_ROWS, (previous + 1) * BLOCK_ROWS
+
+
+def _fetched(conn: sa.Connection, query: sa.Select, size: int) -> Iterator[list[tuple]]:
+    """The rows of ``query``, ``size`` at a time, as the driver makes them (tuples, no
+    SQLAlchemy rows: a third of the cost a row), in ``conn``'s transaction; streamed by a
+    server-side cursor on PostgreSQL, in the binary format (bytea as bytes, not hex: 4x
+    faster for the blocks). Driver errors come as SQLAlchemy's."""
+    compiled = query.compile(dialect=conn.dialect)
+    params = compiled.construct_params()
+    args = tuple(params[name] for name in compiled.positiontup) if compiled.positional else params
+    dbapi = conn.connection.dbapi_connection
+    if conn.dialect.name == "postgresql":
+        cursor = dbapi.cursor(name=f"modlabel_similar_{uuid.uuid4().hex[:12]}", binary=True)
+    else:
+        cursor = dbapi.cursor()
+    errors = conn.dialect.loaded_dbapi.Error
+    try:
+        cursor.execute(compiled.string, args)
+        while rows := cursor.fetchmany(size):
+            yield rows
+    except errors as exc:
+        raise sa.exc.DBAPIError.instance(compiled.string, args, exc, errors) from exc
+    finally:
+        cursor.close()
+
+
+def refresh_embedding_blocks(
+    conn: sa.Connection, model_id: int, *, limit: int | None = REFRESH_BLOCKS
+) -> int:
+    """Rebuild the model's stale blocks (``limit`` at most; None: all), in ``conn``'s
+    transaction: the writers of ``images`` call it after their writes. The block that is
+    still filling (the table's newest id) is left for later: rebuilt once it is full
+    rather than after every batch. Returns how many blocks were rebuilt.
+
+    About 5 ms a block of 1,024 rows; a scan rebuilds each block about once."""
+    b = embedding_blocks.c
+    newest = conn.execute(sa.select(sa.func.max(images.c.id))).scalar()
+    query = (
+        sa.select(b.block).where(b.model_id == model_id, b.row_count.is_(None)).order_by(b.block)
+    )
+    if newest is not None:
+        query = query.where(b.block != int(newest) // BLOCK_ROWS)
+    if limit is not None:
+        query = query.limit(limit)
+    stale = conn.execute(query).scalars().all()
+    return sum(_rebuild_block(conn, model_id, int(block)) for block in stale)
+
+
+def _rebuild_block(conn: sa.Connection, model_id: int, block: int) -> bool:
+    """Store one block's searchable rows as arrays (or drop the block when the model has
+    no rows in it any more); False when it was left stale."""
+    b, c = embedding_blocks.c, images.c
+    here = [b.model_id == model_id, b.block == block]
+    if conn.dialect.name == "postgresql":
+        # Lock it first: a write that marks it stale while this one reads waits for this
+        # transaction, then marks it again; one before it committed what is read here.
+        locked = sa.select(b.block).where(*here, b.row_count.is_(None)).with_for_update()
+        if conn.execute(locked).first() is None:
+            return False  # rebuilt by another meanwhile
+    in_block = _in_block(model_id, block * BLOCK_ROWS, (block + 1) * BLOCK_ROWS)
+    rows = conn.execute(
+        sa.select(c.id, c.embedding, c.label, c.out_of_set)
+        .where(*in_block, *_searchable())
+        .order_by(c.id)
+    ).all()
+    if not rows and conn.execute(sa.select(c.id).where(*in_block).limit(1)).first() is None:
+        conn.execute(embedding_blocks.delete().where(*here))
+        return True
+    ids, blobs, labels, flagged = zip(*rows, strict=True) if rows else ((), (), (), ())
+    try:
+        codes = embedding_codes(list(blobs))
+    except MapCodecError:
+        return False  # a damaged embedding: its rows stay searched one by one, which says so
+    names = sorted({label for label in labels if label is not None})
+    index = {name: i for i, name in enumerate(names)}
+    conn.execute(
+        embedding_blocks.update()
+        .where(*here)
+        .values(
+            row_count=len(rows),
+            dims=int(codes.shape[1]),
+            ids=np.array(ids, "<i8").tobytes(),
+            codes=np.ascontiguousarray(codes).tobytes(),
+            norms=code_norms(codes).astype("<f4").tobytes(),
+            labels=names,
+            label_codes=np.array([index.get(lab, NO_LABEL) for lab in labels], "<u2").tobytes(),
+            out_of_set=np.array([bool(f) for f in flagged], np.uint8).tobytes(),
+        )
+    )
+    return True
 
 
 def _codes_literal(query: np.ndarray) -> str:
