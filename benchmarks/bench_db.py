@@ -140,10 +140,13 @@ def fill(engine, rows: int, seed: int = 0) -> list[int]:
                     }
                 )
             insert_rows(engine, batch)
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(
-            sa.text("VACUUM ANALYZE" if engine.dialect.name == "postgresql" else "ANALYZE")
-        )
+    # PostgreSQL: statistics and the visibility map (index-only scans need it), as its
+    # autovacuum would keep them. SQLite gets no statistics: modlabel never runs ANALYZE,
+    # so a user's file has none (the ANALYZE once run here was rolled back unseen, inside
+    # the BEGIN modlabel's engine emits).
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(sa.text("VACUUM ANALYZE"))
     return model_ids
 
 

@@ -9,16 +9,21 @@ spreadsheet shows as text; the cells are quoted as CSV requires. Numbers stay
 numbers (a negative confidence would be written ``-0.5``, not defused). The stored
 values are never changed, and ``--format json`` gives them as they are.
 
-Every CSV modlabel writes goes through ``writer`` (or ``SafeDictWriter``).
+Every CSV modlabel writes goes through ``writer`` (or ``SafeDictWriter``), or, for a file
+written a column at a time (``images.csv``), through ``defuse_column``.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# The first characters of the text that ``defuse`` may change (a formula start, or the
+# quotes before one), each after a NUL: found in a column's cells joined by NULs.
+_MAY_CHANGE = re.compile("\x00[" + "".join(re.escape(c) for c in ("'", *FORMULA_STARTS)) + "]")
 
 
 def defuse(value: Any) -> Any:
@@ -30,6 +35,22 @@ def defuse(value: Any) -> Any:
     if isinstance(value, str) and value.lstrip("'").startswith(FORMULA_STARTS):
         return "'" + value
     return value
+
+
+def defuse_column(values: Sequence[Any]) -> Sequence[Any]:
+    """``defuse`` of each cell of a column (a chunk of one column of a CSV file).
+
+    The column itself when none of its text can start a formula (nearly every column of an
+    archive), found by one regular-expression search over its text cells joined by NULs,
+    not a test in Python per cell; else a list of the defused cells. A NUL inside a cell
+    can only make the search find a cell to check in vain."""
+    try:
+        joined = "\x00" + "\x00".join(filter(None, values))
+    except TypeError:  # a cell that is not text (a number): each is looked at
+        return [defuse(v) for v in values]
+    if _MAY_CHANGE.search(joined) is None:
+        return values
+    return [defuse(v) for v in values]
 
 
 def restore(value: str) -> str:

@@ -5,10 +5,12 @@
 SELECT a.path, a.label AS label_a, a.confidence AS confidence_a,
        b.label AS label_b, b.confidence AS confidence_b
 FROM images a
-JOIN models ma ON ma.id = a.model_id AND ma.identity = :model_a
 JOIN images b ON b.path = a.path
-JOIN models mb ON mb.id = b.model_id AND mb.identity = :model_b
-WHERE a.label <> b.label
+-- The models as values, not joined tables: each side is then the rows of one model in path
+-- order, and the two merge without a hash or a sort of a million rows.
+WHERE a.model_id = (SELECT ma.id FROM models ma WHERE ma.identity = :model_a)
+  AND b.model_id = (SELECT mb.id FROM models mb WHERE mb.identity = :model_b)
+  AND a.label <> b.label
   AND a.missing_since IS NULL
   AND a.out_of_set IS NOT TRUE
   AND b.out_of_set IS NOT TRUE

@@ -389,7 +389,12 @@ def test_images_csv_is_every_row_as_spreadsheet_writer_writes_it(db, tmp_path):
 
     from modlabel import codec, spreadsheet
     from modlabel.paths import display_path
-    from modlabel.report.files import IMAGE_COLUMNS, image_roi_shares, write_images_csv
+    from modlabel.report.files import (
+        IMAGE_COLUMNS,
+        IMAGE_CSV_COLUMNS,
+        image_roi_shares,
+        write_images_csv,
+    )
 
     gone = datetime(2026, 12, 1, 3, 4, 5, tzinfo=timezone.utc)
     maps = codec.encode_maps(np.random.default_rng(0).gamma(2.0, 1.0, (3, 6, 6)).astype("f4"))
@@ -409,22 +414,61 @@ def test_images_csv_is_every_row_as_spreadsheet_writer_writes_it(db, tmp_path):
     model_id = hand_rows(engine, rows)
     model_row = store.pick_model(engine, "hand-000000000000")
 
-    chunks = list(store.iter_image_values(engine, model_id, IMAGE_COLUMNS, chunk=3))
-    assert [len(c) for c in chunks] == [3, 3, 3, 1]
-    legacy_maps = [r[-1] for c in chunks for r in c if r[-1] is not None]
+    chunks = list(store.iter_image_columns(engine, model_id, IMAGE_COLUMNS, chunk=3))
+    assert [len(c) for c in chunks] == [len(IMAGE_COLUMNS) + 1] * 4  # the columns, the maps
+    assert [len(column) for c in chunks for column in c] == [3] * 42 + [1] * 14
+    legacy_maps = [m for c in chunks for m in c[-1] if m is not None]
     assert len(legacy_maps) == 5  # the rows without a share; the others' maps are not read
+    by_column = [[v for c in chunks for v in c[i]] for i in range(len(IMAGE_COLUMNS))]
+    as_rows = list(store.iter_image_rows(engine, model_id, IMAGE_COLUMNS))
+    for name, values in zip(IMAGE_COLUMNS, by_column, strict=True):
+        assert values == [r[name] for r in as_rows], name  # the Python API's values
+    assert {type(v) for v in by_column[IMAGE_COLUMNS.index("out_of_set")]} == {bool, type(None)}
+    assert by_column[IMAGE_COLUMNS.index("missing_since")].count(gone) == 1
 
     expected = io.StringIO(newline="")
     writer = spreadsheet.writer(expected)
-    writer.writerow(IMAGE_COLUMNS)
+    writer.writerow(IMAGE_CSV_COLUMNS)
     for r in store.iter_image_rows(engine, model_id, IMAGE_COLUMNS):
         if r["roi_share"] is None and r["crm"] is not None:
             (r["roi_share"],) = image_roi_shares([r["crm"]], model_row.input_size)
         r["path"] = display_path(r["path"])
         r["missing_since"] = r["missing_since"].isoformat() if r["missing_since"] else None
-        writer.writerow([r[k] for k in IMAGE_COLUMNS])
+        no_review = [None, r["label"], None, None]  # label_reviewed, label_final, by, at
+        writer.writerow([r[k] for k in IMAGE_COLUMNS] + no_review)
     out = tmp_path / "images.csv"
     assert write_images_csv(engine, model_row, out, chunk=3) == len(rows)
     assert out.read_bytes().decode("utf-8") == expected.getvalue()
     assert "'=HYPERLINK" in expected.getvalue() and "'''@y" in expected.getvalue()
+    engine.dispose()
+
+
+def test_a_column_is_defused_as_each_of_its_cells():
+    """spreadsheet.defuse_column, the fast path of images.csv, gives what defuse gives each
+    cell: the column itself where no text can start a formula, else the cells defused."""
+    from modlabel import spreadsheet
+
+    columns = [
+        ["/archive/a.jpg", None, "", "chest_xray"],  # nothing to defuse: the column as is
+        ["ok", "=1+1", None, "'@x", "a\x00=b", "-", "\tx", "x"],
+        ["\x00=not a formula", "plain"],  # a NUL before a formula start: checked in vain
+        ["text", 0.5, -1.0, None, "+1"],  # not only text: each cell looked at
+    ]
+    for column in columns:
+        assert list(spreadsheet.defuse_column(column)) == [spreadsheet.defuse(v) for v in column]
+    assert spreadsheet.defuse_column(columns[0]) is columns[0]
+    assert spreadsheet.defuse_column(columns[2]) == columns[2]
+
+
+def test_a_database_error_while_streaming_images_csv_is_sqlalchemys(tmp_path):
+    """The rows of images.csv come from the driver's own cursor; its errors still come as
+    SQLAlchemy's DBAPIError, which the CLI turns into one line (a column gone here)."""
+    from modlabel.report.files import IMAGE_COLUMNS
+
+    engine = store.open_db(f"sqlite:///{tmp_path / 'gone.db'}")
+    model_id = hand_rows(engine, [{"label": "alpha", "confidence": 0.9}])
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE images RENAME COLUMN error_kind TO kind_of_error")
+    with pytest.raises(sa.exc.DBAPIError, match="error_kind"):
+        list(store.iter_image_columns(engine, model_id, IMAGE_COLUMNS))
     engine.dispose()

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from modlabel import store
 from modlabel.cli import app
 from modlabel.queries import load_query, open_query
-from modlabel.report import IMAGE_COLUMNS
+from modlabel.report import IMAGE_CSV_COLUMNS
 
 # What every output carries for a labeled image (modlabel.infer.describe's keys).
 FIELDS = ("label", "confidence", "runner_up", "runner_up_probability", "out_of_set", "ood_score")
@@ -96,7 +96,8 @@ def test_every_output_that_lists_images_carries_the_same_fields(twenty, tiny_onn
     invoke("report", "--db", db, "--out", tmp_path / "r", "--format", "images")
     with (tmp_path / "r" / "images.csv").open(newline="") as f:
         header = next(csv.reader(f))
-    assert header == list(IMAGE_COLUMNS)
+    assert header == list(IMAGE_CSV_COLUMNS)  # the image's fields, then its review's
+    assert {"label_reviewed", "label_final"} <= set(header)
     assert set(FIELDS) | {"dicom_modality", "dicom_body_part", "roi_share"} <= set(header)
 
     engine = store.open_db(f"sqlite:///{db}", migrate=False)

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from modlabel import codec, geometry, report, store
 from modlabel.cli import app
+from modlabel.report.files import IMAGE_CSV_COLUMNS
 
 INPUT_HW = (40, 60)  # not square: a swapped height and width shows
 GRID_HW = (4, 6)
@@ -196,7 +197,7 @@ def test_images_csv_has_every_row_with_its_roi_share(hand_db, tmp_path):
     assert result.files == [out / "images.csv"] and result.images_written == len(rows)
     with (out / "images.csv").open(newline="") as f:
         written = list(csv.DictReader(f))
-    assert list(written[0]) == list(report.IMAGE_COLUMNS)
+    assert list(written[0]) == list(IMAGE_CSV_COLUMNS)  # the row's fields, then its review
     assert [r["path"] for r in written] == sorted(r["path"] for r in rows)
     by_path = {r["path"]: r for r in rows}
     for line in written:

@@ -7,7 +7,8 @@
   it). Per class: the count, the class-level average CRM (Eq. 8) with its ROI
   box (Figure 9), a histogram of confidence, the most and the least confident
   images with their CRM overlaid (Figure 4). For the whole run: the scans, the
-  files that failed grouped by reason, the missing files.
+  files that failed grouped by reason, the missing files; where people reviewed
+  images, the model's accuracy on them (``modlabel.accuracy``).
 * ``rois``: ``class_rois.csv`` and ``class_rois.json``, one row per (model,
   class): the ROI box in input pixels and as fractions of the image, its
   share, every region above the threshold, the images and threshold behind it.
@@ -28,12 +29,20 @@ page) and ``files`` (the files to take elsewhere). The report only reads.
 """
 
 from .build import ReportResult, build_report, parse_formats
-from .files import ALL_FORMATS, FORMATS, IMAGE_COLUMNS, ROI_COLUMNS, class_file_stems
+from .files import (
+    ALL_FORMATS,
+    FORMATS,
+    IMAGE_COLUMNS,
+    IMAGE_CSV_COLUMNS,
+    ROI_COLUMNS,
+    class_file_stems,
+)
 
 __all__ = [
     "ALL_FORMATS",
     "FORMATS",
     "IMAGE_COLUMNS",
+    "IMAGE_CSV_COLUMNS",
     "ROI_COLUMNS",
     "ReportResult",
     "build_report",

@@ -20,6 +20,7 @@ from .. import (
     rois,
     store,
 )
+from ..accuracy import archive_accuracy
 from ..decode_pool import image_pool
 from ..errors import ModlabelError
 
@@ -191,6 +192,7 @@ def build_report(
             files=[f.relative_to(out_dir).as_posix() for f in files],
             db_label=db_label or store.safe_url(engine.url),
             engine=engine,
+            reviews=archive_accuracy(engine, model_row),  # None without reviews
         )
         files.insert(0, html_path)
     return ReportResult(

@@ -26,6 +26,7 @@ from .. import (
 )
 from ..errors import ModlabelError
 from ..paths import display_path
+from ..store.reviews import REVIEW_COLUMNS
 
 # What --format can ask for, and what each writes.
 FORMATS: dict[str, str] = {
@@ -74,9 +75,10 @@ IMAGE_COLUMNS = (
     "error_kind",
     "missing_since",
 )
+# images.csv: those, then the image's review beside the model's label (store.reviews).
+IMAGE_CSV_COLUMNS = (*IMAGE_COLUMNS, *REVIEW_COLUMNS)
 
-# The text cells of images.csv, the only ones that may need defusing (``write_images_csv``),
-# and the first characters of the cells that do (``spreadsheet.defuse``).
+# The text cells of images.csv, the only ones that may need defusing (``write_images_csv``).
 IMAGE_TEXT_COLUMNS = (
     "path",
     "label",
@@ -85,8 +87,12 @@ IMAGE_TEXT_COLUMNS = (
     "dicom_body_part",
     "error",
     "error_kind",
+    "label_reviewed",
+    "label_final",
+    "reviewed_by",
 )
-_MAY_NEED_DEFUSING = frozenset(("'", *spreadsheet.FORMULA_STARTS))
+# The timestamps of images.csv, written as ISO 8601 with their zone.
+IMAGE_TIME_COLUMNS = ("missing_since", "reviewed_at")
 
 # What a class average is taken over: the stored averages (labels of at least a
 # confidence), or, with ground truth, the correctly classified images.
@@ -258,47 +264,71 @@ def image_roi_shares(blobs: Sequence[bytes | None], input_hw: Sequence[int]) -> 
 
 
 def write_images_csv(
-    engine: Engine, model_row: store.ModelRow, path: Path, *, chunk: int = 5000
+    engine: Engine, model_row: store.ModelRow, path: Path, *, chunk: int = 10_000
 ) -> int:
     """images.csv: one row per image of the model (IMAGE_COLUMNS: every field an output
-    carries for an image), in path order, streamed ``chunk`` rows at a time from the
-    database; returns the number of rows. Missing and failed files are rows too.
+    carries for an image; then its review, IMAGE_CSV_COLUMNS), in path order, streamed
+    ``chunk`` rows at a time from the database; returns the number of rows. Missing and
+    failed files are rows too.
 
     The ROI share is the one the scan stored, and only the maps of rows labeled before it
     was stored are read, to compute theirs: decoding every map again made this file cost
-    minutes on an archive of a million images."""
+    minutes on an archive of a million images. The file is the one ``spreadsheet.writer``
+    makes of the rows, written a chunk's columns at a time (``store.iter_image_columns``):
+    each column is converted as a whole, and only when it holds something to convert (a
+    timestamp, a path with a control character, text that may start a formula), so that
+    what a row costs is the driver's and the csv module's work (docs/scale.md)."""
     written = 0
     input_hw = tuple(model_row.input_size)
-    at = {name: i for i, name in enumerate(IMAGE_COLUMNS)}
-    share_at, path_at, missing_at = at["roi_share"], at["path"], at["missing_since"]
+    at = {name: i for i, name in enumerate(IMAGE_CSV_COLUMNS)}
+    share_at, path_at = at["roi_share"], at["path"]
+    time_at = [at[name] for name in IMAGE_TIME_COLUMNS]
     text_at = [at[name] for name in IMAGE_TEXT_COLUMNS]
 
     def write(f: IO[str]) -> None:
         nonlocal written
-        # csv.writer with the text cells defused here, not spreadsheet.writer: it defuses
-        # each of the 13 cells of a row, numbers too, a third of the time of this file; only
-        # a text cell that starts with a quote or a formula start can change, and only those
-        # go through spreadsheet.defuse, so that the file is the one spreadsheet.writer makes.
         writer = csv.writer(f)
-        writer.writerow(IMAGE_COLUMNS)
-        chunks = store.iter_image_values(engine, model_row.id, IMAGE_COLUMNS, chunk=chunk)
+        writer.writerow(IMAGE_CSV_COLUMNS)
+        chunks = store.iter_image_columns(
+            engine, model_row.id, IMAGE_COLUMNS, chunk=chunk, reviewed=True
+        )
         with contextlib.closing(chunks):
-            for rows in chunks:
-                group = [list(r) for r in rows]
-                legacy = [r for r in group if r[-1] is not None]
-                shares = image_roi_shares([r[-1] for r in legacy], input_hw)
-                for r, share in zip(legacy, shares, strict=True):
-                    r[share_at] = share
-                for r in group:
-                    del r[-1]
-                    r[path_at] = display_path(r[path_at])
-                    if r[missing_at] is not None:
-                        r[missing_at] = r[missing_at].isoformat()
-                    for i in text_at:
-                        if r[i] and r[i][0] in _MAY_NEED_DEFUSING:
-                            r[i] = spreadsheet.defuse(r[i])
-                writer.writerows(group)
-                written += len(group)
+            for *values, legacy_crms in chunks:
+                if legacy_crms.count(None) < len(legacy_crms):
+                    values[share_at] = _with_computed_shares(
+                        values[share_at], legacy_crms, input_hw
+                    )
+                values[path_at] = _displayed_paths(values[path_at])
+                for i in time_at:
+                    if values[i].count(None) < len(values[i]):
+                        values[i] = [None if t is None else t.isoformat() for t in values[i]]
+                for i in text_at:
+                    values[i] = spreadsheet.defuse_column(values[i])
+                writer.writerows(zip(*values, strict=True))
+                written += len(legacy_crms)
 
     write_atomic(path, write)
     return written
+
+
+def _with_computed_shares(
+    shares: Sequence[float | None], legacy_crms: Sequence[bytes | None], input_hw: Sequence[int]
+) -> list[float | None]:
+    """``shares`` with the ROI share of each stored map of ``legacy_crms`` (the rows
+    labeled before the scan stored the share) put in its row's place."""
+    rows = [i for i, blob in enumerate(legacy_crms) if blob is not None]
+    out = list(shares)
+    computed = image_roi_shares([legacy_crms[i] for i in rows], input_hw)
+    for i, share in zip(rows, computed, strict=True):
+        out[i] = share
+    return out
+
+
+def _displayed_paths(stored: Sequence[str]) -> Sequence[str]:
+    """``display_path`` of each stored path: ``stored`` itself when none holds a control
+    character, found by one pass over the chunk's paths joined (``display_path`` escapes
+    character by character, and ``/`` is none it escapes), not a call per path."""
+    joined = "/".join(stored)
+    if display_path(joined) == joined:
+        return stored
+    return [display_path(p) for p in stored]

@@ -23,6 +23,7 @@ from .. import (
     rois,
     store,
 )
+from ..accuracy import FIGURES, ArchiveAccuracy
 from ..decode_pool import DecodePool, DecodeRequest
 from ..paths import display_path, from_db
 from .files import BY_GROUND_TRUTH, png_bytes, write_atomic
@@ -207,6 +208,7 @@ def write_html(
     files: list[str],
     db_label: str,
     engine: Engine,
+    reviews: ArchiveAccuracy | None = None,
 ) -> Path:
     from jinja2 import Environment, PackageLoader, select_autoescape
 
@@ -253,6 +255,8 @@ def write_html(
         display_percent=round(geometry.DISPLAY_FRACTION * 100),
         histogram_bins=HISTOGRAM_BINS,
         truth=truth,
+        reviews=reviews,
+        figures=FIGURES,
         files=files,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         version=__version__,

@@ -3,13 +3,17 @@ histograms, errors by reason, flagged files, every row streamed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from ..timestamps import sqlite_timestamp
+from .reviews import with_reviews
 from .schema import _aware, class_maps, images
 
 
@@ -67,11 +71,8 @@ def error_rows(engine: Engine, model_id: int, limit: int = 100) -> list[tuple[st
 
 
 def count_errors(engine: Engine, model_id: int) -> int:
-    query = (
-        sa.select(sa.func.count())
-        .select_from(images)
-        .where(*_present(model_id), images.c.error.is_not(None))
-    )
+    """How many present files could not be labeled (the partial index of errors, ``_failed``)."""
+    query = sa.select(sa.func.count()).select_from(images).where(*_present(model_id), *_failed())
     with engine.connect() as conn:
         return int(conn.execute(query).scalar() or 0)
 
@@ -163,7 +164,7 @@ def error_groups(
     is held in memory.
     """
     c = images.c
-    failed = [*_present(model_id), c.error.is_not(None)]
+    failed = [*_present(model_id), *_failed()]
     counted = (
         sa.select(c.error, sa.func.count().label("n"))
         .where(*failed)
@@ -252,35 +253,102 @@ def iter_image_rows(
             yield out
 
 
-def iter_image_values(
-    engine: Engine, model_id: int, columns: Sequence[str], *, chunk: int = 5000
-) -> Iterator[list[tuple[Any, ...]]]:
-    """Every row of the model (missing and failed ones included), in path order, in lists of
-    up to ``chunk`` rows streamed from the database (a server-side cursor on PostgreSQL).
+def iter_image_columns(
+    engine: Engine,
+    model_id: int,
+    columns: Sequence[str],
+    *,
+    chunk: int = 10_000,
+    reviewed: bool = False,
+) -> Iterator[list[Sequence[Any]]]:
+    """Every row of the model (missing and failed ones included), in path order, streamed
+    from the database ``chunk`` rows at a time, each chunk as its columns: one sequence of
+    ``chunk`` values (fewer in the last) per name of ``columns`` (names of ``images``), then
+    ``reviewed``'s, then the stored CRM of each row that has no ``roi_share`` (labeled
+    before the scan stored it; None for an error, and for every row that has its share).
 
-    Each row is a tuple: the values of ``columns`` (names of ``images``), then the stored
-    CRM if the row has no ``roi_share`` (labeled before the scan stored it; None for an
-    error), else None. Memory stays flat at any size, and the maps of the rows that have
-    their share are not read at all: they are most of a row's bytes. Lists, not rows one at
-    a time: a million rows cost a second less. ``missing_since`` comes with its zone.
+    Memory stays flat at any size, and the maps of the rows that have their share are not
+    read at all: they are most of a row's bytes. The rows come from the driver's cursor as
+    it gives them (``_driver_chunks``): no row objects, and a chunk's columns are one
+    ``zip``; the values are the Python API's (timestamps aware, flags bool, as
+    ``iter_image_rows`` gives them).
+
+    ``reviewed``: after ``columns``, the image's review (``reviews.REVIEW_COLUMNS``:
+    label_reviewed, label_final, reviewed_by, reviewed_at with its zone), by a LEFT JOIN
+    on the index of current reviews (``reviews.with_reviews``: none while there is none).
     """
     c = images.c
     legacy_crm = sa.case((c.roi_share.is_(None), c.crm), else_=None)
+    source: Any = images
+    extra: list = []
+    if reviewed:
+        source, extra = with_reviews(engine, images)
     query = (
-        sa.select(*(c[name] for name in columns), sa.type_coerce(legacy_crm, sa.LargeBinary))
+        sa.select(
+            *(c[name] for name in columns), *extra, sa.type_coerce(legacy_crm, sa.LargeBinary)
+        )
+        .select_from(source)
         .where(c.model_id == model_id)
         .order_by(c.path)
-        .execution_options(yield_per=chunk)
     )
-    at = list(columns).index("missing_since") if "missing_since" in columns else None
     with engine.connect() as conn:
-        for part in conn.execute(query).partitions():
-            rows = [tuple(row) for row in part]
-            if at is not None:
-                for i, row in enumerate(rows):
-                    if row[at] is not None:
-                        rows[i] = (*row[:at], _aware(row[at]), *row[at + 1 :])
-            yield rows
+        as_python = _sqlite_values(query) if conn.dialect.name == "sqlite" else {}
+        for rows in _driver_chunks(conn, query, chunk):
+            values: list[Sequence[Any]] = list(zip(*rows, strict=True))
+            for i, convert in as_python.items():
+                if values[i].count(None) < len(values[i]):
+                    values[i] = [None if v is None else convert(v) for v in values[i]]
+            yield values
+
+
+def _sqlite_values(query: sa.Select) -> dict[int, Callable[[Any], Any]]:
+    """What SQLAlchemy's result processing does to ``query``'s columns on SQLite, which
+    stores a timestamp as text without its zone (modlabel writes UTC) and a flag as 0 or 1:
+    {column position: the conversion of a stored value that is not NULL}."""
+    conversions: dict[int, Callable[[Any], Any]] = {}
+    for i, column in enumerate(query.selected_columns):
+        if isinstance(column.type, sa.DateTime):
+            conversions[i] = _sqlite_moment
+        elif isinstance(column.type, sa.Boolean):
+            conversions[i] = bool
+    return conversions
+
+
+def _sqlite_moment(text: str) -> datetime:
+    moment = sqlite_timestamp(text)
+    if moment is None:  # not the form SQLAlchemy writes: what its own processing would say
+        raise ValueError(f"not a stored timestamp: {text!r}")
+    return moment
+
+
+def _driver_chunks(conn: sa.Connection, query: sa.Select, chunk: int) -> Iterator[list[tuple]]:
+    """The rows of ``query`` as the driver's cursor gives them, in lists of up to ``chunk``
+    tuples, inside a transaction of ``conn`` (the engine's begin events run: BEGIN on
+    SQLite, one snapshot for every chunk).
+
+    SQLAlchemy's rows and result processing cost seconds on a million rows of images.csv,
+    a fifth of writing them out. On PostgreSQL a server-side cursor in the binary
+    protocol: memory stays flat, and no number is formatted as text by the server and
+    parsed back by the client. The statement's only parameters are integers (ids), which
+    are rendered into its text. The driver's errors are raised as SQLAlchemy's
+    (``DBAPIError``), as ``conn.execute`` raises them."""
+    sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    dbapi = conn.dialect.loaded_dbapi
+    with conn.begin():
+        driver = conn.connection.driver_connection
+        try:
+            if conn.dialect.name == "postgresql":
+                cursor = driver.cursor(name=f"modlabel_rows_{uuid.uuid4().hex}", binary=True)
+            else:
+                cursor = driver.cursor()
+            try:
+                cursor.execute(sql)
+                while rows := cursor.fetchmany(chunk):
+                    yield rows
+            finally:
+                cursor.close()
+        except dbapi.Error as exc:
+            raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi.Error) from None
 
 
 def load_class_maps(engine: Engine, model_id: int) -> list[dict[str, Any]]:
