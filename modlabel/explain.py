@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from . import geometry, maps, overlay, stopping
+from . import geometry, maps, overlay, perturb, stopping
 from .decode_pool import DecodeRequest, image_pool
-from .infer import ImageLabel, describe, label_pixels
+from .infer import ImageLabel, LayerMaps, describe, label_pixels
 from .model import OnnxModel
 from .source import ImageFilter, Unreadable, walk_files
 
@@ -76,9 +76,15 @@ def explain_images(
     *,
     methods: Sequence[str] | None = None,
     batch_size: int = BATCH_SIZE,
+    perturbation: perturb.Options | None = None,
+    layer_maps: LayerMaps | None = None,
 ) -> list[ExplainResult]:
-    """Label each image and write ``out_dir/<stem>.explain.png``; results in input order."""
-    methods = maps.parse_methods(methods)  # None: the registry's defaults
+    """Label each image and write ``out_dir/<stem>.explain.png``; results in input order.
+    ``perturbation``: how Score-CAM and RISE run, when ``methods`` names them.
+    ``layer_maps``: maps drawn after the methods' (``layer_crm.LayerCrm``: CRM at a layer);
+    a layer-wise-only model draws only those unless ``methods`` are named."""
+    # None: the registry's defaults; none for a layer-wise-only model (no closed-form head)
+    methods = () if methods is None and model.info.layer_wise_only else maps.parse_methods(methods)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = [ExplainResult(path=str(p)) for p in paths]
@@ -95,7 +101,9 @@ def explain_images(
                 else:
                     loaded.append(_Loaded(i, image.pixels, image.display))
             if loaded:
-                _explain_batch(loaded, model, methods, results, names, out)
+                _explain_batch(
+                    loaded, model, methods, results, names, out, perturbation, layer_maps
+                )
     return results
 
 
@@ -108,6 +116,8 @@ def explain_roots(
     methods: Sequence[str] | None = None,
     image_filter: ImageFilter | None = None,
     batch_size: int = BATCH_SIZE,
+    perturbation: perturb.Options | None = None,
+    layer_maps: LayerMaps | None = None,
 ) -> list[ExplainResult]:
     """``explain_images`` of the images under ``roots`` (files or folders), in the order a
     scan walks them (``source.walk_files``: folders sorted, hidden names skipped, the same
@@ -120,7 +130,15 @@ def explain_roots(
         found.append(entry if isinstance(entry, Unreadable) else entry.path)
     readable = [p for p in found if not isinstance(p, Unreadable)]
     explained = iter(
-        explain_images(readable, model, out_dir, methods=methods, batch_size=batch_size)
+        explain_images(
+            readable,
+            model,
+            out_dir,
+            methods=methods,
+            batch_size=batch_size,
+            perturbation=perturbation,
+            layer_maps=layer_maps,
+        )
     )
     return [
         ExplainResult(path=p.path, error=p.reason) if isinstance(p, Unreadable) else next(explained)
@@ -135,9 +153,13 @@ def _explain_batch(
     results: list[ExplainResult],
     names: list[str],
     out: Path,
+    perturbation: perturb.Options | None = None,
+    layer_maps: LayerMaps | None = None,
 ) -> None:
     labels = label_pixels(model, np.stack([item.pixels for item in loaded]))
-    maps_by_method = labels.maps(methods)
+    maps_by_method = labels.maps(methods, perturbation=perturbation) if methods else {}
+    if layer_maps is not None and labels.inputs is not None:
+        maps_by_method.update(layer_maps(labels.inputs))
     for row, item in enumerate(loaded):
         result = results[item.index]
         result.image = labels[row]

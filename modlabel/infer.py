@@ -20,12 +20,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from . import maps
+from . import maps, perturb
 from .calibration import calibrated_softmax
+from .errors import ModelError
 from .model import OnnxModel
 from .ood import gap_embedding
 
@@ -54,7 +55,9 @@ class Labels:
 
     logits: (N, C) float32; probabilities: (N, C) float64, calibrated; top and
     second: (N,) int, the predicted class and the runner-up; ood_score: (N,)
-    float64 or None; out_of_set: (N,) bool or None; activations: (N, h, w, K).
+    float64 or None; out_of_set: (N,) bool or None; activations: (N, h, w, K);
+    inputs: (N, H, W, 3) float32, the batch as the model saw it (for the maps that run
+    the model again, ``perturb``), or None.
     """
 
     model: OnnxModel
@@ -65,6 +68,7 @@ class Labels:
     ood_score: np.ndarray | None
     out_of_set: np.ndarray | None
     activations: np.ndarray
+    inputs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
@@ -90,8 +94,14 @@ class Labels:
         return gap_embedding(self.activations)
 
     def terms(self, class_index: maps.ClassIndex = None) -> maps.Terms:
-        """The maps' shared terms, for the predicted class unless ``class_index``."""
+        """The maps' shared terms, for the predicted class unless ``class_index``.
+        ``ModelError`` for a layer-wise-only model: it has no closed-form head."""
         info = self.model.info
+        if info.layer_wise_only:
+            raise ModelError(
+                f"{self.model.path}: the model is layer-wise only (adopted with --layer: no "
+                "pool-plus-dense head), so it has no closed-form maps; use --layer"
+            )
         return maps.terms(
             self.activations,
             info.head_weights,
@@ -101,14 +111,41 @@ class Labels:
         )
 
     def maps(
-        self, methods: Sequence[str] | None = None, *, class_index: maps.ClassIndex = None
+        self,
+        methods: Sequence[str] | None = None,
+        *,
+        class_index: maps.ClassIndex = None,
+        perturbation: perturb.Options | None = None,
     ) -> dict[str, np.ndarray]:
-        """name -> (N, h, w) float32 of each method (the registry's defaults for None)."""
-        return maps.maps_of(self.terms(class_index), maps.parse_methods(methods))
+        """name -> (N, h, w) float32 of each method (the registry's defaults for None; RISE's
+        at the input's size). The methods that run the model again (Score-CAM, RISE) run it
+        on ``inputs`` with ``perturbation``'s options (``perturb.Options()`` for None)."""
+        forward = None
+        if self.inputs is not None:
+            forward = perturb.Forward(
+                self.inputs, self._logits_of, perturbation or perturb.Options()
+            )
+        return maps.maps_of(self.terms(class_index), maps.parse_methods(methods), forward)
+
+    def _logits_of(self, inputs: np.ndarray) -> np.ndarray:
+        return self.model.run(inputs)[0]
 
     def crm(self) -> np.ndarray:
         """(N, h, w) float32, the CRM (Eq. 6-7) that a scan stores."""
         return maps.METHODS["crm"].fn(self.terms())
+
+
+class LayerMaps(Protocol):
+    """Maps computed by running part of the model again (``layer_crm.LayerCrm``: CRM at any
+    layer), which ``explain`` and ``localize`` draw beside the registry's methods.
+
+    names: the maps' names (``crm@<tensor>``); called with a batch's inputs (N, H, W, 3)
+    float32 as the model saw them (``Labels.inputs``), it returns name -> (N, h, w) float32.
+    """
+
+    names: tuple[str, ...]
+
+    def __call__(self, inputs: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 def label_batch(model: OnnxModel, inputs: np.ndarray) -> Labels:
@@ -122,7 +159,9 @@ def label_batch(model: OnnxModel, inputs: np.ndarray) -> Labels:
     rule = info.out_of_set
     score = rule.scores(activations) if rule is not None else None
     flags = rule.flags(score) if rule is not None else None
-    return Labels(model, logits, probabilities, top, second, score, flags, activations)
+    return Labels(
+        model, logits, probabilities, top, second, score, flags, activations, inputs=inputs
+    )
 
 
 def label_pixels(model: OnnxModel, pixels: np.ndarray) -> Labels:

@@ -1,14 +1,20 @@
 """Maps: CAM, Grad-CAM, CRM and the other methods, from the last conv layer's activations.
 
+The methods: the paper's CAM, Grad-CAM and CRM (and two controls), then, in closed form
+for this pool-plus-dense head, Grad-CAM++, LayerCAM, XGrad-CAM, HiResCAM, Eigen-CAM and
+Ablation-CAM; Score-CAM and RISE run the model again on masked inputs (``perturb``,
+``needs="model"``). docs/models.md ("Map methods") derives each closed form.
+
 Every method is one small pure function of the same ``Terms`` (``terms``: one
 matrix product per batch, with the activations, head weights, bias, scores and
 the class each map is drawn for), batched with numpy, and one entry in the
 registry (``register``/``METHODS``) that says its name, title, colour and
 equation. Adding a method is that function and that entry: every command's
-``--methods``, figure, table and colour follow. Each method also has an entry
-point over the raw inputs, all of them taking ``(activations, weights)``
-positionally and everything else by keyword only, each name with one meaning in
-every function:
+``--methods``, figure, table and colour follow, and so does the one entry point
+over the raw inputs, ``closed_form(name, activations, weights, ...)`` (``crm``
+and ``gradcam`` are shorthands of it). It and every function here take
+``(activations, weights)`` positionally and everything else by keyword only,
+each name with one meaning in every function:
 
 * ``activations``: (N, H, W, K) float32, the conv layer that feeds the pooling
   (the ONNX output ``activations``);
@@ -22,9 +28,10 @@ every function:
   ``S_c = (1/s) * sum_xy sum_k w_kc f_k(x, y) + b_c`` with ``s = H*W`` for
   ``"mean"`` (Keras' GlobalAveragePooling2D, what modlabel models use) and
   ``s = 1`` for ``"sum"`` (Eq. 1 as the paper prints it, and the authors' code);
-* ``gradient=`` (Grad-CAM only): how Eq. 4 reduces the gradient over locations.
+* ``gradient=`` (Grad-CAM only, ``gradcam_from``'s): how Eq. 4 reduces the
+  gradient over locations.
 
-Each returns (N, H, W) float32, one map per image. Equation numbers refer to
+Each map is (N, H, W) float32, one map per image. Equation numbers refer to
 Kim, Rajaraman and Antani (2019), "Visual Interpretation of Convolutional Neural
 Network Predictions in Classifying Medical Image Modalities", Diagnostics 9(2):38.
 The class-level average (Eq. 8) is ``ClassAverage``; upsampling, ROIs and boxes
@@ -35,10 +42,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from enum import Enum
+from typing import Any, Literal
 
 import numpy as np
 
+from . import perturb
 from .geometry import normalize_unit
 
 Pooling = Literal["mean", "sum"]
@@ -159,7 +168,12 @@ def _class_map(t: Terms) -> np.ndarray:
 
 
 def cam_from(t: Terms) -> np.ndarray:
-    """CAM (Eq. 2) of each image's class; see ``cam``."""
+    """Class activation map (Eq. 2) of each image's class: M_c(x, y) = sum_k w_kc f_k(x, y).
+
+    The class is ``Terms.classes``: given, or the predicted one (argmax of the model's
+    ``logits`` when given, else of the head re-applied with its bias and pooling).
+    Returns (N, H, W) float32, signed.
+    """
     return _class_map(t)
 
 
@@ -196,7 +210,12 @@ def _gradcam_factor(height: int, width: int, scale: float, gradient: str) -> flo
 
 
 def gradcam_from(t: Terms, *, gradient: Gradient = "sum") -> np.ndarray:
-    """Grad-CAM (Eq. 3) of each image's class; see ``gradcam``."""
+    """Grad-CAM (Eq. 3) of each image's class: ReLU(sum_k alpha_k^c f_k(x, y)), alpha from
+    the head weights (``gradcam_weights``, Eq. 4).
+
+    gradient="sum" (Eq. 4) gives ReLU(CAM) for mean pooling; "mean" (the original
+    Grad-CAM) scales it by 1/(H*W). Returns (N, H, W) float32, >= 0.
+    """
     _, h, w, _ = t.class_maps.shape
     # alpha = factor * w (gradcam_weights), so sum_k alpha_k f_k = factor * M_c.
     factor = np.float32(_gradcam_factor(h, w, t.scale, gradient))
@@ -207,7 +226,16 @@ def gradcam_from(t: Terms, *, gradient: Gradient = "sum") -> np.ndarray:
 
 
 def crm_from(t: Terms) -> np.ndarray:
-    """CRM (Eq. 6-7) over all classes, sum_c M_c^2 / s^2; see ``crm``."""
+    """Class-selective relevance map (Eq. 6-7): R(l, m) = sum_c (S_c - S_c(l, m))^2.
+
+    S_c(l, m) is the score with the element (l, m) removed, i.e. f_k(l, m) = 0
+    for every k. The head is linear in the activations, so removing it changes
+    S_c by exactly M_c(l, m) / s (the bias cancels), and in closed form
+    R(l, m) = sum_c M_c(l, m)^2 / s^2, over all C classes (class-agnostic), with
+    no loop over locations. The pooling conventions differ only by the constant
+    factor (H*W)^2 ("sum", as in the authors' code, is the larger); normalized
+    maps, ROIs and boxes are the same. Returns (N, H, W) float32, >= 0.
+    """
     m = t.by_class
     r = np.einsum("cnhw,cnhw->nhw", m, m)
     r /= np.float32(t.scale**2)
@@ -232,10 +260,19 @@ def _output_error(scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
 
 
 def crm_output_from(t: Terms) -> np.ndarray:
-    """Eq. 5 at the softmax outputs, target each image's class; see ``crm_output``.
+    """Relevance at the softmax outputs (Eq. 5), per spatial element (l, m):
 
+    R(l, m) = sum_c (t_c - o_c(l, m))^2 - sum_c (t_c - o_c)^2, with o = softmax(S),
+    o(l, m) = softmax(S(l, m)) for the scores of Eq. 6 (the element removed) and
+    t the one-hot target of each image's class (``Terms.classes``). This is the
+    original class-selective relevance, on the outputs rather than on the scores.
+    Closed form, all locations at once: S(l, m) = S - M(l, m) / s, and
     R(l, m) = E(S - M(l, m) / s) - E(S), with E the error of ``_output_error``
-    (the constant 1 cancels) and S - M(l, m) / s the scores of Eq. 6.
+    (the constant 1 cancels).
+
+    Unlike Eq. 7 the softmax does not cancel the bias, so the terms must have it
+    (``needs_bias``). Returns (N, H, W) float32, signed (negative where removing the
+    element brings the outputs closer to the target).
     """
     # Float64 throughout: R is the difference of two close error sums.
     removed = np.multiply(t.by_class, -1.0 / t.scale, dtype=np.float64)  # (C, N, H, W)
@@ -247,127 +284,151 @@ def crm_output_from(t: Terms) -> np.ndarray:
 
 
 def cam_squared_from(t: Terms) -> np.ndarray:
-    """CAM squared of each image's class; see ``cam_squared``."""
-    m = _class_map(t)
-    return np.multiply(m, m, out=m)
-
-
-def cam(
-    activations: np.ndarray,
-    weights: np.ndarray,
-    *,
-    bias: np.ndarray | None = None,
-    class_index: ClassIndex = None,
-    logits: np.ndarray | None = None,
-    pooling: Pooling = "mean",
-) -> np.ndarray:
-    """Class activation map (Eq. 2): M_c(x, y) = sum_k w_kc f_k(x, y).
-
-    activations: (N, H, W, K); weights: (K, C). class_index: one class for all
-    images, one per image (N,), or None for the predicted class (argmax of
-    ``logits`` (N, C) when given, else of the head re-applied with ``bias`` and
-    ``pooling``). Returns (N, H, W) float32, signed.
-    """
-    t = terms(
-        activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
-    )
-    return cam_from(t)
-
-
-def gradcam(
-    activations: np.ndarray,
-    weights: np.ndarray,
-    *,
-    bias: np.ndarray | None = None,
-    class_index: ClassIndex = None,
-    logits: np.ndarray | None = None,
-    pooling: Pooling = "mean",
-    gradient: Gradient = "sum",
-) -> np.ndarray:
-    """Grad-CAM (Eq. 3): ReLU(sum_k alpha_k^c f_k(x, y)), alpha from the head
-    weights (``gradcam_weights``, Eq. 4).
-
-    Same inputs and class choice as ``cam``. gradient="sum" (Eq. 4) gives
-    ReLU(CAM) for mean pooling; "mean" (the original Grad-CAM) scales it by 1/(H*W).
-    Returns (N, H, W) float32, >= 0.
-    """
-    t = terms(
-        activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
-    )
-    return gradcam_from(t, gradient=gradient)
-
-
-def crm(
-    activations: np.ndarray,
-    weights: np.ndarray,
-    *,
-    bias: np.ndarray | None = None,
-    pooling: Pooling = "mean",
-) -> np.ndarray:
-    """Class-selective relevance map (Eq. 6-7): R(l, m) = sum_c (S_c - S_c(l, m))^2.
-
-    S_c(l, m) is the score with the element (l, m) removed, i.e. f_k(l, m) = 0
-    for every k. The head is linear in the activations, so removing it changes
-    S_c by exactly M_c(l, m) / s (the bias cancels), and in closed form
-    R(l, m) = sum_c M_c(l, m)^2 / s^2, over all C classes, with no loop over
-    locations. The pooling conventions differ only by the constant factor
-    (H*W)^2 ("sum", as in the authors' code, is the larger); normalized maps,
-    ROIs and boxes are the same.
-
-    activations: (N, H, W, K); weights: (K, C); bias: (C,) or None (it cancels;
-    accepted as every method accepts it). No ``class_index`` or ``logits``: the
-    sum runs over all classes. Returns (N, H, W) float32, >= 0.
-    """
-    return crm_from(terms(activations, weights, bias=bias, pooling=pooling))
-
-
-def crm_output(
-    activations: np.ndarray,
-    weights: np.ndarray,
-    *,
-    bias: np.ndarray | None,
-    class_index: ClassIndex = None,
-    logits: np.ndarray | None = None,
-    pooling: Pooling = "mean",
-) -> np.ndarray:
-    """Relevance at the softmax outputs (Eq. 5), per spatial element (l, m):
-
-    R(l, m) = sum_c (t_c - o_c(l, m))^2 - sum_c (t_c - o_c)^2, with o = softmax(S),
-    o(l, m) = softmax(S(l, m)) for the scores of Eq. 6 (the element removed) and
-    t the one-hot target of ``class_index`` (default: the predicted class, chosen
-    as in ``cam``). This is the original class-selective relevance, on the
-    outputs rather than on the scores. Closed form: S(l, m) = S - M(l, m) / s,
-    all locations at once.
-
-    Unlike Eq. 7 the softmax does not cancel the bias, so ``bias`` must be
-    passed (None only for a head without one). Returns (N, H, W) float32, signed
-    (negative where removing the element brings the outputs closer to the target).
-    """
-    t = terms(
-        activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
-    )
-    return crm_output_from(t)
-
-
-def cam_squared(
-    activations: np.ndarray,
-    weights: np.ndarray,
-    *,
-    bias: np.ndarray | None = None,
-    class_index: ClassIndex = None,
-    logits: np.ndarray | None = None,
-    pooling: Pooling = "mean",
-) -> np.ndarray:
     """The class's CAM squared, M_c(x, y)^2 (Eq. 2 squared): a control for CRM.
 
     CRM (Eq. 7) is sum_c M_c^2 / s^2; this keeps the squaring and drops the sum
     over classes, so comparing ROIs shows how much of CRM's smaller ROI comes from
-    squaring alone. Same inputs as ``cam``. Returns (N, H, W) float32, >= 0.
+    squaring alone. Returns (N, H, W) float32, >= 0.
     """
-    t = terms(
-        activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
-    )
-    return cam_squared_from(t)
+    m = _class_map(t)
+    return np.multiply(m, m, out=m)
+
+
+# The methods of the pytorch-grad-cam family (jacobgil/pytorch-grad-cam), for this head.
+# The gradient of the class score S_c with respect to every activation is the constant
+#     g_k = dS_c / df_k(x, y) = w_kc / s      (the same at every location (x, y)),
+# so each method's gradient expression has a closed form; every map ends in a ReLU, as
+# pytorch-grad-cam's BaseCAM applies one. The derivations: docs/models.md, "Map methods".
+
+
+def _class_gradients(t: Terms) -> np.ndarray:
+    """g_nk = dS_c / df_k(x, y) = w_kc / s for each image's class c: (N, K) float64."""
+    return t.weights[:, t.classes].T.astype(np.float64) / t.scale
+
+
+def _channel_sums(t: Terms) -> np.ndarray:
+    """sum_xy f_k(x, y) of each image and channel: (N, K) float64."""
+    return t.activations.sum(axis=(1, 2), dtype=np.float64)
+
+
+def _relu_weighted(t: Terms, weights: np.ndarray) -> np.ndarray:
+    """ReLU(sum_k a_nk f_k(x, y)) for per-image channel weights a (N, K): (N, H, W) float32."""
+    n, h, w, k = t.activations.shape
+    summed = t.activations.reshape(n, h * w, k) @ weights.astype(np.float32)[:, :, None]
+    return np.maximum(summed.reshape(n, h, w), np.float32(0))
+
+
+def gradcampp_from(t: Terms) -> np.ndarray:
+    """Grad-CAM++ (Chattopadhyay et al. 2018, "Grad-CAM++: Generalized Gradient-Based
+    Visual Explanations for Deep Convolutional Networks", WACV; arXiv:1710.11063, Eq. 19
+    and the weights of Eq. 7).
+
+    With the exponential of the score, as pytorch-grad-cam does, the second and third
+    derivatives are g^2 and g^3, and alpha = g^2 / (2 g^2 + sum_ab f_k(a, b) g^3). For
+    this head g is the constant g_k, so alpha_k = 1 / (2 + g_k sum_ab f_k(a, b)) (0 where
+    g_k = 0, as their ``np.where``), w_k = sum_xy alpha_k ReLU(g_k) = H W alpha_k ReLU(g_k)
+    and the map is ReLU(sum_k w_k f_k). pytorch-grad-cam's 1e-6 in the denominator is
+    left out: against g^2 ~ (w / (H W))^2 it is no rounding guard but a change of the
+    weights. Returns (N, H, W) float32, >= 0.
+    """
+    _, h, w, _ = t.activations.shape
+    g = _class_gradients(t)
+    denominator = 2.0 + g * _channel_sums(t)
+    alpha = np.divide(1.0, denominator, out=np.zeros_like(g), where=(g != 0) & (denominator != 0))
+    return _relu_weighted(t, h * w * alpha * np.maximum(g, 0.0))
+
+
+def layercam_from(t: Terms) -> np.ndarray:
+    """LayerCAM (Jiang et al. 2021, "LayerCAM: Exploring Hierarchical Class Activation
+    Maps for Localization", IEEE Trans. Image Processing 30): ReLU(sum_k ReLU(g_k) f_k(x, y)), the
+    positive gradients weighing each location. Returns (N, H, W) float32, >= 0.
+    """
+    return _relu_weighted(t, np.maximum(_class_gradients(t), 0.0))
+
+
+def xgradcam_from(t: Terms) -> np.ndarray:
+    """XGrad-CAM (Fu et al. 2020, "Axiom-based Grad-CAM: Towards Accurate Visualization
+    and Explanation of CNNs", BMVC; arXiv:2008.02312):
+    w_k = sum_xy g_k f_k(x, y) / sum_xy f_k(x, y).
+
+    With a constant g_k, w_k = g_k wherever sum_xy f_k != 0 (and 0 where it is 0), so for
+    this head XGrad-CAM is ReLU(CAM) / s but for such channels. Returns (N, H, W) float32,
+    >= 0.
+    """
+    g = _class_gradients(t)
+    return _relu_weighted(t, np.where(_channel_sums(t) != 0, g, 0.0))
+
+
+def hirescam_from(t: Terms) -> np.ndarray:
+    """HiResCAM (Draelos and Carin 2020, "Use HiResCAM instead of Grad-CAM for faithful
+    explanations of convolutional neural networks", arXiv:2011.08891):
+    ReLU(sum_k g_k(x, y) f_k(x, y)), the gradient multiplied element-wise.
+
+    With g_k constant this is ReLU(M_c) / s: ReLU(CAM), scaled (the paper's own remark for
+    a CAM architecture). Returns (N, H, W) float32, >= 0.
+    """
+    m = _class_map(t)
+    m *= np.float32(1.0 / t.scale)
+    return np.maximum(m, np.float32(0), out=m)
+
+
+def eigencam_from(t: Terms) -> np.ndarray:
+    """Eigen-CAM (Muhammad and Yeasin 2020, "Eigen-CAM: Class Activation Map using
+    Principal Components", IJCNN; arXiv:2008.00299), class-agnostic.
+
+    As pytorch-grad-cam's ``get_2d_projection``: each image's activations as an
+    (H*W, K) matrix X, centered (each channel's mean over locations subtracted),
+    projected on the first right singular vector v_1 of its SVD (X v_1 = s_1 u_1), then
+    ReLU. Here s_1 u_1 comes from the eigendecomposition of the smaller Gram matrix
+    (X X^T, (H*W)^2, or X^T X): the same vector, and many times cheaper than the SVD of X
+    for VGG16's 324 x 512. An SVD's sign is arbitrary; here the projection is signed to
+    correlate positively with the centered sum of the channels, X 1 (the same as
+    sum_k v_1k > 0; if that correlation is 0, its largest-magnitude value is made
+    positive), so the map is the same on every machine. Returns (N, H, W) float32, >= 0.
+    """
+    n, h, w, k = t.activations.shape
+    x = t.activations.reshape(n, h * w, k).astype(np.float64)
+    x -= x.mean(axis=1, keepdims=True)
+    if h * w <= k:
+        values, vectors = np.linalg.eigh(x @ x.transpose(0, 2, 1))  # ascending
+        projection = vectors[:, :, -1] * np.sqrt(np.maximum(values[:, -1:], 0.0))
+    else:
+        _, vectors = np.linalg.eigh(x.transpose(0, 2, 1) @ x)
+        projection = (x @ vectors[:, :, -1:])[:, :, 0]
+    sign = np.sign(np.einsum("np,np->n", projection, x.sum(axis=2)))
+    largest = projection[np.arange(n), np.abs(projection).argmax(axis=1)]
+    sign = np.where(sign == 0, np.sign(largest), sign)
+    projection *= sign[:, None]
+    return np.maximum(projection, 0.0).reshape(n, h, w).astype(np.float32)
+
+
+def ablationcam_from(t: Terms) -> np.ndarray:
+    """Ablation-CAM (Desai and Ramaswamy 2020, "Ablation-CAM: Visual Explanations for Deep
+    Convolutional Network via Gradient-free Localization", WACV):
+    w_k = (y_c - y_c^k) / y_c, y_c^k the score with channel k set to 0 (as pytorch-grad-cam
+    does for activations whose minimum is 0, after a ReLU); the map is ReLU(sum_k w_k f_k).
+
+    Above the activations the model is the head alone, linear in them, so zeroing
+    channel k changes the score by exactly y_c - y_c^k = w_kc sum_xy f_k(x, y) / s: the
+    forward pass the definition asks for, in closed form (no loop over channels). y_c is
+    the score with its bias (``Terms.scores``; ``needs_bias``). An image with y_c = 0 gets
+    an all-zero map. Returns (N, H, W) float32, >= 0.
+    """
+    drop = _class_gradients(t) * _channel_sums(t)  # y_c - y_c^k, (N, K)
+    score = t.scores[np.arange(t.classes.size), t.classes][:, None]
+    return _relu_weighted(t, np.divide(drop, score, out=np.zeros_like(drop), where=score != 0))
+
+
+def scorecam_from(t: Terms, forward: perturb.Forward) -> np.ndarray:
+    """Score-CAM (Wang et al. 2020) of each image's class: ReLU(sum_k w_k f_k), with the
+    weights of ``perturb.score_cam_weights`` (one forward pass per channel). Returns
+    (N, H, W) float32, >= 0."""
+    return _relu_weighted(t, perturb.score_cam_weights(t.activations, t.classes, forward))
+
+
+def rise_from(t: Terms, forward: perturb.Forward) -> np.ndarray:
+    """RISE of each image's class: ``perturb.rise``, at the input's size."""
+    return perturb.rise(t.classes, forward)
 
 
 # --------------------------------------------------------------------------
@@ -375,22 +436,35 @@ def cam_squared(
 # --------------------------------------------------------------------------
 
 
+Needs = Literal["terms", "model"]
+
+
 @dataclass(frozen=True)
 class Method:
     """A map method as every command knows it.
 
     name: what ``--methods`` takes; title: what figures and tables print; colour: its
-    line in plots; fn: the map of each image of a batch, (N, H, W) float32, from its
-    ``Terms``; source: the equation or paper it follows; default: drawn when a command
-    is not told which (``explain``'s figure, the report's evaluation).
+    line in plots; fn: the map of each image of a batch, (N, H, W) float32 (or at the
+    input's size), from its ``Terms`` (and, for ``needs="model"``, a ``perturb.Forward``
+    as second argument); source: the equation or paper it follows; default: drawn when a
+    command is not told which (``explain``'s figure, the report's evaluation); needs:
+    ``"terms"`` for a closed form over one batch's activations and head, ``"model"``
+    for a method that runs the model again on perturbed inputs (``perturb``);
+    needs_bias: its numbers depend on the head's bias (not only its class choice), so
+    ``closed_form`` refuses a call without ``bias=``; class_specific: False for a map
+    drawn for no one class (over all of them, or none), which ``closed_form`` then
+    refuses a ``class_index`` or ``logits`` for.
     """
 
     name: str
     title: str
     colour: str
-    fn: Callable[[Terms], np.ndarray]
+    fn: Callable[..., np.ndarray]
     source: str
     default: bool = True
+    needs: Needs = "terms"
+    needs_bias: bool = False
+    class_specific: bool = True
 
 
 METHODS: dict[str, Method] = {}
@@ -406,12 +480,34 @@ def register(method: Method) -> Method:
 
 register(Method("cam", "CAM", "#1f77b4", cam_from, "Eq. 2"))
 register(Method("gradcam", "Grad-CAM", "#ff7f0e", gradcam_from, "Eq. 3-4"))
-register(Method("crm", "CRM", "#d62728", crm_from, "Eq. 6-7"))
-register(Method("crm_output", "CRM (outputs)", "#9467bd", crm_output_from, "Eq. 5", default=False))
+register(Method("crm", "CRM", "#d62728", crm_from, "Eq. 6-7", class_specific=False))
+register(
+    Method("crm_output", "CRM (outputs)", "#9467bd", crm_output_from, "Eq. 5", default=False,
+           needs_bias=True)
+)  # fmt: skip
 register(
     Method("cam_squared", "CAM\u00b2", "#8c564b", cam_squared_from, "Eq. 2, squared",
            default=False)
 )  # fmt: skip
+# More methods: none is drawn by default; the last two run the model (``perturb``).
+# fmt: off
+register(Method("gradcampp", "Grad-CAM++", "#2ca02c", gradcampp_from,
+                "Chattopadhyay et al. 2018", default=False))
+register(Method("layercam", "LayerCAM", "#e377c2", layercam_from, "Jiang et al. 2021",
+                default=False))
+register(Method("xgradcam", "XGrad-CAM", "#bcbd22", xgradcam_from, "Fu et al. 2020",
+                default=False))
+register(Method("hirescam", "HiResCAM", "#9edae5", hirescam_from, "Draelos and Carin 2020",
+                default=False))
+register(Method("eigencam", "Eigen-CAM", "#aec7e8", eigencam_from, "Muhammad and Yeasin 2020",
+                default=False, class_specific=False))
+register(Method("ablationcam", "Ablation-CAM", "#98df8a", ablationcam_from,
+                "Desai and Ramaswamy 2020", default=False, needs_bias=True))
+register(Method("scorecam", "Score-CAM", "#ffbb78", scorecam_from, "Wang et al. 2020",
+                default=False, needs="model"))
+register(Method("rise", "RISE", "#c5b0d5", rise_from, "Petsiuk et al. 2018", default=False,
+                needs="model"))
+# fmt: on
 
 
 def default_methods() -> tuple[str, ...]:
@@ -419,19 +515,35 @@ def default_methods() -> tuple[str, ...]:
     return tuple(name for name, m in METHODS.items() if m.default)
 
 
-def parse_methods(text: str | Sequence[str] | None) -> tuple[str, ...]:
+def closed_form_methods() -> tuple[str, ...]:
+    """The methods computed from one batch's activations and head alone (``needs="terms"``),
+    without running the model again."""
+    return tuple(name for name, m in METHODS.items() if m.needs == "terms")
+
+
+def parse_methods(text: str | Sequence[str] | None, *, model: bool = True) -> tuple[str, ...]:
     """``--methods``: names, comma-separated (or a sequence), ``all``, or None for the
-    defaults. Raises ``ValueError`` naming the unknown ones and the known."""
+    defaults. Raises ``ValueError`` naming the unknown ones and the known.
+
+    model: whether the caller can run the model on perturbed inputs (a ``perturb.Forward``);
+    without it ``all`` is the closed-form methods and a method that needs the model is
+    refused, in one line that names it and the methods that can run."""
     if text is None:
         return default_methods()
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
     names = [n for n in names if n]
     if names == ["all"]:
-        return tuple(METHODS)
+        return tuple(METHODS) if model else closed_form_methods()
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
         raise ValueError(
             f"unknown map methods {unknown or names}; known: {', '.join(METHODS)} (or all)"
+        )
+    refused = [n for n in names if METHODS[n].needs == "model" and not model]
+    if refused:
+        raise ValueError(
+            f"map methods {refused} run the model on masked images, which is not at hand "
+            f"here; these can run: {', '.join(closed_form_methods())}"
         )
     return tuple(dict.fromkeys(names))
 
@@ -447,28 +559,128 @@ def compute_maps(
     weights: np.ndarray,
     *,
     bias: np.ndarray | None,
-    methods: Sequence[str] = tuple(METHODS),
+    methods: Sequence[str] | None = None,
     class_index: ClassIndex = None,
     logits: np.ndarray | None = None,
     pooling: Pooling = "mean",
 ) -> dict[str, np.ndarray]:
-    """Several methods (names in ``METHODS``) over one batch: name -> (N, H, W) float32.
+    """Several closed-form methods (names in ``METHODS``; None: all of them,
+    ``closed_form_methods``) over one batch: name -> (N, H, W) float32.
 
     The head's terms (one matrix product) and the class (default: the argmax
     of ``logits``, else of the re-applied head) are computed once and shared.
-    ``bias`` must be passed, as for ``crm_output`` (None only for a head
-    without one); Grad-CAM uses gradient="sum" (Eq. 4).
+    ``bias`` must be passed, as ``closed_form`` asks of the methods with
+    ``needs_bias`` (None only for a head without one); Grad-CAM uses
+    gradient="sum" (Eq. 4). A method that needs the
+    model (``needs="model"``) is refused: ``modlabel.infer``'s ``Labels.maps`` runs those.
     """
     t = terms(
         activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
     )
-    return maps_of(t, methods)
+    return maps_of(t, closed_form_methods() if methods is None else methods)
 
 
-def maps_of(t: Terms, methods: Sequence[str]) -> dict[str, np.ndarray]:
-    """name -> (N, H, W) float32 of each method over one batch's terms."""
-    names = parse_methods(list(methods))
-    return {name: METHODS[name].fn(t) for name in names}
+def maps_of(
+    t: Terms, methods: Sequence[str], forward: perturb.Forward | None = None
+) -> dict[str, np.ndarray]:
+    """name -> (N, H, W) float32 of each method over one batch's terms (RISE's at the
+    input's size). ``forward``: the batch's inputs and the model, for the methods that
+    need them; without it those are refused (``parse_methods``)."""
+    names = parse_methods(list(methods), model=forward is not None)
+    return {
+        name: METHODS[name].fn(t, forward)
+        if METHODS[name].needs == "model"
+        else METHODS[name].fn(t)
+        for name in names
+    }
+
+
+# --------------------------------------------------------------------------
+# One method over the raw inputs.
+# --------------------------------------------------------------------------
+
+
+class _Unset(Enum):
+    """``closed_form``'s default bias: not passed (None is a head without a bias)."""
+
+    BIAS = "not passed"
+
+
+def closed_form(
+    name: str,
+    activations: np.ndarray,
+    weights: np.ndarray,
+    *,
+    bias: np.ndarray | None | _Unset = _Unset.BIAS,
+    class_index: ClassIndex = None,
+    logits: np.ndarray | None = None,
+    pooling: Pooling = "mean",
+    **options: Any,
+) -> np.ndarray:
+    """One closed-form method (``needs="terms"``) over one batch: ``METHODS[name].fn`` of
+    the batch's ``terms``. Returns (N, H, W) float32.
+
+    activations: (N, H, W, K) float32; weights: (K, C) float32; the keywords as in the
+    module docstring. bias: (C,), or None for a head without one; leaving it out means
+    None, but for a method whose numbers depend on it (``Method.needs_bias``: CRM at the
+    outputs, Ablation-CAM), which is refused (TypeError). class_index, logits: the class
+    of a class-specific method, chosen as in ``terms``; a method drawn for no one class
+    (``Method.class_specific`` False: CRM, Eigen-CAM) refuses them (TypeError).
+    options: keyword options of the method's own function (Grad-CAM's ``gradient=``).
+    An unknown name, or a method that runs the model (``needs="model"``), is a
+    ``ValueError`` naming the closed-form methods.
+    """
+    method = METHODS.get(name)
+    if method is None or method.needs != "terms":
+        why = "is not a map method" if method is None else "runs the model on masked images"
+        raise ValueError(
+            f"{name!r} {why}; closed_form takes one of {', '.join(closed_form_methods())}"
+        )
+    if bias is _Unset.BIAS:
+        if method.needs_bias:
+            raise TypeError(
+                f"map method {name!r} needs bias= (the head's bias; None only for a head "
+                "without one): its maps depend on it"
+            )
+        bias = None
+    if not method.class_specific and (class_index is not None or logits is not None):
+        raise TypeError(
+            f"map method {name!r} is drawn for no one class: it takes no class_index or logits"
+        )
+    t = terms(
+        activations, weights, bias=bias, class_index=class_index, logits=logits, pooling=pooling
+    )
+    return method.fn(t, **options)
+
+
+def crm(
+    activations: np.ndarray,
+    weights: np.ndarray,
+    *,
+    bias: np.ndarray | None = None,
+    pooling: Pooling = "mean",
+) -> np.ndarray:
+    """CRM (Eq. 6-7, ``crm_from``) over the raw inputs: ``closed_form("crm", ...)``.
+    bias is accepted as every method accepts it (it cancels). Returns (N, H, W) float32."""
+    return closed_form("crm", activations, weights, bias=bias, pooling=pooling)
+
+
+def gradcam(
+    activations: np.ndarray,
+    weights: np.ndarray,
+    *,
+    bias: np.ndarray | None = None,
+    class_index: ClassIndex = None,
+    logits: np.ndarray | None = None,
+    pooling: Pooling = "mean",
+    gradient: Gradient = "sum",
+) -> np.ndarray:
+    """Grad-CAM (Eq. 3-4, ``gradcam_from``) over the raw inputs: ``closed_form("gradcam",
+    ...)``. Returns (N, H, W) float32, >= 0."""
+    return closed_form(
+        "gradcam", activations, weights, bias=bias, class_index=class_index, logits=logits,
+        pooling=pooling, gradient=gradient,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from modlabel import geometry
+from modlabel import geometry, maps
 from modlabel.cli import app
 from modlabel.errors import ModlabelError
 from modlabel.evaluation import (
@@ -157,7 +157,9 @@ def test_localize_command_writes_a_report(tiny_archive, tiny_onnx, tmp_path):
     truth = read_records(tiny_archive / "ground_truth.jsonl")
     per_class = Counter(r.class_name for r in truth)
     n_images = sum(per_class.values())
-    methods = ["cam", "gradcam", "crm", "crm_output", "cam_squared"]
+    # By default every closed-form method; Score-CAM and RISE only when asked for.
+    methods = list(maps.closed_form_methods())
+    assert "scorecam" not in methods and "rise" not in methods
     assert report["methods"] == methods and report["size"] == [300, 300]
     assert report["images"] == n_images and report["unreadable"] == []
     assert {c["class_name"]: c["images"] for c in report["classes"]} == per_class
@@ -227,3 +229,28 @@ def test_localize_leaves_tensorflow_unimported(tiny_archive, tiny_onnx):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_every_figure_has_its_interval_and_every_two_methods_a_test(tiny_archive, tiny_onnx):
+    from modlabel.evaluation import StatisticsSettings, format_report
+
+    report = evaluate_localization(
+        tiny_archive, OnnxModel(tiny_onnx), limit=28, settings=StatisticsSettings(resamples=200)
+    )
+    for row in report.rows + report.overall:
+        for metric in ("pointing", "energy", "roi_ratio"):
+            interval = report.interval(row.class_name, row.method, metric)
+            mean = getattr(row, metric)
+            if mean is None:
+                assert interval.estimate is None
+                continue
+            assert interval.estimate == pytest.approx(mean)  # the row's own mean
+            assert interval.low - 1e-9 <= mean <= interval.high + 1e-9
+    pairs = len(report.methods) * (len(report.methods) - 1) // 2
+    assert len(report.comparisons) == 7 * pairs
+    assert {c.test for c in report.comparisons if c.metric == "pointing"} == {"McNemar exact"}
+    text = format_report(report)
+    assert "All classes, with intervals over the" in text and "Holm-adjusted" in text
+    crm = report.interval("all", "crm", "pointing")
+    assert f"{crm.estimate:.2f} [{crm.low:.2f}, {crm.high:.2f}]" in text
+    assert "CRM vs CAM: pointing game" in text

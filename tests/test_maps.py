@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -87,7 +88,7 @@ def test_crm_output_closed_form_equals_brute_force(head, pooling):
     if pooling == "sum":
         weights = weights / (H * W)  # keep the softmax away from saturation
     expected = brute_force(acts, weights, bias, pooling, output_relevance)
-    got = maps.crm_output(acts, weights, bias=bias, pooling=pooling)
+    got = maps.closed_form("crm_output", acts, weights, bias=bias, pooling=pooling)
     assert got.shape == (3, H, W) and got.dtype == np.float32
     assert np.abs(expected).max() > 1e-4  # the test is not vacuous
     assert_close(got, expected)
@@ -100,7 +101,7 @@ def test_crm_output_does_not_overflow_for_large_scores(head, shift):
     acts, weights, bias = head
     shifted = bias + np.float32(shift)
     with np.errstate(over="raise", under="ignore", invalid="raise", divide="raise"):
-        got = maps.crm_output(acts, weights, bias=shifted)
+        got = maps.closed_form("crm_output", acts, weights, bias=shifted)
     assert_close(got, brute_force(acts, weights, shifted, "mean", output_relevance))
 
 
@@ -111,7 +112,8 @@ def test_methods_accept_terms_in_either_layout(head):
     terms = maps.terms(acts, weights, bias=bias)
     class_last = dataclasses.replace(terms, class_maps=np.ascontiguousarray(terms.class_maps))
     assert class_last.class_maps.flags.c_contiguous and terms.by_class.flags.c_contiguous
-    for name, method in maps.METHODS.items():
+    for name in maps.closed_form_methods():
+        method = maps.METHODS[name]
         got, expected = method.fn(class_last), method.fn(terms)
         assert got.dtype == expected.dtype == np.float32, name
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0, err_msg=name)
@@ -121,36 +123,38 @@ def test_crm_output_uses_given_class(head):
     acts, weights, bias = head
     predicted = np.argmax(reference_scores(acts, weights, bias, "mean"), axis=1)
     other = (predicted + 1) % C
-    default = maps.crm_output(acts, weights, bias=bias)
+    default = maps.closed_form("crm_output", acts, weights, bias=bias)
     np.testing.assert_array_equal(
-        default, maps.crm_output(acts, weights, bias=bias, class_index=predicted)
+        default, maps.closed_form("crm_output", acts, weights, bias=bias, class_index=predicted)
     )
-    assert not np.allclose(default, maps.crm_output(acts, weights, bias=bias, class_index=other))
+    assert not np.allclose(
+        default, maps.closed_form("crm_output", acts, weights, bias=bias, class_index=other)
+    )
 
 
 def test_cam_sums_to_score_and_defaults_to_predicted_class(head):
     acts, weights, bias = head
     scores = reference_scores(acts, weights, bias, "mean")
     predicted = np.argmax(scores, axis=1)
-    m = maps.cam(acts, weights, logits=scores)
+    m = maps.closed_form("cam", acts, weights, logits=scores)
     assert m.shape == (3, H, W) and m.dtype == np.float32
     # Eq. 1: the score is the pooled CAM plus the bias.
     np.testing.assert_allclose(
         m.mean(axis=(1, 2)) + bias[predicted], scores[np.arange(3), predicted], rtol=1e-5
     )
-    np.testing.assert_array_equal(m, maps.cam(acts, weights, bias=bias))
-    np.testing.assert_array_equal(m, maps.cam(acts, weights, class_index=predicted))
+    np.testing.assert_array_equal(m, maps.closed_form("cam", acts, weights, bias=bias))
+    np.testing.assert_array_equal(m, maps.closed_form("cam", acts, weights, class_index=predicted))
     for c in range(C):
         expected = np.einsum("nhwk,k->nhw", acts.astype(np.float64), weights[:, c])
         np.testing.assert_allclose(
-            maps.cam(acts, weights, class_index=c), expected, rtol=1e-4, atol=1e-5
+            maps.closed_form("cam", acts, weights, class_index=c), expected, rtol=1e-4, atol=1e-5
         )
 
 
 def test_gradcam_is_relu_of_cam_for_a_gap_head(head):
     acts, weights, bias = head
     c = [0, 3, 4]
-    cam = maps.cam(acts, weights, class_index=c)
+    cam = maps.closed_form("cam", acts, weights, class_index=c)
     np.testing.assert_array_equal(maps.gradcam(acts, weights, class_index=c), np.maximum(cam, 0))
     assert_close(
         maps.gradcam(acts, weights, class_index=c, gradient="mean"), np.maximum(cam, 0) / (H * W)
@@ -162,16 +166,18 @@ def test_gradcam_is_relu_of_cam_for_a_gap_head(head):
 
 def test_cam_squared_is_cam_squared(head):
     acts, weights, bias = head
-    cam = maps.cam(acts, weights, bias=bias)
-    np.testing.assert_allclose(maps.cam_squared(acts, weights, bias=bias), cam**2, rtol=1e-6)
+    cam = maps.closed_form("cam", acts, weights, bias=bias)
+    np.testing.assert_allclose(
+        maps.closed_form("cam_squared", acts, weights, bias=bias), cam**2, rtol=1e-6
+    )
 
 
 def test_compute_maps_shares_the_predicted_class(head):
     acts, weights, bias = head
     scores = reference_scores(acts, weights, bias, "mean")
     out = maps.compute_maps(acts, weights, bias=bias, logits=scores)
-    assert set(out) == set(maps.METHODS)
-    np.testing.assert_array_equal(out["cam"], maps.cam(acts, weights, logits=scores))
+    assert set(out) == set(maps.closed_form_methods())
+    np.testing.assert_array_equal(out["cam"], maps.closed_form("cam", acts, weights, logits=scores))
     np.testing.assert_array_equal(out["crm"], maps.crm(acts, weights, bias=bias))
     with pytest.raises(ValueError, match="unknown map methods"):
         maps.compute_maps(acts, weights, bias=bias, methods=["nope"])
@@ -188,16 +194,18 @@ def test_shape_errors():
 
 # -- one calling convention --------------------------------------------------
 
-# Every function over (activations, weights), with the keyword arguments it needs.
+# Every function over (activations, weights), with the keyword arguments it needs: each
+# closed-form method through closed_form(name, ...), and its shorthands.
 ENTRY_POINTS = {
-    "class_maps": {},
-    "terms": {},
-    "cam": {},
-    "gradcam": {},
-    "crm": {},
-    "crm_output": {"bias": None},
-    "cam_squared": {},
-    "compute_maps": {"bias": None},
+    "class_maps": (maps.class_maps, {}),
+    "terms": (maps.terms, {}),
+    "compute_maps": (maps.compute_maps, {"bias": None}),
+    "crm": (maps.crm, {}),
+    "gradcam": (maps.gradcam, {}),
+    **{
+        f"closed_form {name}": (functools.partial(maps.closed_form, name), {"bias": None})
+        for name in maps.closed_form_methods()
+    },
 }
 
 
@@ -209,19 +217,67 @@ def test_bias_or_class_passed_positionally_is_refused(name):
     acts = rng.random((4, 3, 3, 6)).astype(np.float32)
     weights = rng.normal(size=(6, 4)).astype(np.float32)
     bias = np.array([0.0, 1.0, 2.0, 3.0], np.float32)
-    function = getattr(maps, name)
-    function(acts, weights, **ENTRY_POINTS[name])  # the two positional inputs are fine
+    function, kw = ENTRY_POINTS[name]
+    function(acts, weights, **kw)  # the two positional inputs are fine
     with pytest.raises(TypeError, match="positional"):
         function(acts, weights, bias)
     with pytest.raises(TypeError, match="positional"):
         function(acts, weights, 2)
 
 
-@pytest.mark.parametrize("name", ["crm_output", "compute_maps"])
+@pytest.mark.parametrize("name", ["crm_output", "ablationcam", "compute_maps"])
 def test_bias_must_be_given_where_it_changes_the_numbers(name, head):
     acts, weights, _ = head
+    function = (
+        maps.compute_maps if name == "compute_maps" else functools.partial(maps.closed_form, name)
+    )
     with pytest.raises(TypeError, match="bias"):
-        getattr(maps, name)(acts, weights)
+        function(acts, weights)
+
+
+def test_needs_bias_and_class_specific_say_what_changes_the_maps(head):
+    # A method needs the bias exactly when another bias changes its maps, the class held
+    # fixed; it is class-specific exactly when another class does.
+    acts, weights, bias = head
+    other_bias = np.random.default_rng(1).normal(size=C).astype(np.float32)
+    for name in maps.closed_form_methods():
+        method = maps.METHODS[name]
+        base = method.fn(maps.terms(acts, weights, bias=bias, class_index=[4, 0, 2]))
+        rebiased = method.fn(maps.terms(acts, weights, bias=other_bias, class_index=[4, 0, 2]))
+        reclassed = method.fn(maps.terms(acts, weights, bias=bias, class_index=[1, 3, 3]))
+        assert method.needs_bias == (not np.allclose(base, rebiased, rtol=1e-5)), name
+        assert method.class_specific == (not np.allclose(base, reclassed, rtol=1e-5)), name
+    assert {n for n in maps.METHODS if maps.METHODS[n].needs_bias} == {"crm_output", "ablationcam"}
+    assert {n for n in maps.closed_form_methods() if not maps.METHODS[n].class_specific} == {
+        "crm",
+        "eigencam",
+    }
+    # Without the bias the others run, as a head without one.
+    np.testing.assert_array_equal(
+        maps.closed_form("cam", acts, weights, class_index=2),
+        maps.closed_form("cam", acts, weights, bias=None, class_index=2),
+    )
+
+
+@pytest.mark.parametrize("name", ["crm", "eigencam"])
+def test_a_map_for_no_one_class_refuses_a_class(name, head):
+    acts, weights, bias = head
+    with pytest.raises(TypeError, match="class_index or logits"):
+        maps.closed_form(name, acts, weights, bias=bias, class_index=1)
+    with pytest.raises(TypeError, match="class_index or logits"):
+        maps.closed_form(name, acts, weights, logits=np.zeros((3, C)))
+    with pytest.raises(TypeError, match="class_index"):
+        maps.crm(acts, weights, class_index=1)
+
+
+def test_closed_form_refuses_unknown_and_forward_pass_methods(head):
+    acts, weights, bias = head
+    with pytest.raises(ValueError, match=r"'gradcam\+\+' is not a map method.*one of cam, "):
+        maps.closed_form("gradcam++", acts, weights, bias=bias)
+    with pytest.raises(ValueError, match="'rise' runs the model"):
+        maps.closed_form("rise", acts, weights, bias=bias)
+    with pytest.raises(TypeError, match="gradient"):  # an option of Grad-CAM's only
+        maps.closed_form("cam", acts, weights, bias=bias, gradient="mean")
 
 
 # Keyword arguments of one call, from the head's (bias, scores).
@@ -236,19 +292,20 @@ CALLS = {
 
 @pytest.mark.parametrize("call", sorted(CALLS))
 def test_each_method_is_its_piece_of_the_shared_terms(head, call):
-    # The same keyword arguments give the same maps through each method's own
-    # function, through compute_maps and through METHODS over terms.
+    # The same keyword arguments give the same maps through closed_form, through
+    # compute_maps and through METHODS over terms.
     acts, weights, bias = head
     kw = CALLS[call](bias, reference_scores(acts, weights, bias, "mean"))
     terms = maps.terms(acts, weights, **kw)
     together = maps.compute_maps(acts, weights, **kw)
-    assert set(together) == set(maps.METHODS)
-    for name, method in maps.METHODS.items():
+    assert set(together) == set(maps.closed_form_methods())
+    for name in maps.closed_form_methods():
+        method = maps.METHODS[name]
         own_kw = dict(kw)
-        if name == "crm":  # over all classes: no class to choose
+        if not method.class_specific:  # CRM, Eigen-CAM: no class to choose
             own_kw.pop("class_index", None)
             own_kw.pop("logits", None)
-        alone = getattr(maps, name)(acts, weights, **own_kw)
+        alone = maps.closed_form(name, acts, weights, **own_kw)
         assert alone.shape == (3, H, W) and alone.dtype == np.float32, name
         np.testing.assert_array_equal(alone, together[name], err_msg=name)
         np.testing.assert_array_equal(alone, method.fn(terms), err_msg=name)

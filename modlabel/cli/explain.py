@@ -4,15 +4,51 @@ synthetic archive's ground-truth boxes)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from ..errors import ModlabelError
 from .app import app
 from .edge import command, say
-from .options import DeviceOption, MethodsOption, ModelPathOption, model_path, output_dir
+from .options import (
+    DeviceOption,
+    MethodsOption,
+    ModelPathOption,
+    RiseMasksOption,
+    model_path,
+    output_dir,
+    perturbation,
+)
 from .options import methods as methods_of
+
+if TYPE_CHECKING:
+    from ..infer import LayerMaps
+    from ..model import OnnxModel
+
+LayerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--layer",
+        metavar="TENSOR",
+        help="Also draw CRM at this layer: a 4-D tensor of the ONNX graph, each of its "
+        "spatial elements removed in turn and the layers above it run again (Eq. 6-7; h x w "
+        "runs of them per image). A layer-wise-only model (adopt --layer) draws it at its "
+        "activations unless told. Needs the onnx package.",
+        show_default=False,
+    ),
+]
+
+
+def layer_maps(model: OnnxModel, layer: str | None) -> LayerMaps | None:
+    """``--layer`` as the layer-wise CRM to draw (``layer_crm``, which needs onnx: imported
+    only when there is one)."""
+    if layer is None and not model.info.layer_wise_only:
+        return None
+    from ..layer_crm import layer_maps_for
+
+    return layer_maps_for(model, layer)
 
 
 @command(app)
@@ -32,6 +68,8 @@ def explain(
     ] = None,
     device: DeviceOption = "auto",
     methods: MethodsOption = None,
+    rise_masks: RiseMasksOption = None,
+    layer: LayerOption = None,
     fmt: Annotated[
         str,
         typer.Option(
@@ -50,7 +88,13 @@ def explain(
 
     Example: modlabel explain scan.jpg --model model.onnx --out figures/ --format json
 
+    More methods (docs: Models and training, "Map methods"): modlabel explain scan.jpg
+    --model model.onnx --methods gradcampp,eigencam,scorecam,rise --rise-masks 4000
+
     Or, the first 20 images under a folder: modlabel explain /archive --limit 20 --model model.onnx
+
+    CRM at another layer (any ONNX model, docs: "Explaining any ONNX model"): modlabel
+    explain scan.jpg --model adopted.onnx --layer /layer3/layer3.1/relu_1/Relu_output_0
     """
     import json
 
@@ -59,11 +103,19 @@ def explain(
 
     if fmt not in ("text", "json"):
         raise typer.BadParameter(f"text or json, not {fmt!r}", param_hint="--format")
-    wanted = methods_of(methods)
+    wanted = methods_of(methods) if methods is not None else None  # None: the model's defaults
     path = model_path(model)
     output_dir(out)
     onnx_model = OnnxModel(path, device=device)
-    results = explain_roots(images, onnx_model, out, limit=limit, methods=wanted)
+    results = explain_roots(
+        images,
+        onnx_model,
+        out,
+        limit=limit,
+        methods=wanted,
+        perturbation=perturbation(rise_masks),
+        layer_maps=layer_maps(onnx_model, layer),
+    )
     failed = sum(1 for r in results if r.error)
     for r in results:
         if r.error:
@@ -79,12 +131,61 @@ def explain(
         raise typer.Exit(1)
 
 
-@command(app)
+def spread_option(args: list[str], option: str) -> list[str]:
+    """``--models A B C`` as ``--models A --models B --models C``: the words after
+    ``option``, up to the next one that starts with ``-``, are all its values."""
+    out: list[str] = []
+    state = ""  # "first": the option was the last word; "more": one of its values
+    for word in args:
+        if state and not word.startswith("-"):
+            if state == "more":
+                out.append(option)
+            out.append(word)
+            state = "more"
+            continue
+        state = "first" if word == option else ""
+        out.append(word)
+    return out
+
+
+class _SpreadModels(TyperCommand):
+    """``localize``'s parser: ``--models`` takes every word after it (``spread_option``)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, spread_option(list(args), "--models"))
+
+
+def model_labels(paths: list[Path]) -> list[str]:
+    """How the pooled output names each model: its path, numbered where one repeats."""
+    names = [str(p) for p in paths]
+    return [f"{name} (#{i + 1})" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
+@command(app, cls=_SpreadModels)
 def localize(
     archive: Annotated[
         Path, typer.Argument(help="Archive with a ground_truth.jsonl, as `modlabel synth` writes.")
     ],
     model: ModelPathOption = None,
+    models: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--models",
+            metavar="PATH...",
+            help="Several independently trained ONNX models, pooled (after the archive: "
+            "--models A.onnx B.onnx C.onnx): each model's figures, then the mean over models "
+            "with intervals over models and images, method pairs and model pairs tested.",
+            show_default=False,
+        ),
+    ] = None,
+    resamples: Annotated[
+        int,
+        typer.Option(
+            "--resamples",
+            min=0,
+            help="Bootstrap resamples of the 95% intervals and paired tests; 0 for none.",
+        ),
+    ] = 2000,
     out: Annotated[Path | None, typer.Option("--out", help="JSON file to write.")] = None,
     limit: Annotated[
         int | None,
@@ -93,26 +194,71 @@ def localize(
         ),
     ] = None,
     methods: Annotated[
-        str,
-        typer.Option("--methods", help="Map methods, comma-separated, or all (the default)."),
-    ] = "all",
+        str | None,
+        typer.Option(
+            "--methods",
+            help="Map methods, comma-separated, or all (see `explain --methods`; default: "
+            "every closed-form one, all but scorecam and rise, which run the model again "
+            "once per channel or mask).",
+            show_default=False,
+        ),
+    ] = None,
+    rise_masks: RiseMasksOption = None,
+    layer: LayerOption = None,
 ) -> None:
-    """Score CAM, Grad-CAM and CRM against the archive's ground-truth boxes.
+    """Score the maps (CAM, Grad-CAM, CRM and the other methods) against the archive's
+    ground-truth boxes.
 
     Prints the paper's Table 3 (ROI pixels and ratio at 300x300, per class and
     method), then the pointing game, ROI precision and recall and the ROI share
-    on distractors, over correctly classified images.
+    on distractors, over correctly classified images; then, over all classes, each
+    figure with its 95% bootstrap interval over the images, and a sentence per two
+    methods saying which differences are significant at 5% (McNemar's exact test for
+    the pointing game, a paired bootstrap otherwise, Holm-adjusted).
 
     Example: modlabel localize demo/incoming --model demo/model.onnx --out localize.json
+
+    Three models trained with different seeds, pooled:
+    modlabel localize demo/incoming --models seed0.onnx seed1.onnx seed2.onnx --out pooled.json
     """
-    from ..evaluation import evaluate_localization, format_report
+    from ..evaluation import (
+        StatisticsSettings,
+        evaluate_localization,
+        format_pooled,
+        format_report,
+        pool_localization,
+    )
     from ..model import OnnxModel
 
-    wanted = methods_of(methods)
-    result = evaluate_localization(
-        archive, OnnxModel(model_path(model)), limit=limit, methods=wanted
-    )
-    typer.echo(format_report(result), nl=False)
+    if models and model is not None:
+        raise typer.BadParameter("give --model or --models, not both", param_hint="--models")
+    wanted = methods_of(methods) if methods is not None else None
+    settings = StatisticsSettings(resamples=resamples) if resamples else None
+    if models and settings is None:
+        raise typer.BadParameter("pooling models needs --resamples above 0", param_hint="--models")
+    paths = list(models) if models else [model_path(model)]
+    labels = model_labels(paths)
+    reports = []
+    for label, path in zip(labels, paths, strict=True):
+        onnx_model = OnnxModel(path)
+        report = evaluate_localization(
+            archive,
+            onnx_model,
+            limit=limit,
+            methods=wanted,
+            perturbation=perturbation(rise_masks),
+            layer_maps=layer_maps(onnx_model, layer),
+            settings=settings,
+        )
+        if models:
+            typer.echo(f"== {label} ==")
+        typer.echo(format_report(report), nl=False)
+        reports.append(report)
+    result = reports[0]
+    if models and settings is not None:
+        result = pool_localization(reports, labels, settings=settings)
+        typer.echo("")
+        typer.echo(format_pooled(result), nl=False)
     if out is not None:
         try:
             out.write_text(result.to_json() + "\n", encoding="utf-8")

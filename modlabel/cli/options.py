@@ -7,13 +7,16 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperArgument, TyperOption
 
 from .. import config
 from ..errors import ExitCode
+
+if TYPE_CHECKING:
+    from .. import perturb
 
 DeviceOption = Annotated[
     str,
@@ -134,12 +137,32 @@ def output_dir(path: Path, option: str = "--out", *, create: bool = True) -> Pat
     return path
 
 
+# The map methods by name, for help texts (the CLI starts without importing numpy, so
+# without the registry; tests/test_methods.py checks that this names every method).
+METHOD_NAMES_HELP = (
+    "cam, gradcam, crm, crm_output, cam_squared, gradcampp, layercam, xgradcam, hirescam, "
+    "eigencam, ablationcam, scorecam, rise"
+)
+
 MethodsOption = Annotated[
     str | None,
     typer.Option(
         "--methods",
-        help="Map methods, comma-separated (cam, gradcam, crm, crm_output, cam_squared, or "
-        "all; default: cam, gradcam, crm).",
+        help=f"Map methods, comma-separated ({METHOD_NAMES_HELP}, or all; default: cam, "
+        "gradcam, crm). scorecam and rise run the model again, once per channel or mask.",
+        show_default=False,
+    ),
+]
+
+RISE_MASKS_HELP_DEFAULT = 2000  # perturb.RISE_MASKS (tests/test_methods.py checks)
+
+RiseMasksOption = Annotated[
+    int | None,
+    typer.Option(
+        "--rise-masks",
+        min=1,
+        help=f"RISE's number of random masks, one forward pass each per image (default "
+        f"{RISE_MASKS_HELP_DEFAULT}, as in the RISE authors' example).",
         show_default=False,
     ),
 ]
@@ -153,6 +176,15 @@ def methods(text: str | None) -> tuple[str, ...]:
         return maps.parse_methods(text)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--methods") from None
+
+
+def perturbation(rise_masks: int | None) -> perturb.Options:
+    """``--rise-masks`` as the forward-pass methods' options (``perturb.Options``)."""
+    from .. import perturb
+
+    if rise_masks is None:
+        return perturb.Options()
+    return perturb.Options(rise_masks=rise_masks)
 
 
 # Exit codes, one line each, for help texts (``exit_codes_epilog``). ``ExitCode`` is the

@@ -69,7 +69,8 @@ def report(
         typer.Option(
             "--methods",
             help="With ground truth: the map methods the evaluation scores, comma-separated, "
-            "or all (default: cam, gradcam, crm).",
+            "or all (default: cam, gradcam, crm; see `explain --methods`: scorecam and rise run "
+            "the model again, once per channel or mask).",
         ),
     ] = None,
     quiet: Annotated[

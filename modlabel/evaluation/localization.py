@@ -45,6 +45,16 @@ statistic is the mean over the images whose predicted class is their
 ground-truth class (the map is drawn for that class); images a model gets
 wrong count only in the accuracy. A row of several classes (``overall``)
 weighs every image the same.
+
+Every mean comes with its 95% percentile bootstrap interval over those images
+(per class and over all), and every two methods are compared on each measure
+of ``TESTED_METRICS`` over all classes, on the same images: McNemar's exact
+test for the pointing game, the paired bootstrap for the others, Holm-adjusted
+over the pairs of each measure (``evaluation.significance``, ``modlabel.stats``).
+``pool_localization`` pools the reports of several independently trained
+models over one archive: the mean over models of each model's figure, its
+interval and the method pairs' tests from a two-stage bootstrap (models, then
+images within each), and each two models compared method by method.
 """
 
 from __future__ import annotations
@@ -57,16 +67,25 @@ from typing import Any
 
 import numpy as np
 
-from .. import geometry, maps, stopping
+from .. import geometry, maps, perturb, stopping
 from ..decode_pool import DecodeRequest, image_pool
 from ..errors import ModlabelError
 from ..groundtruth import GROUND_TRUTH_NAME
-from ..infer import describe, label_pixels
+from ..infer import LayerMaps, describe, label_pixels
 from ..model import OnnxModel
+from .significance import (
+    ALL,
+    Comparison,
+    FigureInterval,
+    StatisticsSettings,
+    image_statistics,
+    model_comparisons,
+    pooled_statistics,
+)
 
 TABLE3_SIZE = (300, 300)  # the paper counts pixels of 300x300 images
 IGNORED_DISTRACTORS = frozenset({"border"})  # a frame's box is the whole image
-OVERALL = "all"
+OVERALL = ALL
 
 Box = geometry.Box
 
@@ -257,6 +276,34 @@ METRICS = (
 )
 
 
+# The measures whose method pairs are tested (``roi_pixels`` is ``roi_ratio`` scaled).
+TESTED_METRICS = (
+    "pointing",
+    "energy",
+    "roi_iou",
+    "roi_precision",
+    "roi_recall",
+    "distractor_share",
+    "roi_ratio",
+)
+
+
+@dataclass
+class PerImage:
+    """The measures of each correctly classified image, what the intervals resample.
+
+    positions: (n,) each image's place in the stream of images read (the same
+    archive and limit give the same places for every model); paths, classes:
+    its record's path and class; values: method -> (n, len(METRICS)) float64 in
+    ``METRICS`` order, NaN where undefined.
+    """
+
+    positions: np.ndarray
+    paths: list[str]
+    classes: list[str]
+    values: dict[str, np.ndarray]
+
+
 @dataclass(frozen=True)
 class MethodRow:
     """One method on one class (or ``"all"``): means over correctly classified images.
@@ -309,6 +356,19 @@ class LocalizationReport:
     # Per image, what ``infer`` said of it: the same label, calibrated confidence and
     # out-of-set flag a scan stores (``path``, ``truth``, ``correct`` beside them).
     labeled: list[dict[str, Any]] = field(default_factory=list)
+    # Every row's figures with their bootstrap intervals (per class and "all"), and the
+    # method pairs' tests over all classes; None settings: no statistics drawn.
+    settings: StatisticsSettings | None = None
+    intervals: list[FigureInterval] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
+    per_image: PerImage | None = None  # not in the JSON
+
+    def interval(self, class_name: str, method: str, metric: str) -> FigureInterval | None:
+        """The interval of one row's measure, if drawn."""
+        for i in self.intervals:
+            if i.group == class_name and i.method == method and i.metric == metric:
+                return i
+        return None
 
     @property
     def images(self) -> int:
@@ -346,10 +406,30 @@ class LocalizationReport:
             "overall": [asdict(r) for r in self.overall],
             "unreadable": list(self.unreadable),
             "labeled": list(self.labeled),
+            "statistics": statistics_dict(self.settings, "images"),
+            "intervals": [asdict(i) for i in self.intervals],
+            "comparisons": [asdict(c) for c in self.comparisons],
         }
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
+
+
+def statistics_dict(settings: StatisticsSettings | None, over: str) -> dict[str, Any] | None:
+    """How the intervals and tests were drawn, as the JSON states it."""
+    if settings is None:
+        return None
+    tests = (
+        "McNemar's exact test for the pointing game, paired bootstrap otherwise"
+        if over == "images"
+        else "two-stage paired bootstrap (models, then images within each)"
+    )
+    return {
+        **asdict(settings),
+        "intervals": f"percentile bootstrap over {over}",
+        "tests": tests,
+        "significant": f"Holm-adjusted p < {settings.alpha}",
+    }
 
 
 class _Sums:
@@ -422,8 +502,12 @@ def evaluate_localization(
     batch_size: int = 32,
     size: tuple[int, int] = TABLE3_SIZE,
     limit: int | None = None,
+    perturbation: perturb.Options | None = None,
+    settings: StatisticsSettings | None = StatisticsSettings(),
+    layer_maps: LayerMaps | None = None,
 ) -> LocalizationReport:
-    """Label the images of ``archive/ground_truth.jsonl`` and score every method's map.
+    """Label the images of ``archive/ground_truth.jsonl`` and score every method's map
+    (``methods``; None: every closed-form one, ``maps.closed_form_methods``).
 
     The records are streamed in batches of ``batch_size`` (at most ``limit`` of
     them, in file order); each batch is labeled once and its maps computed once
@@ -458,6 +542,9 @@ def evaluate_localization(
         fraction=fraction,
         batch_size=batch_size,
         size=size,
+        perturbation=perturbation,
+        settings=settings,
+        layer_maps=layer_maps,
     )
 
 
@@ -486,6 +573,9 @@ def localize_images(
     batch_size: int = 32,
     size: tuple[int, int] = TABLE3_SIZE,
     on_batch: Callable[[ScoredBatch], None] | None = None,
+    perturbation: perturb.Options | None = None,
+    settings: StatisticsSettings | None = StatisticsSettings(),
+    layer_maps: LayerMaps | None = None,
 ) -> LocalizationReport:
     """Label images and score every method's map against their records' boxes.
 
@@ -494,9 +584,18 @@ def localize_images(
     box metrics are undefined and left out of the means). source: what the
     report names as its archive. ``on_batch`` is called with each batch's
     correctly classified images and their maps (``ScoredBatch``), for measures
-    of one's own over the same maps. Otherwise as ``evaluate_localization``.
+    of one's own over the same maps. ``perturbation``: how Score-CAM and RISE run, when
+    ``methods`` names them. settings: how the bootstrap intervals and the method
+    pairs' tests are drawn (None: none). ``layer_maps``: maps scored after the methods'
+    (``layer_crm.LayerCrm``: CRM at a layer); a layer-wise-only model scores only those
+    unless ``methods`` are named. Otherwise as ``evaluate_localization``.
     """
-    methods = maps.parse_methods(methods if methods is not None else "all")
+    if methods is None and model.info.layer_wise_only:
+        methods = ()  # no closed-form head: its maps are the layer's
+    else:
+        methods = maps.closed_form_methods() if methods is None else maps.parse_methods(methods)
+    if layer_maps is not None:
+        methods = (*methods, *layer_maps.names)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= fraction < 1:
@@ -511,17 +610,21 @@ def localize_images(
     sums: dict[tuple[str, str], _Sums] = {}
     unreadable: list[dict[str, str]] = []
     labeled: list[dict[str, Any]] = []
+    per_image = _PerImageLists(methods)
 
     batch: list[tuple[GroundTruth, np.ndarray, tuple[int, int], str]] = []
+    positions: list[int] = []  # each batch item's place in the stream read
 
     def flush() -> None:
         if batch:
             scored = _score_batch(
-                batch, model, methods, fraction, size_hw, index_of, per_class, sums, labeled
-            )
+                batch, model, methods, fraction, size_hw, index_of, per_class, sums, labeled,
+                perturbation, per_image=per_image, positions=positions, layer_maps=layer_maps,
+            )  # fmt: skip
             if scored is not None and on_batch is not None:
                 on_batch(scored)
             batch.clear()
+            positions.clear()
 
     def checked(items: Iterable[tuple[GroundTruth, str]]) -> Iterator[tuple[GroundTruth, str]]:
         for record, image_path in items:
@@ -534,8 +637,8 @@ def localize_images(
 
     # Read and decoded in isolated workers, exactly as a scan decodes them.
     with image_pool(info.input_size) as pool:
-        for (record, image_path), image in pool.map(
-            checked(images), lambda item: DecodeRequest(item[1]), window=2 * batch_size
+        for position, ((record, image_path), image) in enumerate(
+            pool.map(checked(images), lambda item: DecodeRequest(item[1]), window=2 * batch_size)
         ):
             if image.cancelled:
                 stopping.check()
@@ -544,6 +647,7 @@ def localize_images(
                 unreadable.append({"path": record.path, "reason": reason})
                 continue
             batch.append((record, image.pixels, image.original_wh, image_path))
+            positions.append(position)
             if len(batch) >= batch_size:
                 flush()
         flush()
@@ -558,6 +662,18 @@ def localize_images(
             s = sums.get((name, method), _Sums())
             rows.append(s.row(name, method))
             overall[method].merge(s)
+    table = per_image.table()
+    intervals: list[FigureInterval] = []
+    comparisons: list[Comparison] = []
+    if settings is not None:
+        groups = {
+            name: np.flatnonzero(np.array(table.classes, dtype=object) == name)
+            for name in class_order
+        }
+        groups[OVERALL] = np.arange(len(table.paths))
+        intervals, comparisons = image_statistics(
+            table.values, METRICS, groups, tested=TESTED_METRICS, settings=settings
+        )
     return LocalizationReport(
         archive=source,
         model=model.identity,
@@ -570,7 +686,46 @@ def localize_images(
         totals=totals.summary(OVERALL),
         unreadable=unreadable,
         labeled=labeled,
+        settings=settings,
+        intervals=intervals,
+        comparisons=comparisons,
+        per_image=table,
     )
+
+
+class _PerImageLists:
+    """``PerImage`` as it grows, batch by batch."""
+
+    def __init__(self, methods: Sequence[str]) -> None:
+        self.positions: list[int] = []
+        self.paths: list[str] = []
+        self.classes: list[str] = []
+        self.values: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+
+    def add(
+        self,
+        records: Sequence[GroundTruth],
+        positions: Sequence[int],
+        scores: dict[str, ImageScores],
+    ) -> None:
+        self.positions.extend(positions)
+        self.paths.extend(r.path for r in records)
+        self.classes.extend(r.class_name for r in records)
+        for method, s in scores.items():
+            self.values.setdefault(method, []).append(
+                np.column_stack([np.asarray(getattr(s, k), dtype=np.float64) for k in METRICS])
+            )
+
+    def table(self) -> PerImage:
+        width = len(METRICS)
+        return PerImage(
+            positions=np.asarray(self.positions, dtype=np.int64),
+            paths=list(self.paths),
+            classes=list(self.classes),
+            values={
+                m: np.concatenate(v) if v else np.empty((0, width)) for m, v in self.values.items()
+            },
+        )
 
 
 def _score_batch(
@@ -583,6 +738,11 @@ def _score_batch(
     per_class: dict[str, _ClassSums],
     sums: dict[tuple[str, str], _Sums],
     labeled: list[dict[str, Any]],
+    perturbation: perturb.Options | None = None,
+    *,
+    per_image: _PerImageLists | None = None,
+    positions: Sequence[int] = (),
+    layer_maps: LayerMaps | None = None,
 ) -> ScoredBatch | None:
     labels = label_pixels(model, np.stack([p for _, p, _, _ in batch]))
     truth = np.array([index_of[r.class_name] for r, _, _, _ in batch])
@@ -616,8 +776,11 @@ def _score_batch(
     s_masks, d_masks = np.stack(structures), np.stack(distractors)
 
     # The maps of the correctly classified images, for their class (= the predicted one).
-    every = labels.maps(methods)
+    drawn = [m for m in methods if layer_maps is None or m not in layer_maps.names]
+    every = labels.maps(drawn, perturbation=perturbation) if drawn else {}
     maps_by_method = {name: m[correct] for name, m in every.items()}
+    if layer_maps is not None and labels.inputs is not None:  # only the images scored
+        maps_by_method.update(layer_maps(labels.inputs[correct]))
     names = [record.class_name for record, _, _, _ in kept]
     scored = ScoredBatch(
         records=[record for record, _, _, _ in kept],
@@ -634,4 +797,113 @@ def _score_batch(
             rows = np.array([n == name for n in names])
             picked = ImageScores(**{k: getattr(scores, k)[rows] for k in METRICS})
             sums.setdefault((name, method), _Sums()).add(picked)
+    if per_image is not None:
+        kept_at = [at for at, ok in zip(positions, correct, strict=True) if ok]
+        per_image.add(scored.records, kept_at, scored.scores)
     return scored
+
+
+# --------------------------------------------------------------------------
+# Several models over one archive.
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class PooledLocalization:
+    """Localization pooled over independently trained models on one archive.
+
+    models: a label per report (``reports``, in the order given); intervals:
+    per method and measure, the mean over models of each model's all-classes
+    figure, with a two-stage bootstrap interval (models, then images within
+    each); comparisons: the method pairs on each tested measure, from the same
+    two-stage bootstrap; model_comparisons: every two models, method by
+    method, over the images both classified correctly.
+    """
+
+    archive: str
+    models: list[str]
+    methods: tuple[str, ...]
+    settings: StatisticsSettings
+    reports: list[LocalizationReport]
+    intervals: list[FigureInterval]
+    comparisons: list[Comparison]
+    model_comparisons: list[Comparison]
+
+    def interval(self, method: str, metric: str) -> FigureInterval | None:
+        for i in self.intervals:
+            if i.method == method and i.metric == metric:
+                return i
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "archive": self.archive,
+            "models": [
+                {"label": label, **report.to_dict()}
+                for label, report in zip(self.models, self.reports, strict=True)
+            ],
+            "pooled": {
+                "models": list(self.models),
+                "methods": list(self.methods),
+                "figure": "mean over models of each model's mean over its correctly "
+                "classified images",
+                "statistics": statistics_dict(self.settings, "models, then images within each"),
+                "intervals": [asdict(i) for i in self.intervals],
+                "comparisons": [asdict(c) for c in self.comparisons],
+                "model_comparisons": [asdict(c) for c in self.model_comparisons],
+            },
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+def pool_localization(
+    reports: Sequence[LocalizationReport],
+    models: Sequence[str],
+    *,
+    settings: StatisticsSettings = StatisticsSettings(),
+) -> PooledLocalization:
+    """Pool the reports of several models over one archive (``PooledLocalization``).
+
+    reports: from ``localize_images`` or ``evaluate_localization`` of the same
+    archive with the same methods, each with its per-image measures
+    (``per_image``); models: a label for each. Raises ModlabelError otherwise.
+    """
+    if not reports or len(reports) != len(models):
+        raise ModlabelError("pooling needs at least one report and one label per report")
+    methods = reports[0].methods
+    tables = []
+    for report in reports:
+        if report.methods != methods or report.per_image is None:
+            raise ModlabelError(
+                "the reports to pool must score the same methods and keep their per-image measures"
+            )
+        if report.archive != reports[0].archive:
+            raise ModlabelError(
+                f"the reports to pool are of different archives: {reports[0].archive}, "
+                f"{report.archive}"
+            )
+        tables.append(report.per_image)
+    values = [t.values for t in tables]
+    intervals, comparisons = pooled_statistics(
+        values, METRICS, tested=TESTED_METRICS, settings=settings
+    )
+    between = model_comparisons(
+        list(models),
+        [t.positions for t in tables],
+        values,
+        METRICS,
+        tested=TESTED_METRICS,
+        settings=settings,
+    )
+    return PooledLocalization(
+        archive=reports[0].archive,
+        models=list(models),
+        methods=tuple(methods),
+        settings=settings,
+        reports=list(reports),
+        intervals=intervals,
+        comparisons=comparisons,
+        model_comparisons=between,
+    )
