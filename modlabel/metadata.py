@@ -14,6 +14,15 @@ The ONNX file is all the runtime needs. Its contract:
 
 ``export/`` writes files of this shape with ``ModelInfo.to_json``; ``model``
 reads them with onnxruntime, without TensorFlow.
+
+A model that ``modlabel adopt`` took in (any ONNX CNN, a PyTorch export say) may
+differ in three ways, each stated in its metadata: ``layout`` (the input is
+(N, 3, H, W) for "nchw"), ``activations_layout`` (the activations are
+(N, K, h, w) for "nchw"; ``model`` hands them on as (N, h, w, K) whatever the
+file says), and ``layer_wise_only`` (the head is not pooling plus one dense
+layer: no closed-form maps, only layer-wise CRM; the head's weights are then
+(0, C) and its bias zeros). Its ``cut_layer`` is the activations' tensor in the graph,
+where layer-wise CRM is drawn unless told another (``layer_crm``).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ METADATA_FORMAT = 1
 INPUT_NAME = "image"
 LOGITS = "logits"
 ACTIVATIONS = "activations"
+LAYOUTS = ("nhwc", "nchw")  # channels last (Keras, modlabel's export), channels first (PyTorch)
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,9 @@ class ModelInfo:
     activation_shape: tuple[int, int, int] = (0, 0, 0)  # (h, w, K)
     pooling: str = "mean"
     extra: dict[str, Any] = field(default_factory=dict)
+    layout: str = "nhwc"  # the input's: (N, H, W, 3) or "nchw" (N, 3, H, W)
+    activations_layout: str = "nhwc"  # (N, h, w, K) or "nchw" (N, K, h, w)
+    layer_wise_only: bool = False  # no pool-plus-dense head: only layer-wise CRM applies
 
     def to_json(self) -> str:
         doc = {
@@ -72,10 +85,12 @@ class ModelInfo:
                 "weights": encode_array(np.asarray(self.head_weights, dtype=np.float32)),
                 "bias": encode_array(np.asarray(self.head_bias, dtype=np.float32)),
                 "pooling": self.pooling,
+                "layer_wise_only": self.layer_wise_only,
             },
             "backbone": self.backbone,
             "cut_layer": self.cut_layer,
             "activation_shape": list(self.activation_shape),
+            "layout": {"input": self.layout, "activations": self.activations_layout},
             "input_name": INPUT_NAME,
             "outputs": [LOGITS, ACTIVATIONS],
             "extra": self.extra,
@@ -107,10 +122,13 @@ class ModelInfo:
                 activation_shape=tuple(int(v) for v in doc.get("activation_shape", (0, 0, 0))),
                 pooling=doc["head"].get("pooling", "mean"),
                 extra=doc.get("extra", {}),
+                layout=str(doc.get("layout", {}).get("input", "nhwc")),
+                activations_layout=str(doc.get("layout", {}).get("activations", "nhwc")),
+                layer_wise_only=bool(doc["head"].get("layer_wise_only", False)),
             )
         except KeyError as exc:
             raise ModelError(f"modlabel metadata lacks {exc.args[0]!r}") from None
-        except (TypeError, ValueError, IndexError, binascii.Error) as exc:
+        except (TypeError, ValueError, IndexError, AttributeError, binascii.Error) as exc:
             raise ModelError(f"modlabel metadata is malformed ({exc})") from None
         info.check()
         return info
@@ -152,6 +170,9 @@ class ModelInfo:
             raise ModelError("metadata has a zero std")
         if self.pooling not in ("mean", "sum"):
             raise ModelError(f"unknown pooling {self.pooling!r} (mean or sum)")
+        for what, layout in (("input", self.layout), ("activations", self.activations_layout)):
+            if layout not in LAYOUTS:
+                raise ModelError(f"unknown {what} layout {layout!r} (nhwc or nchw)")
         temperature = self.extra.get("temperature", 1.0)
         if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
             raise ModelError(f"metadata's temperature {temperature!r} is not a positive number")

@@ -53,6 +53,20 @@ def _cuda_usable() -> bool:
     return Path("/proc/driver/nvidia/version").exists()
 
 
+# Where a 4-D tensor of each layout (``metadata.LAYOUTS``) keeps its channels.
+CHANNEL_AXIS = {"nhwc": 3, "nchw": 1}
+
+
+def to_layout(batch: np.ndarray, layout: str) -> np.ndarray:
+    """(N, H, W, K) -> the same in ``layout``: itself for "nhwc", (N, K, H, W) for "nchw"."""
+    return batch if layout == "nhwc" else batch.transpose(0, 3, 1, 2)
+
+
+def channels_last(tensor: np.ndarray, layout: str) -> np.ndarray:
+    """A 4-D tensor in ``layout`` -> (N, H, W, K), contiguous (``to_layout``'s inverse)."""
+    return tensor if layout == "nhwc" else np.ascontiguousarray(tensor.transpose(0, 2, 3, 1))
+
+
 # Session options chosen by measurement (benchmarks/bench_session.py, and peak RSS of whole
 # scans of N and 4N files): see README "Speed and memory". The memory pattern pre-plans
 # buffers for the largest batch and holds them; the arena keeps freed buffers for reuse,
@@ -134,9 +148,10 @@ class OnnxModel:
                 f"{self.path}: the graph has {logits_shape[-1]} logits but the metadata "
                 f"names {c} classes"
             )
-        if isinstance(activations_shape[-1], int) and activations_shape[-1] != k:
+        channels = activations_shape[CHANNEL_AXIS[self.info.activations_layout]]
+        if not self.info.layer_wise_only and isinstance(channels, int) and channels != k:
             raise ModelError(
-                f"{self.path}: the activations have {activations_shape[-1]} channels but the "
+                f"{self.path}: the activations have {channels} channels but the "
                 f"head's weights expect {k}"
             )
 
@@ -151,8 +166,14 @@ class OnnxModel:
 
         return normalize(pixels, self.info.mean, self.info.std)
 
+    def feed(self, batch: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) float32, preprocessed -> the graph's input, contiguous float32 in the
+        model's layout ((N, 3, H, W) for an "nchw" model, a PyTorch export say)."""
+        return np.ascontiguousarray(to_layout(np.asarray(batch), self.info.layout), np.float32)
+
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """batch: (N, H, W, 3) float32, preprocessed. Returns (logits (N, C), activations).
+        """batch: (N, H, W, 3) float32, preprocessed. Returns (logits (N, C), activations
+        (N, h, w, K)), channels last whatever the model's layouts (``feed``, ``channels_last``).
 
         A stop asked for while it runs (``stopping``) ends the run at once (onnxruntime's
         ``RunOptions.terminate``) and raises ``Interrupted``: a VGG16 batch takes seconds."""
@@ -161,11 +182,12 @@ class OnnxModel:
         from . import stopping
         from .errors import Interrupted
 
-        inputs = np.ascontiguousarray(batch, np.float32)
+        inputs = self.feed(batch)
         options = ort.RunOptions()
         with stopping.on_stop(lambda: setattr(options, "terminate", True)):
             try:
-                return self._run(inputs, options)
+                logits, activations = self._run(inputs, options)
+                return logits, channels_last(activations, self.info.activations_layout)
             except Exception:
                 if stopping.requested():
                     raise Interrupted(stopping.reason()) from None

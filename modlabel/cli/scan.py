@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from .. import config, stopping
-from ..errors import ExitCode, ModlabelError, StopRequested
+from ..errors import ExitCode, ModelError, ModlabelError, StopRequested
 from ..outcome import Outcome, labeling_rate, no_counts, scan_counts
 from .app import app
 from .edge import as_modlabel_error, clean, click_exceptions, command, interactive, say
@@ -545,7 +545,14 @@ def load_model(path: Path, device: str) -> Any:
     stopping.wait(lambda: not loader.is_alive())
     if "error" in box:
         raise box["error"]
-    return box["model"]
+    model = box["model"]
+    if model.info.layer_wise_only:
+        # Refused before anything is read: a nightly scan stores closed-form maps.
+        raise ModelError(
+            f"{path}: the model is layer-wise only (adopted with --layer: no pool-plus-dense "
+            "head), so it cannot label a scan's maps; explain it with --layer"
+        )
+    return model
 
 
 def _record_unstarted(
