@@ -4,8 +4,8 @@ hyperparameter search and evaluation. With ``modlabel.export``, the only TensorF
 Shipped as ``modlabel.train`` (the folder ``train/`` of the repository).
 Modules follow the data: ``data`` (archive -> splits -> tf.data), ``augment``,
 ``backbones`` (model), ``recipe`` (what training and search share), ``fit`` (train a
-run), ``search``, ``evaluate``; ``rundir`` names a run directory's files for all of them
-and for export.
+run), ``finetune`` (what a run fine-tuned from another takes from it), ``search``,
+``evaluate``; ``rundir`` names a run directory's files for all of them and for export.
 """
 
 from __future__ import annotations

@@ -71,8 +71,14 @@ class Split:
         )
 
 
-def discover_split(data_dir: str | Path, *, seed: int = 0) -> Split:
-    """Find the class folders and the train/val/test files of ``data_dir``."""
+def discover_split(data_dir: str | Path, *, seed: int = 0, sparse: bool = False) -> Split:
+    """Find the class folders and the train/val/test files of ``data_dir``.
+
+    sparse: for fine-tuning a model that knows its classes already (``train_run``'s
+    ``resume_from``), a class may have few images or none: a class with fewer than 3
+    gives all it has to training (nothing to validation or test), and an empty class
+    folder is allowed. Each split still needs an image.
+    """
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"{data_dir}: not a directory")
@@ -91,20 +97,20 @@ def discover_split(data_dir: str | Path, *, seed: int = 0) -> Split:
                 split.files[name] = _list_images(root, folder, class_names)
                 split.source[name] = "folder"
             else:
-                kept, carved = _carve(split.files["train"], len(class_names), rng)
+                kept, carved = _carve(split.files["train"], len(class_names), rng, sparse=sparse)
                 split.files["train"], split.files[name] = kept, carved
                 split.source[name] = f"1/12 of each class carved from train (seed {seed})"
     else:
         class_names = _class_folders(root)
         everything = _list_images(root, root, class_names)
         rng = np.random.default_rng(seed)
-        rest, test = _carve(everything, len(class_names), rng, total_fraction=True)
+        rest, test = _carve(everything, len(class_names), rng, sparse=sparse)
         train, val = _carve(
             rest,
             len(class_names),
             rng,
-            total_fraction=True,
             totals=Counter(label for _, label in everything),
+            sparse=sparse,
         )
         split = Split(root, class_names, {"train": train, "val": val, "test": test})
         split.source = {
@@ -114,7 +120,7 @@ def discover_split(data_dir: str | Path, *, seed: int = 0) -> Split:
         if not split.files[name]:
             raise DataError(f"{root}: the {name} split has no images")
     empty = [c for c, n in split.counts()["train"].items() if n == 0]
-    if empty:
+    if empty and not sparse:
         raise DataError(f"{root}: no training images for classes {empty}")
     return split
 
@@ -148,14 +154,18 @@ def _carve(
     num_classes: int,
     rng: np.random.Generator,
     *,
-    total_fraction: bool = False,
     totals: Counter | None = None,
+    sparse: bool = False,
 ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Move HOLDOUT_FRACTION of each class (of ``totals`` when given) to a new split."""
+    """Move HOLDOUT_FRACTION of each class (of ``totals`` when given) to a new split;
+    ``sparse``: a class of fewer than 3 images (of ``totals``) keeps them all."""
     kept, carved = [], []
     for label in range(num_classes):
         mine = [r for r in rows if r[1] == label]
         base = totals[label] if totals else len(mine)
+        if sparse and base < 3:
+            kept += mine
+            continue
         take = max(1, round(base * HOLDOUT_FRACTION))
         if len(mine) - take < 1:
             raise DataError(

@@ -28,6 +28,11 @@ The run directory::
 
 Interrupting (Ctrl-C) keeps the last finished epoch; ``resume=True`` goes on
 from it with the run's saved settings.
+
+``resume_from=RUN`` fine-tunes RUN's model on ``data_dir`` into a new run of the
+same layout (``train.finetune``: the model, classes and preprocessing of RUN, a
+tenth of the learning rate by default); run.json records it under
+``fine_tuned_from``.
 """
 
 from __future__ import annotations
@@ -59,6 +64,15 @@ from .data import (
 )
 from .errors import RunError, TrainingInterrupted
 from .evaluate import evaluate_run
+from .finetune import (
+    FINETUNE_EPOCHS,
+    FINETUNE_LEARNING_RATE,
+    MODEL_KEYS,
+    SourceRun,
+    check_same_classes,
+    check_unchanged,
+    load_source_run,
+)
 from .recipe import MONITOR, build_for_run, compile_model, datasets
 from .rundir import (
     ACTIVATION_LAYER,
@@ -75,6 +89,7 @@ from .search import run_search
 
 DEFAULT_EPOCHS = 30
 DEFAULT_PATIENCE = 5
+DEFAULT_LEARNING_RATE = 1e-3
 
 
 def train_run(
@@ -87,7 +102,7 @@ def train_run(
     batch_size: int = 10,
     seed: int = 0,
     weights: str = "none",
-    learning_rate: float = 1e-3,
+    learning_rate: float | None = None,
     beta_1: float = 0.9,
     l2: float = 1e-4,
     patience: int = DEFAULT_PATIENCE,
@@ -95,18 +110,29 @@ def train_run(
     search_epochs: int = 2,
     head_filters: int | None = None,
     resume: bool = False,
+    resume_from: str | Path | None = None,
     verbose: bool = True,
     callbacks: list[keras.callbacks.Callback] | None = None,
 ) -> Path:
     """Train, keep the best epoch, evaluate on the test split; returns the run dir.
 
     input_size: (height, width). epochs: the most epochs to train (default
-    DEFAULT_EPOCHS); on resume, None keeps the run's own number. With
-    ``resume``, every other setting is read from the run's run.json.
-    ``callbacks`` are extra Keras callbacks for the final training.
+    DEFAULT_EPOCHS); on resume, None keeps the run's own number. learning_rate:
+    default DEFAULT_LEARNING_RATE, FINETUNE_LEARNING_RATE with ``resume_from``.
+    With ``resume``, every other setting is read from the run's run.json.
+    ``resume_from``: a finished run whose model is fine-tuned on ``data_dir``
+    (``train.finetune``); its backbone, input size, head and normalization are
+    the new run's, and ``backbone``, ``input_size``, ``weights``,
+    ``head_filters`` and ``search`` do not apply. ``callbacks`` are extra Keras
+    callbacks for the final training.
     """
     out = Path(out_dir).expanduser()
     say = _printer(verbose)
+    if resume and resume_from is not None:
+        raise RunError(
+            "--resume continues the run at --out, --resume-from starts a new one from "
+            "another run's model: pass one of them"
+        )
     if resume:
         config, split = _load_for_resume(out)
         if epochs is not None:
@@ -120,35 +146,49 @@ def train_run(
             raise RunError(
                 f"{out} already holds a run; pass --resume to continue it, or choose another --out"
             )
-        split = discover_split(data_dir, seed=seed)
-        # Bad backbone, input size or weights fail here, before the run dir is made.
-        backbones.build_model(
-            backbone, len(split.class_names), input_size, weights=weights, head_filters=head_filters
-        )
-        _make_dir(out)
-        write_split_csv(split, out / SPLIT_CSV)
-        config = _new_config(
-            split,
-            backbone=backbone,
-            input_size=input_size,
-            seed=seed,
-            weights=weights,
-            head_filters=head_filters,
-            hyperparameters={
-                "optimizer": "adam",
-                "learning_rate": learning_rate,
-                "beta_1": beta_1,
-                "beta_2": 0.999,
-                "l2": l2,
-                "batch_size": batch_size,
-                "patience": patience,
-                "epochs": int(epochs or DEFAULT_EPOCHS),
-                "monitor": MONITOR,
-                "search": search,
-                "search_epochs": search_epochs,
-            },
-            say=say,
-        )
+        hyperparameters = {
+            "optimizer": "adam",
+            "learning_rate": learning_rate,
+            "beta_1": beta_1,
+            "beta_2": 0.999,
+            "l2": l2,
+            "batch_size": batch_size,
+            "patience": patience,
+            "epochs": epochs,
+            "monitor": MONITOR,
+            "search": search,
+            "search_epochs": search_epochs,
+        }
+        if resume_from is not None:
+            if search:
+                raise RunError("--search trains fresh models: it does not go with --resume-from")
+            config, split = _start_finetune(data_dir, out, resume_from, seed, hyperparameters)
+            say(f"fine-tuning the model of {config['fine_tuned_from']['run']} on {split.root}")
+        else:
+            if learning_rate is None:
+                hyperparameters["learning_rate"] = DEFAULT_LEARNING_RATE
+            hyperparameters["epochs"] = int(epochs or DEFAULT_EPOCHS)
+            split = discover_split(data_dir, seed=seed)
+            # Bad backbone, input size or weights fail here, before the run dir is made.
+            backbones.build_model(
+                backbone,
+                len(split.class_names),
+                input_size,
+                weights=weights,
+                head_filters=head_filters,
+            )
+            _make_dir(out)
+            write_split_csv(split, out / SPLIT_CSV)
+            config = _new_config(
+                split,
+                backbone=backbone,
+                input_size=input_size,
+                seed=seed,
+                weights=weights,
+                head_filters=head_filters,
+                hyperparameters=hyperparameters,
+                say=say,
+            )
         _write_json(out / RUN_JSON, config)
     say(_describe(config))
 
@@ -203,11 +243,7 @@ def _new_config(
     else:
         mean, std = (list(v) for v in normalization)
         source = f"{backbone} ImageNet preprocessing"
-    counts = np.bincount(train_labels, minlength=len(split.class_names))
-    class_weights = {
-        name: float(len(train_labels) / (len(counts) * n)) if n else 0.0
-        for name, n in zip(split.class_names, counts, strict=True)
-    }
+    class_weights = _class_weights(split)
     if weights not in ("none", "imagenet"):
         weights = str(Path(weights).expanduser().resolve())
     return {
@@ -235,6 +271,64 @@ def _new_config(
         "class_weighting": "balanced: n_train / (num_classes * n_train_of_class)",
         "split_counts": split.counts(),
         "split_source": split.source,
+    }
+
+
+def _start_finetune(
+    data_dir: str | Path,
+    out: Path,
+    resume_from: str | Path,
+    seed: int,
+    hyperparameters: dict[str, Any],
+) -> tuple[dict[str, Any], Split]:
+    """A new fine-tuning run at ``out`` of the model of ``resume_from`` on ``data_dir``:
+    the split (written to ``out``) and run.json's content."""
+    source = load_source_run(resume_from)
+    if out.resolve() == source.path:
+        raise RunError(f"--out {out} is the run to fine-tune: choose another --out")
+    split = discover_split(data_dir, seed=seed, sparse=True)
+    check_same_classes(source, data_dir, split.class_names)
+    hp = dict(hyperparameters)
+    if hp["learning_rate"] is None:
+        hp["learning_rate"] = FINETUNE_LEARNING_RATE
+    hp["epochs"] = int(hp["epochs"] or FINETUNE_EPOCHS)
+    # The loaded model's L2 regularizers are the source run's: record those.
+    hp["l2"] = source.config.get("hyperparameters", {}).get("l2", hp["l2"])
+    _make_dir(out)
+    write_split_csv(split, out / SPLIT_CSV)
+    return _finetune_config(split, source, seed=seed, hyperparameters=hp), split
+
+
+def _finetune_config(
+    split: Split, source: SourceRun, *, seed: int, hyperparameters: dict[str, Any]
+) -> dict[str, Any]:
+    """run.json of a fine-tuned run: the source run's model, classes and preprocessing
+    (``finetune.MODEL_KEYS``), this data set's files and class weights."""
+    kept = {key: source.config[key] for key in MODEL_KEYS if key in source.config}
+    return {
+        "format": 1,
+        "status": "training",
+        "data_dir": str(split.root),
+        **kept,
+        "seed": int(seed),
+        "hyperparameters": hyperparameters,
+        "augmentation": AUGMENTATION,
+        "class_weights": _class_weights(split),
+        "class_weighting": "balanced: n_train / (num_classes * n_train_of_class)",
+        "split_counts": split.counts(),
+        "split_source": split.source,
+        "fine_tuned_from": source.record(),
+    }
+
+
+def _class_weights(split: Split) -> dict[str, float]:
+    """ "Balanced" class weights ``n_train / (C * n_train_of_class)`` (0 for a class
+    without training images, which only fine-tuning allows)."""
+    _, train_labels = split.paths_labels("train")
+    counts = np.bincount(train_labels, minlength=len(split.class_names))
+    return {
+        name: float(len(train_labels) / (len(counts) * n)) if n else 0.0
+        for name, n in zip(split.class_names, counts, strict=True)
     }
 
 
@@ -281,9 +375,12 @@ def _fit(
         )
     else:
         keras.utils.set_random_seed(config["seed"])
-        model = compile_model(
-            build_for_run(config), learning_rate=hp["learning_rate"], beta_1=hp["beta_1"]
-        )
+        source = config.get("fine_tuned_from")
+        if source is not None:
+            start = keras.saving.load_model(check_unchanged(source), compile=False)
+        else:
+            start = build_for_run(config)
+        model = compile_model(start, learning_rate=hp["learning_rate"], beta_1=hp["beta_1"])
         initial_epoch, state = 0, {}
     _keep_history_rows(out / HISTORY_CSV, initial_epoch)
     train_ds, val_ds = datasets(split, config)

@@ -15,7 +15,18 @@ import sys
 
 import typer
 
-from . import bench, explain, query, report, scan, serve, similar, train  # noqa: F401 - they register
+from . import (  # noqa: F401 - they register
+    adopt,
+    bench,
+    explain,
+    query,
+    report,
+    review,
+    scan,
+    serve,
+    similar,
+    train,
+)
 from .app import app
 from .query import _format_rows  # noqa: F401 - the table writer, for its tests
 

@@ -1,5 +1,6 @@
 """``serve``: a read-only web UI over the database, for the people who would rather look
-than read."""
+than read; with ``--allow-review``, a review page that records what people say the
+images are (the ``reviews`` table, and nothing else)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..errors import UsageError
 from .app import app
 from .edge import command, say
 from .options import DbOption, db_url
+from .review import _reviewer  # the default reviewer: the session's user name
 
 TOKEN_ENV = "MODLABEL_SERVE_TOKEN"
 
@@ -82,17 +84,47 @@ def serve(
     no_upload: Annotated[
         bool, typer.Option("--no-upload", help="Turn the search by uploaded image off.")
     ] = False,
+    allow_review: Annotated[
+        bool,
+        typer.Option(
+            "--allow-review",
+            help="Review mode: a review page (/review) shows the review queue one image at "
+            "a time; keys 1-9 pick a class in the model's order, 0 none of them, u undoes. "
+            "Writes the reviews table only, through a second connection; off by default.",
+        ),
+    ] = False,
+    reviewer: Annotated[
+        str | None,
+        typer.Option(
+            "--reviewer",
+            metavar="NAME",
+            help="With --allow-review: the name the reviews are recorded under "
+            "(default: the user running the server).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve a read-only web UI over the database: classes with their average CRM, a class
     grid with filters, each image with its maps, probabilities and similar images, the
-    scans' health, and a search by path or by image. The database is opened read-only.
+    scans' health, and a search by path or by image. The database is opened read-only;
+    --allow-review adds a review page that writes the reviews table and nothing else.
 
     Example: modlabel serve --db labels.db --model model.onnx --port 8765
+
+    Example: modlabel serve --db labels.db --allow-review --reviewer alice
     """
     if not is_loopback(host) and not token:
+        what = "read and review" if allow_review else "read"
         raise UsageError(
             f"--host {host} is reachable from other machines: pass --token (or set "
-            f"${TOKEN_ENV}) so that only those who have it can read the archive"
+            f"${TOKEN_ENV}) so that only those who have it can {what} the archive"
+        )
+    if reviewer is not None and not allow_review:
+        raise typer.BadParameter("needs --allow-review", param_hint="--reviewer")
+    if allow_review and workers > 1:
+        raise UsageError(
+            "--allow-review serves one worker process (its review sessions live in it): "
+            "leave --workers out"
         )
     if token is not None and len(token) < 8:
         raise UsageError("--token: at least 8 characters")
@@ -114,13 +146,20 @@ def serve(
         "token": token,
         "root_path": root_path,
         "allow_upload": not no_upload,
+        "allow_review": allow_review,
+        "reviewer": _reviewer(reviewer) if allow_review else None,
     }
     web = create_app(**arguments)  # here too: a database or model that fails says so once
     listener = _bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     say(
         f"serving {store_label(url)} at http://{shown}:{listener.getsockname()[1]}"
-        f"{web.state.serve.root_path}/ (read-only; Ctrl-C stops)"
+        f"{web.state.serve.root_path}/ "
+        + (
+            f"(review mode: /review records reviews as {arguments['reviewer']}; Ctrl-C stops)"
+            if allow_review
+            else "(read-only; Ctrl-C stops)"
+        )
     )
     options = dict(
         log_level="warning",

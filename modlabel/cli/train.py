@@ -12,6 +12,7 @@ from ..errors import ModlabelError
 from .app import app
 from .edge import command, fail, interactive
 from .options import VerboseOption
+from .review import evaluate_reviews
 
 
 def _load_tensorflow(verbose: bool) -> None:
@@ -39,14 +40,29 @@ def synth(
     seed: Annotated[
         int, typer.Option("--seed", help="Random seed; the same seed gives the same archive.")
     ] = 0,
+    noise: Annotated[
+        float,
+        typer.Option(
+            "--noise",
+            min=0.0,
+            max=1.0,
+            help="Extra Gaussian noise on every pixel, its standard deviation as a share of "
+            "the full scale (0.08: a noisier scanner than the default archive's, a shifted "
+            "style); 0 adds none.",
+        ),
+    ] = 0.0,
 ) -> None:
     """Render a synthetic archive of the paper's seven modalities with ground-truth boxes.
 
     Example: modlabel synth demo/archive --per-class 100 --size 256 --seed 0
+
+    Example: modlabel synth demo/shifted --per-class 60 --size 200 --seed 5 --noise 0.08
     """
     from ..synth import render_archive
 
-    summary = render_archive(out, per_class=per_class, size=size, seed=seed, progress=interactive())
+    summary = render_archive(
+        out, per_class=per_class, size=size, seed=seed, noise=noise, progress=interactive()
+    )
     total = summary.total
     typer.echo(f"wrote {total} images in {len(summary.counts)} classes to {out}")
     typer.echo(f"ground truth: {summary.ground_truth}")
@@ -54,6 +70,7 @@ def synth(
 
 @command(app)
 def train(
+    ctx: typer.Context,
     data: Annotated[
         Path,
         typer.Argument(
@@ -70,7 +87,7 @@ def train(
         typer.Option(
             min=1,
             help="Maximum epochs; early stopping may end sooner "
-            "(default 30; with --resume, the run's own).",
+            "(default 30; with --resume, the run's own; with --resume-from, 10).",
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 10,
@@ -80,7 +97,15 @@ def train(
     weights: Annotated[
         str, typer.Option(help="imagenet, none, or a local .h5 / .weights.h5 file.")
     ] = "none",
-    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 1e-3,
+    learning_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--learning-rate",
+            help="Adam's learning rate (default 1e-3; with --resume-from 1e-4, a tenth, "
+            "so that fine-tuning adjusts the model rather than retrains it).",
+            show_default=False,
+        ),
+    ] = None,
     beta_1: Annotated[float, typer.Option("--beta-1", help="Adam's momentum.")] = 0.9,
     l2: Annotated[float, typer.Option(help="L2 penalty on the added layers.")] = 1e-4,
     patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 5,
@@ -98,12 +123,28 @@ def train(
         ),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the run's last checkpoint.")] = False,
+    resume_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume-from",
+            metavar="RUN",
+            help="Fine-tune RUN's model on DATA (e.g. the folder `modlabel dataset` writes) "
+            "into a new run at --out: RUN's classes (DATA must have exactly these class "
+            "folders), backbone, input size and normalization; up to 10 epochs by default.",
+            show_default=False,
+        ),
+    ] = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Train the paper's conv/GAP/dense head on a backbone (TensorFlow).
+    """Train the paper's conv/GAP/dense head on a backbone (TensorFlow), or fine-tune a
+    finished run's model on new data (--resume-from).
 
     Example: modlabel train demo/archive --out demo/run --backbone tiny --input-size 128
+
+    Example: modlabel train demo/reviewed --out demo/run2 --resume-from demo/run --epochs 5
     """
+    if resume_from is not None:
+        _refuse_model_options(ctx, ("backbone", "input_size", "weights", "head_filters", "search"))
     try:
         _load_tensorflow(verbose)
         from modlabel.train.fit import train_run
@@ -125,6 +166,7 @@ def train(
             search_epochs=search_epochs,
             head_filters=head_filters,
             resume=resume,
+            resume_from=resume_from,
             verbose=True,
         )
     except ModlabelError as exc:
@@ -132,16 +174,66 @@ def train(
     typer.echo(f"run written to {run_dir}")
 
 
+def _refuse_model_options(ctx: typer.Context, names: tuple[str, ...]) -> None:
+    """--resume-from takes the model from its run: options that would define another
+    model are refused (usage error, exit 2) rather than ignored."""
+    given = [
+        "--" + name.replace("_", "-")
+        for name in names
+        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+    ]
+    if given:
+        raise typer.BadParameter(
+            f"{', '.join(given)}: the model comes from --resume-from's run; leave "
+            f"{'it' if len(given) == 1 else 'them'} out",
+            param_hint="--resume-from",
+        )
+
+
 @command(app)
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run folder written by `modlabel train`.")],
+    run: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Run folder written by `modlabel train` (not with --db).", show_default=False
+        ),
+    ] = None,
     split: Annotated[str, typer.Option(help="Which split to evaluate on.")] = "test",
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            help="Instead of a run: measure a scanned archive's labels against its reviewed "
+            "images (`modlabel review`), with 95% intervals; no TensorFlow.",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="With --db: model identity (or prefix); default: the newest."),
+    ] = None,
+    resamples: Annotated[
+        int, typer.Option("--resamples", min=100, help="With --db: bootstrap resamples.")
+    ] = 2000,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="With --db: print one JSON object.")
+    ] = False,
     verbose: VerboseOption = False,
 ) -> None:
-    """Compute the paper's Table 2 metrics on a run's test split, or --split val (TensorFlow).
+    """Compute the paper's Table 2 metrics on a run's test split, or --split val (TensorFlow);
+    or, with --db, on the reviewed images of a scanned archive (see `modlabel review`).
 
     Example: modlabel evaluate demo/run
+
+    Example: modlabel evaluate --db labels.db --json
     """
+    if db is not None:
+        if run is not None:
+            raise typer.BadParameter("a RUN or --db, not both", param_hint="--db")
+        evaluate_reviews(db, model, as_json=as_json, resamples=resamples, seed=0)
+        return
+    if run is None:
+        raise typer.BadParameter("give a RUN folder, or --db URL", param_hint="RUN")
     try:
         _load_tensorflow(verbose)
         from modlabel.metrics import format_metrics_table

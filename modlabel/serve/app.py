@@ -5,6 +5,11 @@ Content-Security-Policy (``SECURITY_HEADERS``). The database is opened read-only
 (``data.open_read_only``). Pictures are served by row id, from the path stored in that
 row, decoded in the isolated decode workers (``pictures.Painter``); no request ever
 names a file. With a token, every request needs it (``TokenGuard``).
+
+Review mode (``allow_review``, ``modlabel serve --allow-review``) adds the review page and
+its two POSTs (``review``), and a second engine, the only writable one, which may write
+the ``reviews`` table and nothing else (``state.reviews_only``). Without it no review
+route exists and nothing is written.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from ..model import OnnxModel
 from . import data
 from .pages import routes
 from .pictures import Painter
-from .state import HERE, ServeState, render
+from .review import review_routes
+from .state import HERE, ReviewDesk, ServeState, render, reviews_only
 
 log = logging.getLogger("modlabel.serve")
 
@@ -62,6 +68,8 @@ def create_app(
     token: str | None = None,
     root_path: str = "",
     allow_upload: bool = True,
+    allow_review: bool = False,
+    reviewer: str | None = None,
 ) -> Starlette:
     """The web UI of the database at ``db_url``, opened read-only.
 
@@ -70,7 +78,11 @@ def create_app(
     given, every request must carry it (``Authorization: Bearer``, or a cookie set by
     visiting any page with ``?token=``). root_path: the prefix a reverse proxy serves
     the app under (``/modlabel``), for every link. allow_upload: offer the upload search.
+    allow_review: review mode (the review page, writes to the ``reviews`` table only)
+    with ``reviewer`` as the name its reviews are recorded under (required with it).
     """
+    if allow_review and not (reviewer or "").strip():
+        raise UsageError("review mode needs the reviewer's name (--reviewer)")
     root_path = _clean_root(root_path)
     engine = data.open_read_only(db_url)
     onnx, model_note = _load_model(engine, model_path)
@@ -89,6 +101,11 @@ def create_app(
         allow_upload=allow_upload,
         model_matches=matches,
     )
+    if allow_review:
+        assert reviewer is not None
+        # Only here is a writable engine made: without review mode there is none.
+        writer = reviews_only(store.open_db(db_url, create=False, migrate=False))
+        state.review = ReviewDesk(writer, reviewer.strip())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -102,11 +119,14 @@ def create_app(
             state.painter.close()
             if state.upload_pool is not None:
                 state.upload_pool.close()
+            if state.review is not None:
+                state.review.engine.dispose()
             engine.dispose()
 
     app = Starlette(
         routes=[
             *routes(),
+            *(review_routes() if allow_review else []),
             Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
         ],
         lifespan=lifespan,
@@ -188,7 +208,8 @@ async def _modlabel_error(request: Request, exc: Exception) -> Response:
 
 
 class SecurityHeaders:
-    """Every response carries ``SECURITY_HEADERS``."""
+    """Every response carries ``SECURITY_HEADERS``, but for those it set itself (the
+    review page's, ``review.REVIEW_HEADERS``)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -202,7 +223,9 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 for key, value in SECURITY_HEADERS.items():
-                    headers[key] = value
+                    # The review page sets its own (``review.REVIEW_HEADERS``); no other
+                    # response sets any of these.
+                    headers.setdefault(key, value)
             await send(message)
 
         await self.app(scope, receive, send_secured)

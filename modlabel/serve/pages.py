@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .. import store
+from .. import maps, store
 from ..errors import UsageError
 from . import data
 from .pictures import MODEL_METHODS, STORED_METHOD
@@ -30,7 +30,7 @@ from .state import (
 )
 
 PNG_CACHE = "private, max-age=600"
-METHOD_TITLES = {"none": "image", "crm": "CRM", "cam": "CAM", "gradcam": "Grad-CAM"}
+METHOD_TITLES = {"none": "image"} | {name: maps.title(name) for name in MODEL_METHODS}
 
 
 def _state(request: Request) -> ServeState:
@@ -103,15 +103,20 @@ def image_page(request: Request) -> Response:
     models = state.models()
     view = data.image_view(state.engine, row, models)
     model = usable_model(state) if row["model_id"] == state.model_row.id else None
-    methods = ["crm", "cam", "gradcam"] if model is not None else ["crm"]
+    methods = [STORED_METHOD]
+    if model is not None:
+        methods += [m for m in MODEL_METHODS if m != STORED_METHOD]
     methods.append("none")
     method = request.query_params.get("map") or "crm"
     if method not in methods:
         raise UsageError(f"map: one of {', '.join(methods)}, not {method!r}")
     model_of_row = next((m for m in models if m.id == row["model_id"]), state.model_row)
+    key = store.ImageKey(row["path"], row["sha256"]) if row["sha256"] else None
+    review = store.current_reviews(state.engine, [key]).get(key) if key is not None else None
     return render(
         request,
         "image.html",
+        review=review,
         title=f"Image #{row_id}",
         row=row,
         view=view,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from .. import codec, geometry, overlay
+from .. import codec, geometry, maps, overlay
 from ..decode_pool import DecodePool, DecodeRequest, image_pool
 from ..model import OnnxModel
 from ..paths import from_db
@@ -29,10 +29,11 @@ from ..report.html import EXAMPLE_PX, class_heatmap_png
 IMAGE_PX = 512  # the image page's picture, longest side
 THUMB_PX = EXAMPLE_PX  # the grid's thumbnails, the report's example size
 THUMBS_CACHED = 2048  # thumbnails kept in memory (about 30 kB each)
-# Methods the image page offers: the stored CRM always; CAM and Grad-CAM recomputed from
-# the model file, when there is one.
+# Methods the image page offers: the stored CRM always; with the model file, every
+# closed-form method of the registry, recomputed from one forward pass (those that run the
+# model again per image, Score-CAM and RISE, are for explain and localize).
 STORED_METHOD = "crm"
-MODEL_METHODS = ("cam", "gradcam", "crm")
+MODEL_METHODS = maps.closed_form_methods()
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class Painter:
 
     def image(self, row: dict[str, Any], method: str) -> Picture:
         """The row's image at IMAGE_PX with ``method``'s map overlaid: ``none``, the stored
-        ``crm``, or, with a model, ``cam``/``gradcam`` (and ``crm``) recomputed."""
+        ``crm``, or, with a model, any of ``MODEL_METHODS`` recomputed."""
         decoded, why = self._decode(row["path"])
         if decoded is None:
             return placeholder(IMAGE_PX // 2, why)

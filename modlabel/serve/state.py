@@ -1,21 +1,26 @@
-"""What every page of ``modlabel serve`` shares: the server's state (``ServeState``), the
-templates (``render``) and the stored class maps, below the pages (``pages``) and the
-application that routes to them (``app``)."""
+"""What every page of ``modlabel serve`` shares: the server's state (``ServeState``, with
+review mode's ``ReviewDesk``), the templates (``render``) and the stored class maps, below
+the pages (``pages``, ``review``) and the application that routes to them (``app``)."""
 
 from __future__ import annotations
 
+import re
+import secrets
 import threading
 import time
 import urllib.parse
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from .. import __version__, codec, geometry, rois, store
+from ..errors import DatabaseError
 from ..model import OnnxModel
 from ..paths import display_path
 from ..timestamps import iso_utc
@@ -41,6 +46,7 @@ class ServeState:
     allow_upload: bool
     upload_pool: Any = None
     model_matches: bool = False  # the model file is the shown model's (its content hash)
+    review: ReviewDesk | None = None  # review mode (serve --allow-review); None: read-only
     lock: threading.Lock = field(default_factory=threading.Lock)
     _models: tuple[float, list[store.ModelRow]] | None = None
 
@@ -52,6 +58,118 @@ class ServeState:
             if self._models is None or now - self._models[0] > MODELS_SECONDS:
                 self._models = (now, store.list_models(self.engine))
             return self._models[1]
+
+
+# -- review mode ------------------------------------------------------------------------
+
+# A review session (a browser's cookie) is forgotten after this many newer ones.
+REVIEW_SESSIONS = 1000
+
+
+@dataclass
+class ReviewSession:
+    """One browser's review session: its CSRF token (every POST carries it in a form
+    field) and the reviews it recorded, in order (what ``u`` undoes, what it counts)."""
+
+    csrf: str
+    recorded: list[store.Review] = field(default_factory=list)
+    notice: str = ""  # what the last write did, shown once by the next page
+
+
+class ReviewDesk:
+    """Review mode (``modlabel serve --allow-review``): the one writable engine of the
+    server, which may write the ``reviews`` table and nothing else (``reviews_only``),
+    the reviewer's name, and the sessions (at most REVIEW_SESSIONS, least recent
+    forgotten first). Sessions live in this process: review mode serves one worker."""
+
+    def __init__(self, engine: Any, reviewer: str) -> None:
+        self.engine = engine
+        self.reviewer = reviewer
+        self._sessions: OrderedDict[str, ReviewSession] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def session(self, session_id: str | None) -> tuple[str, ReviewSession]:
+        """The session of ``session_id``, or a new one (id, session) where it is unknown."""
+        with self._lock:
+            found = self._sessions.get(session_id) if session_id else None
+            if found is not None and session_id is not None:
+                self._sessions.move_to_end(session_id)
+                return session_id, found
+            new_id = secrets.token_urlsafe(24)
+            self._sessions[new_id] = found = ReviewSession(csrf=secrets.token_urlsafe(32))
+            while len(self._sessions) > REVIEW_SESSIONS:
+                self._sessions.popitem(last=False)
+            return new_id, found
+
+    def known(self, session_id: str | None) -> ReviewSession | None:
+        """The session of ``session_id``; None where there is none (a POST then fails)."""
+        with self._lock:
+            return self._sessions.get(session_id) if session_id else None
+
+    def record(
+        self,
+        session: ReviewSession,
+        row_id: int,
+        key: store.ImageKey,
+        label: str | None,
+        *,
+        strategy: str,
+        model_id: int,
+    ) -> store.Review:
+        """Record the reviewer's ``label`` of the image of row ``row_id`` (``key``); the
+        same label of the image this session reviewed last is not recorded twice (a
+        key pressed twice before the next page came)."""
+        with self._lock:
+            if session.recorded:
+                last = session.recorded[-1]
+                if last.key == key and last.label == label:
+                    return last
+            review = store.record_review(
+                self.engine,
+                row_id,
+                label,
+                reviewer=self.reviewer,
+                strategy=strategy,
+                model_id=model_id,
+            )
+            session.recorded.append(review)
+            return review
+
+    def undo(self, session: ReviewSession) -> tuple[store.Review | None, str]:
+        """Take back the session's last review: (the review undone or None, a sentence).
+        One that is no longer its image's review (another review came since, or it was
+        undone elsewhere) is left as it is."""
+        with self._lock:
+            if not session.recorded:
+                return None, "nothing to undo in this session"
+            last = session.recorded.pop()
+            current = store.current_review(self.engine, last.key)
+            if current is None or current.id != last.id:
+                return None, "the last review of this session is not the image's review any more"
+            store.undo_review(self.engine, last.key, reviewer=self.reviewer)
+            return last, "undone"
+
+
+# What the writable engine of review mode may execute: reads, the transaction's own
+# settings, and writes of the reviews table. Anything else is refused before it runs.
+_REVIEW_STATEMENTS = re.compile(
+    r"\s*(SELECT\b|BEGIN\b|PRAGMA busy_timeout\b|SET LOCAL statement_timeout\b"
+    r"|INSERT INTO reviews\b|UPDATE reviews\b)",
+    re.IGNORECASE,
+)
+
+
+def reviews_only(engine: Any) -> Any:
+    """``engine``, made to refuse (``DatabaseError``) every statement but a read or a
+    write of the ``reviews`` table: review mode writes human labels and nothing else."""
+
+    def check(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not _REVIEW_STATEMENTS.match(statement):
+            first = " ".join(statement.split()[:3])
+            raise DatabaseError(f"review mode writes the reviews table only, not: {first} ...")
+
+    sa.event.listen(engine, "before_cursor_execute", check)
+    return engine
 
 
 def usable_model(state: ServeState) -> OnnxModel | None:
@@ -101,6 +219,7 @@ def render(request: Request, name: str, status_code: int = 200, **context: Any) 
         db_label=state.db_label,
         model=state.model_row,
         allow_upload=state.allow_upload,
+        review_mode=state.review is not None,
         **context,
     )
     return HTMLResponse(html, status_code=status_code)

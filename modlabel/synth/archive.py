@@ -106,13 +106,21 @@ def _jitter_photometric(pixels: FloatImage, rng: np.random.Generator) -> FloatIm
 # ---------------------------------------------------------------- public API
 
 
-def render_image(class_name: str, rng: np.random.Generator, size: int) -> SynthImage:
+def render_image(
+    class_name: str, rng: np.random.Generator, size: int, *, noise: float = 0.0
+) -> SynthImage:
     """Render one image of ``class_name`` with its ground-truth boxes.
 
     size: nominal side in pixels; width and height are each ``size`` times a factor
-    drawn from ``SIZE_JITTER``. All randomness comes from ``rng``, so the same
-    generator state gives the same image.
+    drawn from ``SIZE_JITTER``. noise: the standard deviation, as a share of the full
+    scale (0.1 = 25.5 grey levels), of Gaussian noise added to every pixel and channel
+    last, over the distractors too: a noisier "scanner" than the archive the model
+    learned on (a shifted style); 0 adds none and draws nothing, so the image is the
+    same as without it. All randomness comes from ``rng``, so the same generator state
+    gives the same image.
     """
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
     spec = MODALITIES_BY_NAME.get(class_name)
     if spec is None:
         raise ValueError(f"unknown class {class_name!r}; expected one of {', '.join(CLASS_NAMES)}")
@@ -126,6 +134,10 @@ def render_image(class_name: str, rng: np.random.Generator, size: int) -> SynthI
     pixels = _jitter_photometric(pixels, rng)
     image = Image.fromarray(np.round(pixels * 255.0).astype(np.uint8), "RGB")
     distractors = draw_distractors(image, rng)
+    if noise > 0:
+        drawn = np.asarray(image, np.float32) / 255.0
+        noisy = np.clip(drawn + grain(rng, drawn.shape, noise), 0.0, 1.0)
+        image = Image.fromarray(np.round(noisy * 255.0).astype(np.uint8), "RGB")
     return SynthImage(image=image, class_name=class_name, boxes=boxes, distractors=distractors)
 
 
@@ -152,9 +164,12 @@ def render_archive(
     size: int = 256,
     seed: int = 0,
     *,
+    noise: float = 0.0,
     progress: bool = False,
 ) -> SynthSummary:
     """Write ``per_class`` JPEGs per class to ``out/<class>/<class>_<index:05d>.jpg``.
+
+    noise: extra per-pixel Gaussian noise of every image (``render_image``).
 
     Also writes ``out/ground_truth.jsonl``, one ``ground_truth_record`` per image in
     class order, then index order. Images are written as they are rendered, never
@@ -164,6 +179,8 @@ def render_archive(
         raise ValueError(f"per_class must be >= 0, got {per_class}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ground_truth = out / GROUND_TRUTH_NAME
@@ -175,7 +192,8 @@ def render_archive(
         for class_index, class_name in enumerate(CLASS_NAMES):
             (out / class_name).mkdir(exist_ok=True)
             for index in range(per_class):
-                synth = render_image(class_name, image_seed(seed, class_index, index), size)
+                rng = image_seed(seed, class_index, index)
+                synth = render_image(class_name, rng, size, noise=noise)
                 relative = f"{class_name}/{class_name}_{index:05d}.jpg"
                 synth.image.save(out / relative, format="JPEG", quality=JPEG_QUALITY)
                 lines.write(json.dumps(ground_truth_record(synth, relative)) + "\n")
