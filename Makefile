@@ -35,8 +35,9 @@ demo: $(STAMP)
 	@echo "database: $(DEMO)/labels.db"
 	@echo "report:   $(DEMO)/report/report.html"
 
+# The suite runs on every core (pytest-xdist): each worker has its own session fixtures.
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto
 	$(MAKE) --no-print-directory test-runtime
 	$(MAKE) --no-print-directory docs
 

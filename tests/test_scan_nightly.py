@@ -137,8 +137,10 @@ def test_any_file_name_is_labeled_rescanned_unchanged_and_shown_escaped(
     last = scan_rows(db_url)[-1]
     assert (last.status, last.labeled, last.unchanged) == ("finished", 0, len(HOSTILE_NAMES))
 
+    # Off a terminal and with no $COLUMNS (as cron runs it; the test runner may set one):
+    # no width limit, every path whole.
     table = run_cli("query", "by-label", "--db", db_url, "-p", f"label={rows[stored]['label']}",
-                    "-p", "min_confidence=0")  # fmt: skip
+                    "-p", "min_confidence=0", env={"COLUMNS": ""})  # fmt: skip
     out = text(table.stdout)
     assert table.returncode == 0, text(table.stderr)
     assert "latin1_\\xe9.jpg" in out and "new\\nline.jpg" in out
