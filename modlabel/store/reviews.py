@@ -146,6 +146,13 @@ def review_columns(review: sa.Alias, image_rows: sa.Table | sa.Alias = images) -
 REVIEW_COLUMNS = ("label_reviewed", "label_final", "reviewed_by", "reviewed_at")
 
 
+def has_reviews(engine: Engine) -> bool:
+    """Whether the database holds any review at all (undone ones too): while it holds
+    none, the reads that show reviews skip their joins and lookups."""
+    with engine.connect() as conn:
+        return conn.execute(sa.select(reviews.c.id).limit(1)).first() is not None
+
+
 def with_reviews(
     engine: Engine, image_rows: sa.Table | sa.Alias = images
 ) -> tuple[sa.FromClause, list]:
@@ -153,9 +160,7 @@ def with_reviews(
     rows LEFT JOIN their current review; while the database holds no review at all, the
     rows alone and the columns as constants (NULL, the model's label, NULL, NULL), which
     spares the join's two index probes a row (about a third of streaming the rows)."""
-    with engine.connect() as conn:
-        any_review = conn.execute(sa.select(reviews.c.id).limit(1)).first() is not None
-    if any_review:
+    if has_reviews(engine):
         review, on = current_review_join(image_rows)
         return image_rows.outerjoin(review, on), review_columns(review)
     nothing = [
@@ -355,6 +360,8 @@ def current_reviews(engine: Engine, keys: Sequence[ImageKey]) -> dict[ImageKey, 
     """The current review of each of ``keys`` that has one (the reviewed label per image,
     for a page of images: serve, the report)."""
     found: dict[ImageKey, Review] = {}
+    if not keys or not has_reviews(engine):
+        return found
     review = reviews.alias("review")
     paths = sorted({k.path for k in keys})
     wanted = set(keys)
