@@ -6,28 +6,16 @@ that is not blank."""
 from __future__ import annotations
 
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from serving import serving
 
 CHROMIUM = Path("/usr/bin/chromium")
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,32 +30,8 @@ def server(tmp_path_factory, toy_onnx: Path):
     write_pngs(folder, 24, seed=5)
     url = f"sqlite:///{tmp_path_factory.mktemp('browser_db') / 'labels.db'}"
     scan_archive([str(folder)], OnnxModel(toy_onnx), store.open_db(url), class_min_confidence=0.0)
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modlabel", "serve", "--db", url, "--port", str(port),
-         "--model", str(toy_onnx)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "NO_COLOR": "1"},
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/", timeout=2) as response:
-                assert response.status == 200
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                _, err = process.communicate()
-                pytest.fail(f"modlabel serve did not start: {err.decode()}")
-            time.sleep(0.2)
-    yield base
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    with serving("--db", url, "--model", str(toy_onnx), ready="/") as base:
+        yield base
 
 
 def test_a_person_walks_from_the_classes_to_a_similar_image(server, tmp_path):

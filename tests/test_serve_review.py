@@ -9,18 +9,13 @@ import hashlib
 import io
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 from PIL import Image
+from serving import serving
 
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")
@@ -221,40 +216,19 @@ def test_the_writable_engine_writes_the_reviews_table_only(sqlite_db: str, toy_o
 # -- in a real browser --------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def review_server(sqlite_db: str, toy_onnx: Path):
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modlabel", "serve", "--db", sqlite_db, "--port", str(port),
-         "--model", str(toy_onnx), "--allow-review", "--reviewer", "carol"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "NO_COLOR": "1"},
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/review", timeout=2) as response:
-                assert response.status == 200
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                _, err = process.communicate()
-                pytest.fail(f"modlabel serve did not start: {err.decode()}")
-            time.sleep(0.2)
-    yield base
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    with serving(
+        "--db",
+        sqlite_db,
+        "--model",
+        str(toy_onnx),
+        "--allow-review",
+        "--reviewer",
+        "carol",
+        ready="/review",
+    ) as base:
+        yield base
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")

@@ -3,6 +3,7 @@ error (exit 2) before anything runs."""
 
 from __future__ import annotations
 
+import getpass
 import math
 import types
 import typing
@@ -266,3 +267,14 @@ def _bare(annotation: Any) -> Any:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return args[0] if len(args) == 1 else annotation
     return annotation
+
+
+def reviewer_name(flag: str | None) -> str:
+    """Who records a review: --reviewer, else the session's user name (``review``, and
+    ``serve --allow-review``)."""
+    if flag is not None:
+        return flag
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid (a container)
+        return "unknown"

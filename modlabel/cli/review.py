@@ -5,7 +5,6 @@ None of them imports TensorFlow."""
 
 from __future__ import annotations
 
-import getpass
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +16,7 @@ from ..errors import ExitCode, ModlabelError, UsageError
 from ..timestamps import iso_utc
 from .app import app
 from .edge import command, say
-from .options import DbOption, db_url, output_dir
+from .options import DbOption, db_url, output_dir, reviewer_name
 
 QUEUE_COLUMNS = [
     "rank",
@@ -50,15 +49,6 @@ ReviewerOption = Annotated[
         show_default=False,
     ),
 ]
-
-
-def _reviewer(flag: str | None) -> str:
-    if flag is not None:
-        return flag
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no user name for this uid (a container)
-        return "unknown"
 
 
 def _json(obj: dict[str, Any]) -> None:
@@ -173,11 +163,11 @@ def review(
             f"{strategy!r}: choose from {', '.join(known)}", param_hint="--strategy"
         )
     if set_review is not None:
-        _set(db, model, set_review, note, _reviewer(reviewer), strategy or MANUAL, fmt)
+        _set(db, model, set_review, note, reviewer_name(reviewer), strategy or MANUAL, fmt)
     elif undo is not None:
-        _undo(db, model, undo, _reviewer(reviewer), fmt)
+        _undo(db, model, undo, reviewer_name(reviewer), fmt)
     elif from_csv is not None:
-        _import(db, model, from_csv, _reviewer(reviewer), strategy or CSV, fmt)
+        _import(db, model, from_csv, reviewer_name(reviewer), strategy or CSV, fmt)
     else:
         _list(db, model, strategy or UNCERTAINTY, label, n, seed, fmt)
 

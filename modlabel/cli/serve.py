@@ -18,8 +18,7 @@ import typer
 from ..errors import UsageError
 from .app import app
 from .edge import command, say
-from .options import DbOption, db_url
-from .review import _reviewer  # the default reviewer: the session's user name
+from .options import DbOption, db_url, reviewer_name
 
 TOKEN_ENV = "MODLABEL_SERVE_TOKEN"
 
@@ -147,7 +146,7 @@ def serve(
         "root_path": root_path,
         "allow_upload": not no_upload,
         "allow_review": allow_review,
-        "reviewer": _reviewer(reviewer) if allow_review else None,
+        "reviewer": reviewer_name(reviewer) if allow_review else None,
     }
     web = create_app(**arguments)  # here too: a database or model that fails says so once
     listener = _bind(host, port)
