@@ -45,7 +45,14 @@ from .state import HERE, ReviewDesk, ServeState, render, reviews_only
 
 log = logging.getLogger("modlabel.serve")
 
-THREADS = 15  # request threads: SQLAlchemy's default pool (5 connections and 10 more)
+# Threads of the pages (HTML) and of the pictures (and the similar images, and the upload
+# search), and the read-only engine's connections: one a thread, kept open (a request
+# never opens a connection, nor waits for one). Pages are CPU-bound under the GIL: two
+# threads answer more of them than more would (measured: 352 pages a second with 2, 253
+# with 4, 240 with 15; benchmarks/bench_serve.py); a picture mostly waits for its decode
+# worker, so a grid's 48 thumbnails have threads of their own.
+PAGE_THREADS = 2
+PICTURE_THREADS = 4
 # Where ``modlabel serve --workers N`` hands each worker process create_app's arguments.
 CONFIG_ENV = "MODLABEL_SERVE_CONFIG"
 TOKEN_COOKIE = "modlabel_token"
@@ -84,7 +91,7 @@ def create_app(
     if allow_review and not (reviewer or "").strip():
         raise UsageError("review mode needs the reviewer's name (--reviewer)")
     root_path = _clean_root(root_path)
-    engine = data.open_read_only(db_url)
+    engine = data.open_read_only(db_url, connections=PAGE_THREADS + PICTURE_THREADS)
     onnx, model_note = _load_model(engine, model_path)
     model_row = _model_row(engine, onnx)
     matches = onnx is not None and store.model_id_of(engine, onnx.sha256) == model_row.id
@@ -111,8 +118,10 @@ def create_app(
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         # No more threads at once than the engine's pool has connections: a request then
         # waits for a thread, never for a connection (whose wait would end in an error).
+        # The review engine is used by one thread at a time (ReviewDesk's lock).
         limiter = anyio.to_thread.current_default_thread_limiter()
-        limiter.total_tokens = THREADS
+        limiter.total_tokens = PAGE_THREADS
+        state.picture_threads = anyio.CapacityLimiter(PICTURE_THREADS)
         try:
             yield
         finally:

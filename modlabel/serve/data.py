@@ -62,14 +62,15 @@ def read_only_url(url: str) -> str:
     return f"sqlite:///file:{quoted}?mode=ro&uri=true"
 
 
-def open_read_only(url: str) -> Engine:
+def open_read_only(url: str, *, connections: int | None = None) -> Engine:
     """An engine that only reads: a SQLite file opened read-only with ``query_only``; a
     PostgreSQL session whose transactions are all READ ONLY. The schema must be this
-    modlabel's (``store.open_db`` without ``migrate``: the server never upgrades it)."""
+    modlabel's (``store.open_db`` without ``migrate``: the server never upgrades it).
+    ``connections``: the pool keeps that many open and opens no more."""
     database = store.sqlite_file(url)
     if database is not None and not database.exists():
         raise DatabaseError(f"no database at {database}: run `modlabel scan` first, or check --db")
-    engine = store.open_db(read_only_url(url), create=False, migrate=False)
+    engine = store.open_db(read_only_url(url), create=False, migrate=False, pool_size=connections)
     sa.event.listen(engine, "connect", _read_only_session)
     engine.dispose()  # the connection open_db pinged with was made before the listener
     return engine
@@ -305,6 +306,12 @@ def grid_conditions(model_id: int, q: GridQuery) -> list[sa.ColumnElement]:
     return where
 
 
+def _dicts(result: sa.CursorResult) -> list[dict[str, Any]]:
+    """A result's rows as dicts (a third of the cost of ``dict(row)`` over ``mappings()``)."""
+    keys = list(result.keys())
+    return [dict(zip(keys, row, strict=True)) for row in result]
+
+
 def grid_page(engine: Engine, model_id: int, q: GridQuery, *, limit: int = PAGE_SIZE) -> GridPage:
     """One page of the grid, and the keyset of the next one (None on the last page)."""
     c = images.c
@@ -318,7 +325,7 @@ def grid_page(engine: Engine, model_id: int, q: GridQuery, *, limit: int = PAGE_
         .limit(limit + 1)
     )
     with engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(query).mappings()]
+        rows = _dicts(conn.execute(query))
     more = len(rows) > limit
     rows = rows[:limit]
     next_after = None
@@ -376,7 +383,7 @@ def image_view(engine: Engine, row: dict[str, Any], models: Sequence[store.Model
             query = sa.select(
                 c.id, c.model_id, c.label, c.confidence, c.error, c.labeled_at, c.out_of_set
             ).where(c.model_id.in_(others), c.path == row["path"])
-            other_rows = [dict(r) for r in conn.execute(query).mappings()]
+            other_rows = _dicts(conn.execute(query))
         labeled_at = row["labeled_at"]
         scan = conn.execute(
             sa.select(scans.c.id, scans.c.status, scans.c.started_at, scans.c.host)
@@ -524,4 +531,4 @@ def search_paths(
         .limit(limit)
     )
     with engine.connect() as conn:
-        return [dict(r) for r in conn.execute(query).mappings()]
+        return _dicts(conn.execute(query))

@@ -5,7 +5,9 @@ its thread pool); the upload is read asynchronously, bounded, before anything pa
 
 from __future__ import annotations
 
-from starlette.concurrency import run_in_threadpool
+from collections.abc import Callable
+
+import anyio.to_thread
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartParser
 from starlette.requests import Request
@@ -25,6 +27,7 @@ from .state import (
     ServeState,
     class_map_png,
     class_maps_of,
+    grid_tiles,
     render,
     usable_model,
 )
@@ -86,6 +89,7 @@ def grid_page(request: Request) -> Response:
         "grid.html",
         title=title,
         page=page,
+        tiles=grid_tiles(page.rows, state.root_path),
         query=query,
         first_params=query.params(after=None),
         next_params=next_params,
@@ -112,7 +116,7 @@ def image_page(request: Request) -> Response:
         raise UsageError(f"map: one of {', '.join(methods)}, not {method!r}")
     model_of_row = next((m for m in models if m.id == row["model_id"]), state.model_row)
     key = store.ImageKey(row["path"], row["sha256"]) if row["sha256"] else None
-    review = store.current_reviews(state.engine, [key]).get(key) if key is not None else None
+    review = state.current_review(key) if key is not None else None
     return render(
         request,
         "image.html",
@@ -214,7 +218,9 @@ async def upload_search(request: Request) -> Response:
     content = await upload.read()
     if len(content) > UPLOAD_MAX_BYTES:
         raise HTTPException(413, f"an upload is at most {UPLOAD_MAX_BYTES // 2**20} MB")
-    result = await run_in_threadpool(_search_by_image, state, content, upload.filename or "")
+    result = await anyio.to_thread.run_sync(
+        _search_by_image, state, content, upload.filename or "", limiter=state.picture_threads
+    )
     return render(
         request,
         "search.html",
@@ -296,15 +302,28 @@ def favicon(_request: Request) -> Response:
     )
 
 
+def in_picture_threads(handler: Callable[[Request], Response]) -> Callable:
+    """``handler`` run in the pictures' threads (``ServeState.picture_threads``), not the
+    pages': a grid's thumbnails, which wait for their decode workers, never hold up a page."""
+
+    async def run(request: Request) -> Response:
+        limiter = _state(request).picture_threads
+        return await anyio.to_thread.run_sync(handler, request, limiter=limiter)
+
+    run.__name__ = run.__qualname__ = handler.__name__
+    run.__doc__ = handler.__doc__
+    return run
+
+
 def routes() -> list[Route]:
     return [
         Route("/", classes_page, name="classes"),
         Route("/grid", grid_page, name="grid"),
         Route("/image/{row_id:int}", image_page, name="image"),
-        Route("/image/{row_id:int}/thumb.png", thumbnail, name="thumbnail"),
-        Route("/image/{row_id:int}/picture.png", picture, name="picture"),
-        Route("/image/{row_id:int}/similar", similar_fragment, name="similar"),
-        Route("/classmap.png", class_map, name="class_map"),
+        Route("/image/{row_id:int}/thumb.png", in_picture_threads(thumbnail), name="thumbnail"),
+        Route("/image/{row_id:int}/picture.png", in_picture_threads(picture), name="picture"),
+        Route("/image/{row_id:int}/similar", in_picture_threads(similar_fragment), name="similar"),
+        Route("/classmap.png", in_picture_threads(class_map), name="class_map"),
         Route("/scans", scans_page, name="scans"),
         Route("/search", search_page, name="search", methods=["GET"]),
         Route("/search", upload_search, name="upload", methods=["POST"]),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from markupsafe import Markup, escape
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
@@ -30,6 +31,8 @@ HERE = Path(__file__).parent
 UPLOAD_MAX_BYTES = 20 * 2**20  # an upload larger than this is refused (413)
 UPLOAD_SIMILAR = 24
 MODELS_SECONDS = 10.0
+# While the database holds no review, whether one came is asked again at most this often.
+REVIEWS_SECONDS = 5.0
 
 
 @dataclass
@@ -48,7 +51,10 @@ class ServeState:
     model_matches: bool = False  # the model file is the shown model's (its content hash)
     review: ReviewDesk | None = None  # review mode (serve --allow-review); None: read-only
     lock: threading.Lock = field(default_factory=threading.Lock)
+    picture_threads: Any = None  # anyio.CapacityLimiter of the pictures (app's lifespan)
     _models: tuple[float, list[store.ModelRow]] | None = None
+    _reviews_asked: float | None = None  # when has_reviews last said no; None: not yet
+    _reviews_exist: bool = False
 
     def models(self) -> list[store.ModelRow]:
         """The database's models, read again at most every MODELS_SECONDS (a scan of a
@@ -58,6 +64,23 @@ class ServeState:
             if self._models is None or now - self._models[0] > MODELS_SECONDS:
                 self._models = (now, store.list_models(self.engine))
             return self._models[1]
+
+    def current_review(self, key: store.ImageKey) -> store.Review | None:
+        """The image's current review, or None; while the database holds no review at all
+        (``store.has_reviews``, asked at most every REVIEWS_SECONDS, and never again once
+        it said yes), without a query. In review mode it is asked each time: a review
+        just recorded shows on the next page."""
+        now = time.monotonic()
+        if not self._reviews_exist and (
+            self.review is not None
+            or self._reviews_asked is None
+            or now - self._reviews_asked > REVIEWS_SECONDS
+        ):
+            self._reviews_exist = store.has_reviews(self.engine)
+            self._reviews_asked = now
+        if not self._reviews_exist:
+            return None
+        return store.current_reviews(self.engine, [key], any_known=True).get(key)
 
 
 # -- review mode ------------------------------------------------------------------------
@@ -188,10 +211,11 @@ def _environment():
         loader=FileSystemLoader(HERE / "templates"),
         autoescape=True,
         undefined=StrictUndefined,
+        auto_reload=False,  # the templates are the installed package's: no stat a page
     )
     env.filters["display_path"] = display_path
     env.filters["utc"] = utc
-    env.filters["pct"] = lambda v: "" if v is None else f"{float(v):.1%}"
+    env.filters["pct"] = pct
     env.filters["q"] = lambda v: urllib.parse.quote(str(v), safe="")
     env.globals["version"] = __version__
     return env
@@ -223,6 +247,37 @@ def render(request: Request, name: str, status_code: int = 200, **context: Any) 
         **context,
     )
     return HTMLResponse(html, status_code=status_code)
+
+
+def pct(value: float | None) -> str:
+    """A probability as pages show it (``97.5%``; nothing for None)."""
+    return "" if value is None else f"{float(value):.1%}"
+
+
+def grid_tiles(rows: list[dict[str, Any]], root_path: str) -> Markup:
+    """The class grid's tiles (``grid.html``): a page's 48 images, each a link to its page
+    with its thumbnail, path and label. Written here, not in the template: it is the
+    server's busiest markup, and Jinja's per-tile calls cost three times this (every
+    value escaped all the same)."""
+    out = []
+    for r in rows:
+        row_id = int(r["id"])
+        link = escape(f"{root_path}/image/{row_id}")
+        shown = escape(display_path(r["path"]))
+        if r["error"] is not None:
+            text = f'<span class="bad">{escape(r["error"])}</span>'
+        else:
+            flags = ' <b class="flag">out of set</b>' if r["out_of_set"] else ""
+            if r["missing_since"] is not None:
+                flags += ' <b class="flag">missing</b>'
+            text = f"<span>{escape(r['label'])} {pct(r['confidence'])}{flags}</span>"
+        out.append(
+            f'  <li>\n    <a href="{link}" title="{shown}">\n'
+            f'      <img src="{link}/thumb.png" alt="image #{row_id}" width="180" height="180"'
+            f' loading="lazy">\n      <span class="path">{shown}</span>\n      {text}\n'
+            "    </a>\n  </li>\n"
+        )
+    return Markup("".join(out))
 
 
 def utc(moment: datetime | None) -> str:

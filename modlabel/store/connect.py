@@ -31,23 +31,30 @@ def open_db(
     retry_seconds: float = 0.0,
     create: bool = True,
     check: bool = True,
+    pool_size: int | None = None,
 ) -> Engine:
     """An engine for ``url``: with ``migrate``, the schema upgraded to the newest version
     (the commands that write: scan, prune, ``db upgrade``); without it, a schema that is
     not this modlabel's is refused with one line (``check_schema``: the commands that only
     read never write the schema).
 
-    Connections are pre-pinged, so a connection that died with a server restart
-    is replaced instead of failing the next statement. ``retry_seconds``: how
+    PostgreSQL connections are pre-pinged, so a connection that died with a server
+    restart is replaced instead of failing the next statement (a SQLite file's
+    connection cannot die so: it is not pinged). ``retry_seconds``: how
     long a database that cannot be reached yet is waited for (0: fail at once);
     a database that does not exist, a failed password and a denied permission are
     not waited for. ``create=False`` (for commands that only read) refuses a SQLite
     file that does not exist instead of creating an empty one. ``check=False`` skips the
-    schema's check (``modlabel db status``, which reports it).
+    schema's check (``modlabel db status``, which reports it). ``pool_size``: keep this
+    many connections open, and open no more (a server whose threads each hold one: an
+    overflow connection would be opened and closed again for every request, with a cold
+    page cache); None: SQLAlchemy's default pool (5, and 10 more for a while).
     """
     if not create:
         _require_sqlite_file(url)
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    kwargs: dict[str, Any] = {"pool_pre_ping": not url.startswith("sqlite")}
+    if pool_size is not None:
+        kwargs.update(pool_size=pool_size, max_overflow=0)
     if url.startswith("sqlite"):
         # A short wait on a lock; longer waits are DbRetry's, which a stop ends.
         kwargs["connect_args"] = {"timeout": SQLITE_BUSY_SECONDS}

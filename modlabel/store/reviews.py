@@ -356,11 +356,14 @@ def current_review(engine: Engine, image: int | str | ImageKey) -> Review | None
     return current_reviews(engine, [found.key]).get(found.key)
 
 
-def current_reviews(engine: Engine, keys: Sequence[ImageKey]) -> dict[ImageKey, Review]:
+def current_reviews(
+    engine: Engine, keys: Sequence[ImageKey], *, any_known: bool = False
+) -> dict[ImageKey, Review]:
     """The current review of each of ``keys`` that has one (the reviewed label per image,
-    for a page of images: serve, the report)."""
+    for a page of images: serve, the report). ``any_known``: the caller knows that the
+    database holds reviews (``has_reviews`` is not asked again)."""
     found: dict[ImageKey, Review] = {}
-    if not keys or not has_reviews(engine):
+    if not keys or not (any_known or has_reviews(engine)):
         return found
     review = reviews.alias("review")
     paths = sorted({k.path for k in keys})
