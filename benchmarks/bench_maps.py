@@ -21,6 +21,11 @@ case for the ratio). Built models are cached in ``--cache``.
 
     .venv/bin/python benchmarks/bench_maps.py              # vgg16@300, tiny@300, tiny@128
     .venv/bin/python benchmarks/bench_maps.py --model model.onnx --batch 32
+    .venv/bin/python benchmarks/bench_maps.py --model model.onnx --perturbation 2
+
+``--perturbation N`` adds a third table: milliseconds per image of the methods that run
+the model again on masked copies (Score-CAM, RISE with ``--rise-masks``), on N images,
+beside one image's share of the batch's forward pass.
 
 Building needs TensorFlow and tf2onnx (the ``train`` extra); timing a given
 ONNX file needs numpy and onnxruntime only.
@@ -39,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modlabel import codec, maps  # noqa: E402
+from modlabel import codec, maps, perturb  # noqa: E402
 from modlabel.metadata import ModelInfo  # noqa: E402
 from modlabel.model import OnnxModel  # noqa: E402
 
@@ -148,7 +153,14 @@ def scan_path(model: OnnxModel, activations: np.ndarray) -> list:
     return codec.encode_maps(crm)
 
 
-def bench(path: Path, batch: int, repeats: int, threads: int) -> dict[str, object]:
+def bench(
+    path: Path,
+    batch: int,
+    repeats: int,
+    threads: int,
+    perturbation_images: int = 0,
+    rise_masks: int = perturb.RISE_MASKS,
+) -> dict[str, object]:
     model = OnnxModel(path, providers=["CPUExecutionProvider"], threads=threads)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(batch, *model.info.input_size, 3), dtype=np.uint8)
@@ -165,6 +177,17 @@ def bench(path: Path, batch: int, repeats: int, threads: int) -> dict[str, objec
     for name in maps.closed_form_methods():  # Score-CAM and RISE run the model again
         method = maps.METHODS[name]
         parts[name] = best_seconds(lambda method=method: method.fn(terms), cheap)
+    forward = {}
+    if perturbation_images:  # the methods that run the model again, per image
+        few = x[:perturbation_images]
+        few_terms = all_terms(model, *model.run(few))
+        for name in [m for m in maps.METHODS if maps.METHODS[m].needs == "model"]:
+            options = perturb.Options(rise_masks=rise_masks)
+            run = perturb.Forward(few, lambda inputs: model.run(inputs)[0], options)
+            seconds = best_seconds(
+                lambda name=name, run=run: maps.METHODS[name].fn(few_terms, run), 1
+            )
+            forward[name] = seconds / len(few)
     batches = list(all_maps(model, logits, activations).values())
     encode = best_seconds(lambda: [codec.encode_maps(b) for b in batches], cheap)
     parts["encode/map"] = encode / len(blobs)
@@ -179,6 +202,8 @@ def bench(path: Path, batch: int, repeats: int, threads: int) -> dict[str, objec
         "scan_ratio": scan / infer,
         "bytes": sum(len(b) for b in blobs) / len(blobs),
         "parts_us": {name: seconds * 1e6 for name, seconds in parts.items()},
+        "infer_per_image_ms": infer * 1e3 / batch,
+        "forward_ms": {name: seconds * 1e3 for name, seconds in forward.items()},
     }
 
 
@@ -209,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modlabel-bench",
     )
+    parser.add_argument(
+        "--perturbation",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time the methods that run the model again (Score-CAM, RISE) on N images",
+    )
+    parser.add_argument("--rise-masks", type=int, default=perturb.RISE_MASKS)
     args = parser.parse_args(argv)
 
     paths = list(args.model)
@@ -228,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = []
     for path in paths:
-        r = bench(path, args.batch, args.repeats, args.threads)
+        r = bench(path, args.batch, args.repeats, args.threads, args.perturbation, args.rise_masks)
         results.append(r)
         verdict = "met" if r["ratio"] <= 0.02 else "not met"
         print(
@@ -249,6 +282,17 @@ def main(argv: list[str] | None = None) -> int:
         "# terms: the shared (N*H*W, K) x (K, C) product, scores and classes; each method "
         "from those terms; encode/map: encode_maps of the 5 batches, per map"
     )
+    if args.perturbation and results:
+        names = list(results[0]["forward_ms"])
+        print(f"{'ms per image':<14} {'forward':>11} " + " ".join(f"{n:>11}" for n in names))
+        for r in results:
+            cells = " ".join(f"{ms:>11.1f}" for ms in r["forward_ms"].values())
+            print(f"{r['model']:<14} {r['infer_per_image_ms']:>11.2f} {cells}")
+        print(
+            f"# forward: one image's share of the batch's run; the others run the model again "
+            f"on masked copies of {args.perturbation} images (Score-CAM: one run a channel; "
+            f"RISE: {args.rise_masks} masks), one try after a warm-up"
+        )
     return 0
 
 

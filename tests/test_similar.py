@@ -437,3 +437,30 @@ def test_an_upgraded_database_searches_exactly_at_once_and_builds_its_blocks_on_
     assert _blocks(engine)[0] == 1023 and _blocks(engine)[1] is None  # 1 is still filling
     _assert_exact(engine, 1, query)
     engine.dispose()
+
+
+def test_the_hnsw_index_is_built_and_the_table_analyzed_for_the_planner(
+    pgvector_url, toy_onnx, tmp_path
+):
+    # Without fresh statistics the planner takes a model's rows to be few, reads them all
+    # by a B-tree and sorts them, and never uses the index: index-embeddings analyzes.
+    scanned(tmp_path, toy_onnx, pgvector_url)
+    result = run_cli("db", "index-embeddings", "--db", pgvector_url)
+    assert result.returncode == 0, result.stderr
+    engine = open_db(sa_url(pgvector_url), create=False, migrate=False)
+    model = pick_model(engine)
+    with engine.connect() as conn:
+        definition = conn.execute(
+            sa.text("SELECT indexdef FROM pg_indexes WHERE indexname = :n"),
+            {"n": f"ix_images_embedding_vec_{model.id}"},
+        ).scalar()
+        analyzed = conn.execute(
+            sa.text("SELECT last_analyze FROM pg_stat_user_tables WHERE relname = 'images'")
+        ).scalar()
+    assert definition is not None and "USING hnsw" in definition
+    assert f"WHERE (model_id = {model.id})" in definition
+    assert analyzed is not None
+    ids, vectors, _ = stored(pgvector_url)
+    found = nearest(engine, model.id, vectors[0], 10, exclude_id=int(ids[0]))
+    assert_same_neighbours(found, brute_force(ids, vectors, vectors[0], 10, exclude=ids[0]))
+    engine.dispose()

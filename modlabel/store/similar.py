@@ -102,7 +102,8 @@ def create_search_index(engine: Engine, model_id: int) -> str | None:
 
     A partial index per model (each model's embeddings have their own length), built
     CONCURRENTLY: scans and searches go on while it builds. Search works without it (an
-    exact scan in the server); with it, in milliseconds at millions of rows."""
+    exact scan in the server); with it, in milliseconds at millions of rows. The table is
+    analyzed after it, so that the planner uses it."""
     if engine.dialect.name != "postgresql" or search_method(engine) != PGVECTOR:
         return None
     with engine.connect() as conn:
@@ -121,6 +122,11 @@ def create_search_index(engine: Engine, model_id: int) -> str | None:
                 f"((embedding_vec::halfvec({k})) halfvec_cosine_ops) WHERE model_id = {m}"
             )
         )
+        # The planner's statistics, fresh: on a table it has not analyzed since it filled
+        # (autovacuum comes later), it takes the model's rows to be few, reads every one
+        # by a B-tree and sorts them, and never uses the index (145 ms against 1.9 ms at
+        # 20,000 rows, measured). ANALYZE samples the table: seconds at millions of rows.
+        conn.execute(sa.text("ANALYZE images"))
     return name
 
 
