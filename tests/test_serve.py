@@ -126,14 +126,19 @@ def test_the_class_grid_pages_by_keyset_through_every_row(client, served_db):
     ("sort", "descending"),
     [("confidence", True), ("confidence", False), ("path", False), ("date", True)],
 )
-def test_keyset_pages_are_the_whole_ordering_without_repeats(served_db, sort, descending):
+@pytest.mark.parametrize("by_class", [False, True])
+def test_keyset_pages_are_the_whole_ordering_without_repeats(served_db, sort, descending, by_class):
+    # by_class: every class by confidence is read as a page of each class, merged (the
+    # server's way, with the model's classes); it must be the one query's ordering.
     engine = serve_data.open_read_only(served_db)
-    model_id = store.pick_model(engine).id
+    model = store.pick_model(engine)
+    model_id = model.id
+    labels = model.class_names if by_class else ()
     query = serve_data.GridQuery(sort=sort, descending=descending, out_of_set="include")
     everything = serve_data.grid_page(engine, model_id, query, limit=10_000).rows
     walked: list[int] = []
     while True:
-        page = serve_data.grid_page(engine, model_id, query, limit=7)
+        page = serve_data.grid_page(engine, model_id, query, limit=7, labels=labels)
         walked += [r["id"] for r in page.rows]
         if page.next_after is None:
             break

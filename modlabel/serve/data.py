@@ -10,6 +10,7 @@ thousandth page of a class costs what the first does, on the indexes the scan ma
 from __future__ import annotations
 
 import base64
+import heapq
 import json
 import threading
 import time
@@ -312,20 +313,43 @@ def _dicts(result: sa.CursorResult) -> list[dict[str, Any]]:
     return [dict(zip(keys, row, strict=True)) for row in result]
 
 
-def grid_page(engine: Engine, model_id: int, q: GridQuery, *, limit: int = PAGE_SIZE) -> GridPage:
-    """One page of the grid, and the keyset of the next one (None on the last page)."""
+def grid_page(
+    engine: Engine,
+    model_id: int,
+    q: GridQuery,
+    *,
+    limit: int = PAGE_SIZE,
+    labels: Sequence[str] = (),
+) -> GridPage:
+    """One page of the grid, and the keyset of the next one (None on the last page).
+
+    ``labels``: the model's classes. Every class at once by confidence is then one page of
+    each class, read along the (model_id, label, confidence) index, merged: there is no
+    index on the confidence alone, and a query of every class sorted the whole model's rows
+    for each page (100 ms at 100,000 rows, seconds at millions)."""
     c = images.c
     column = _sort_column(q.sort)
     order = [column.desc(), c.id.desc()] if q.descending else [column.asc(), c.id.asc()]
-    where = grid_conditions(model_id, _for_dialect(engine, q))
-    query = (
-        sa.select(*(c[name] for name in _GRID_COLUMNS))
-        .where(*where)
-        .order_by(*order)
-        .limit(limit + 1)
-    )
+    q = _for_dialect(engine, q)
+    if q.label is None and q.sort == "confidence" and not q.errors and labels:
+        asked = [replace(q, label=label) for label in dict.fromkeys(labels)]
+    else:
+        asked = [q]
+    rows = []
     with engine.connect() as conn:
-        rows = _dicts(conn.execute(query))
+        for one in asked:
+            query = (
+                sa.select(*(c[name] for name in _GRID_COLUMNS))
+                .where(*grid_conditions(model_id, one))
+                .order_by(*order)
+                .limit(limit + 1)
+            )
+            rows += _dicts(conn.execute(query))
+    if len(asked) > 1:
+        sign = -1 if q.descending else 1
+        rows = heapq.nsmallest(
+            limit + 1, rows, key=lambda r: (sign * r["confidence"], sign * r["id"])
+        )
     more = len(rows) > limit
     rows = rows[:limit]
     next_after = None

@@ -80,7 +80,9 @@ def classes_page(request: Request) -> Response:
 def grid_page(request: Request) -> Response:
     state = _state(request)
     query = data.GridQuery.from_params(request.query_params)
-    page = data.grid_page(state.engine, state.model_row.id, query)
+    page = data.grid_page(
+        state.engine, state.model_row.id, query, labels=state.model_row.class_names
+    )
     modalities = data.modalities(state.engine, state.model_row.id)
     next_params = query.params(after=page.next_after) if page.next_after is not None else None
     title = "Errors" if query.errors else (f"Class {query.label}" if query.label else "All classes")
