@@ -2,7 +2,7 @@
 many reviews at once from a CSV file.
 
 ``review_queue`` lists the next ``n`` images of a model to look at, leaving out the ones
-that have a review already (``store.reviews``), by one of five strategies:
+that have a review already (``store.reviews``), by one of six strategies:
 
 * ``uncertainty``: the smallest top-2 margin first, p(label) - p(runner-up) of the
   calibrated probabilities (margin sampling; Scheffer et al. 2001, Settles 2009 §3.1):
@@ -18,6 +18,18 @@ that have a review already (``store.reviews``), by one of five strategies:
   works on a seeded uniform sample of at most ``DIVERSE_POOL`` unreviewed images
   (reservoir sampling while streaming), at most ``DIVERSE_POOL`` reviewed ones as the
   starting centres; memory ``2 * DIVERSE_POOL * K`` float32.
+* ``typical``: the most typical image of each cluster that holds no reviewed image,
+  largest cluster first: TypiClust (Hacohen, Dekel & Weinshall 2022, "Active Learning on a
+  Budget: Opposite Strategies Suit High and Low Budgets"). With few reviews, typical
+  images teach a model more than uncertain or outlying ones. The embeddings of the same
+  bounded samples as ``diverse`` (with ``label``, the reviewed ones of that label too) go
+  into reviewed + ``n`` clusters by seeded k-means (at most the candidates, at most
+  ``TYPICAL_MAX_CLUSTERS``); an image's typicality is 1 / its mean Euclidean distance to
+  its ``TYPICAL_NEIGHBOURS`` nearest neighbours in its cluster. When fewer clusters are
+  free than ``n``, the clusters give their next most typical images in turn, those with
+  the fewest reviewed images and the largest first. Memory ``2 * DIVERSE_POOL * K``
+  float32 and blocks of ``BLOCK_VALUES`` distances (never a pool x pool matrix); time
+  O(20 M k K) for k-means and O(S^2 K) for each cluster of S images reached.
 * ``random``: a seeded uniform sample, for an unbiased estimate of the archive's accuracy
   (``modlabel.accuracy``): each image's place is a hash of the seed and its path, so the
   same seed gives the same order, and asking again after reviewing gives the next images
@@ -58,6 +70,7 @@ from .store.reviews import (
     OUT_OF_SET,
     QUEUE_STRATEGIES,
     RANDOM,
+    TYPICAL,
     UNCERTAINTY,
     ImageKey,
     check_label,
@@ -67,8 +80,16 @@ from .store.reviews import (
     unreviewed,
 )
 
-# The diverse queue's bound: images sampled (and reviewed images kept as centres).
+# The diverse and typical queues' bound: images sampled, and reviewed images sampled.
 DIVERSE_POOL = 10_000
+# The typical queue: TypiClust's constants (Hacohen et al. 2022, their code): clusters at
+# most, the neighbours of a typicality, and a cluster this small or smaller comes last
+# (an outlier's own). Lloyd iterations at most, and the distances a block holds (16 MiB).
+TYPICAL_MAX_CLUSTERS = 500
+TYPICAL_NEIGHBOURS = 20
+TYPICAL_MIN_CLUSTER = 5
+KMEANS_ITERATIONS = 20
+BLOCK_VALUES = 1 << 22
 # Rows read from the database at a time by the streamed strategies.
 CHUNK_ROWS = 5000
 # The named query whose VALUES list maps DICOM Modality codes to classes.
@@ -82,6 +103,7 @@ class QueueItem:
     ``score``: the strategy's own number (uncertainty: the top-2 margin; out-of-set: the
     out-of-set score; disagreement: the confidence; diverse: the cosine distance to the
     nearest image already picked or reviewed, None for the first pick without one;
+    typical: the typicality, 1 / the mean distance to its nearest neighbours in its cluster;
     random: the image's place in [0, 1) of the seeded order)."""
 
     row_id: int
@@ -167,7 +189,7 @@ def review_queue(
 ) -> list[QueueItem]:
     """The next ``n`` unreviewed images of the model to look at, by ``strategy`` (one of
     ``QUEUE_STRATEGIES``; see the module's docstring), of ``label`` when given. ``seed``:
-    the random and diverse queues' seed (the same seed, the same queue)."""
+    the random, diverse and typical queues' seed (the same seed, the same queue)."""
     if strategy not in QUEUE_STRATEGIES:
         raise UsageError(
             f"unknown queue strategy {strategy!r}; choose from {', '.join(QUEUE_STRATEGIES)}"
@@ -182,6 +204,7 @@ def review_queue(
         OUT_OF_SET: _out_of_set,
         DISAGREEMENT: _disagreement,
         DIVERSE: _diverse,
+        TYPICAL: _typical,
         RANDOM: _random,
     }[strategy]
     return queue(engine, model_id, label, n, seed)
@@ -428,6 +451,166 @@ def _diverse(
             else f"cosine distance {distance:.3f} to the nearest image picked or reviewed"
         )
         items.append(_item(found[pool.ids[i]], DIVERSE, distance, why))
+    return items
+
+
+def _squared_distances(points: np.ndarray, sq: np.ndarray, to: np.ndarray) -> np.ndarray:
+    """(B, C) squared Euclidean distances of ``points`` (B, K), their squared norms ``sq``
+    (B,), to the rows of ``to`` (C, K); float rounding's negatives clipped to 0."""
+    d2 = sq[:, None] + np.einsum("ij,ij->i", to, to)[None, :] - 2.0 * (points @ to.T)
+    return np.maximum(d2, 0.0, out=d2)
+
+
+def _blocks(rows: int, columns: int) -> Iterator[slice]:
+    """Slices of ``rows`` whose blocks of distances to ``columns`` hold ``BLOCK_VALUES``."""
+    step = max(1, BLOCK_VALUES // max(columns, 1))
+    return (slice(start, start + step) for start in range(0, rows, step))
+
+
+def kmeans(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Seeded k-means: Lloyd's iterations (Lloyd 1982; at most ``KMEANS_ITERATIONS``, until nothing
+    moves) from greedy k-means++ seeds (Arthur & Vassilvitskii 2007: each seed the best
+    of 2 + ln k draws by squared distance, as scikit-learn seeds). Returns the cluster of
+    each row of ``points`` (M, K) float32, in 0..k-1 (fewer clusters when fewer distinct
+    rows). Distances in blocks (``BLOCK_VALUES``): memory O(M K), time
+    O(KMEANS_ITERATIONS M k K)."""
+    m = points.shape[0]
+    sq = np.einsum("ij,ij->i", points, points)
+    seeds = [int(rng.integers(0, m))]
+    nearest = _squared_distances(points, sq, points[seeds])[:, 0].astype(np.float64)
+    trials = 2 + int(np.log(max(k, 1)))
+    while len(seeds) < min(k, m) and nearest.sum() > 0:
+        draws = np.searchsorted(np.cumsum(nearest), rng.random(trials) * nearest.sum())
+        draws = np.minimum(draws, m - 1)
+        tried = np.minimum(nearest[:, None], _squared_distances(points, sq, points[draws]))
+        best = int(np.argmin(tried.sum(axis=0)))
+        seeds.append(int(draws[best]))
+        nearest = tried[:, best]
+    centers = points[seeds].copy()
+    assign = np.full(m, -1, dtype=np.intp)
+    for _ in range(KMEANS_ITERATIONS):
+        before = assign.copy()
+        for block in _blocks(m, len(centers)):
+            assign[block] = _squared_distances(points[block], sq[block], centers).argmin(axis=1)
+        if np.array_equal(assign, before):
+            break
+        grouped = points[np.argsort(assign, kind="stable")]
+        counts = np.bincount(assign, minlength=len(centers))
+        ends = np.cumsum(counts)
+        for at in np.flatnonzero(counts):  # an emptied cluster keeps its centre
+            centers[at] = grouped[ends[at] - counts[at] : ends[at]].mean(axis=0)
+    return assign
+
+
+def typicality(points: np.ndarray) -> np.ndarray:
+    """TypiClust's typicality (Hacohen et al. 2022) of each row of one cluster's
+    ``points`` (S, K): 1 / (the mean Euclidean distance to its k nearest other rows + 1e-5,
+    their code's guard against a zero), k = min(TYPICAL_NEIGHBOURS, S - 1); 0 for a lone
+    row. Distances in blocks (``BLOCK_VALUES``), time O(S^2 K)."""
+    s = points.shape[0]
+    k = min(TYPICAL_NEIGHBOURS, s - 1)
+    out = np.zeros(s, dtype=np.float64)
+    if k < 1:
+        return out
+    sq = np.einsum("ij,ij->i", points, points)
+    for block in _blocks(s, s):
+        d2 = _squared_distances(points[block], sq[block], points)
+        rows = np.arange(d2.shape[0])
+        d2[rows, rows + block.start] = np.inf  # not its own neighbour
+        near = np.sqrt(np.partition(d2, k - 1, axis=1)[:, :k], dtype=np.float64)
+        out[block] = 1.0 / (near.mean(axis=1) + 1e-5)
+    return out
+
+
+@dataclass(frozen=True)
+class TypicalPick:
+    """A pick of ``typiclust``: its ``row``, ``typicality``, ``rank`` by typicality among
+    its cluster's unreviewed rows (1: the most typical), the cluster's ``size`` (rows) and
+    how many of them are ``reviewed``."""
+
+    row: int
+    typicality: float
+    rank: int
+    size: int
+    reviewed: int
+
+
+def typiclust(
+    vectors: np.ndarray, reviewed: np.ndarray, n: int, rng: np.random.Generator
+) -> list[TypicalPick]:
+    """TypiClust (Hacohen, Dekel & Weinshall 2022): ``n`` rows of ``vectors`` (M, K)
+    not ``reviewed`` (M,) bool. k-means into reviewed + ``n`` clusters (at most the
+    unreviewed rows and ``TYPICAL_MAX_CLUSTERS``); the clusters in the order of their code
+    (fewest reviewed rows first, then largest; one of ``TYPICAL_MIN_CLUSTER`` rows or
+    fewer, which their code drops, last), each giving its most typical unreviewed row,
+    then, while ``n`` asks for more, its next most typical in turn. Typicalities are
+    computed only for the clusters reached."""
+    free = int((~reviewed).sum())
+    if free == 0:
+        return []
+    assign = kmeans(vectors, min(int(reviewed.sum()) + n, free, TYPICAL_MAX_CLUSTERS), rng)
+    order = np.argsort(assign, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(assign[order])) + 1)
+    groups = [g for g in groups if not reviewed[g].all()]
+    groups.sort(key=lambda g: (len(g) <= TYPICAL_MIN_CLUSTER, int(reviewed[g].sum()), -len(g)))
+    ranked: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    picks: list[TypicalPick] = []
+    depth = 0
+    while len(picks) < min(n, free):
+        for at, members in enumerate(groups):
+            if at not in ranked:
+                score = typicality(vectors[members])
+                waiting = np.flatnonzero(~reviewed[members])
+                best = waiting[np.argsort(-score[waiting], kind="stable")]
+                ranked[at] = (members[best], score[best])
+            rows, scores = ranked[at]
+            if depth < len(rows):
+                done = int(reviewed[members].sum())
+                picks.append(
+                    TypicalPick(
+                        int(rows[depth]), float(scores[depth]), depth + 1, len(members), done
+                    )
+                )
+                if len(picks) == n:
+                    break
+        depth += 1
+    return picks
+
+
+def _typical(
+    engine: Engine, model_id: int, label: str | None, n: int, seed: int
+) -> list[QueueItem]:
+    c = store.images.c
+    rng = np.random.default_rng(seed)
+    pool = _embedding_sample(
+        engine, _candidates(model_id, label), DIVERSE_POOL, rng, reviewed=False
+    )
+    if not pool.ids:
+        return []
+    # With a label, its reviewed images only: the others would take clusters of their own.
+    present = [c.model_id == model_id, c.missing_since.is_(None), c.error.is_(None)]
+    if label is not None:
+        present.append(c.label == label)
+    done = _embedding_sample(engine, present, DIVERSE_POOL, rng, reviewed=True)
+    candidates = _vectors(pool.blobs)
+    if done.ids:
+        centres = _vectors(done.blobs)
+        if centres.shape[1] != candidates.shape[1]:
+            raise ModlabelError("the stored embeddings of the model differ in length")
+        candidates = np.concatenate([candidates, centres])
+    reviewed = np.arange(candidates.shape[0]) >= len(pool.ids)
+    picked = typiclust(candidates, reviewed, n, rng)
+    found = _rows_by_id(engine, [pool.ids[p.row] for p in picked])
+    items = []
+    for p in picked:
+        place = "the most typical" if p.rank == 1 else f"number {p.rank} by typicality"
+        whose = "unreviewed images" if p.reviewed == 0 else f"images, {p.reviewed} reviewed"
+        why = (
+            f"{place} of a cluster of {p.size} {whose}"
+            if p.size > 1
+            else "a cluster of its own: no neighbour to measure its typicality by"
+        )
+        items.append(_item(found[pool.ids[p.row]], TYPICAL, p.typicality, why))
     return items
 
 

@@ -34,7 +34,13 @@ from modlabel.paths import to_db
 from modlabel.queries import load_query, run_query
 from modlabel.report import build_report
 from modlabel.report.files import IMAGE_CSV_COLUMNS, write_images_csv
-from modlabel.review import _place, import_reviews_csv, k_center_greedy, review_queue
+from modlabel.review import (
+    _place,
+    import_reviews_csv,
+    k_center_greedy,
+    review_queue,
+    typicality,
+)
 from modlabel.scan import scan_archive
 from modlabel.store.reviews import ImageKey
 
@@ -239,6 +245,81 @@ def test_k_center_greedy_picks_the_farthest_point_each_time():
             nearest[j] = -np.inf
         assert index == int(np.argmax(nearest)) and math.isclose(distance, max(nearest))
         chosen.append(points[2 + index])
+
+
+def typical_archive(engine: sa.Engine) -> tuple[int, list[str], list[str], list[str]]:
+    """Three tight clusters of 8 embeddings (in each, row 0 at the centre: its densest
+    member) and an outlier beside each. Returns the model, the paths of the cluster
+    members by cluster (8 each), of the centres and of the outliers."""
+    rng = np.random.default_rng(3)
+    centres = np.eye(8)[:3]
+    members = [np.concatenate([c[None], c + rng.normal(0, 0.05, (7, 8))]) for c in centres]
+    outliers = centres + 0.6 * np.eye(8)[5:8]  # far from its cluster, nearer than the others
+    embeddings = np.concatenate([*members, outliers])
+    rows = [
+        row(i, CLASSES[0] if i >= 24 else CLASSES[i % 3], 0.8, path=f"/typical/{i:02d}.png",
+            sha256=f"{1000 + i:064x}", embedding=codec.encode_embeddings(embeddings[i : i + 1])[0])
+        for i in range(27)
+    ]  # fmt: skip
+    model_id = hand_model(engine, rows, identity="hand-000000000009")
+    path = [r["path"] for r in rows]
+    return model_id, path[:24], path[0:24:8], path[24:]
+
+
+def test_the_typical_queue_picks_each_clusters_densest_image(module_db):
+    engine = engine_of(module_db)
+    clear_reviews(engine)
+    model_id, members, centres, outliers = typical_archive(engine)
+
+    def listed(**kw) -> list[str]:
+        return [i.path for i in review_queue(engine, model_id, "typical", **kw)]
+
+    for seed in range(4):  # one image of each cluster, its densest, never an outlier
+        assert sorted(listed(n=3, seed=seed)) == centres
+    first = review_queue(engine, model_id, "typical", n=3, seed=5)
+    assert [i.path for i in first] == listed(n=3, seed=5)  # the same seed, the same queue
+    assert all(
+        i.why.startswith("the most typical of a cluster of 9 unreviewed images") for i in first
+    )
+    assert all(i.strategy == "typical" and i.score > 0 for i in first)
+    only = review_queue(engine, model_id, "typical", n=3, label=CLASSES[1])
+    assert {i.label for i in only} == {CLASSES[1]}
+    assert sorted(members.index(i.path) // 8 for i in only) == [0, 1, 2]
+
+    store.record_review(engine, members[3], CLASSES[0], reviewer="a", strategy="typical")
+    assert sorted(listed(n=2)) == centres[1:]  # the reviewed image's cluster is skipped
+    everything = listed(n=100)  # fewer free clusters than asked: the clusters in turn
+    assert sorted(everything) == sorted(p for p in members + outliers if p != members[3])
+    assert set(listed(n=3)) & set(outliers) == set()
+    engine.dispose()
+
+
+def test_review_cli_lists_the_typical_queue(module_db):
+    engine = engine_of(module_db)
+    clear_reviews(engine)
+    model_id, _, centres, _ = typical_archive(engine)
+    base = ["review", "--db", module_db, "--model", "hand-000000000009", "--strategy", "typical"]
+    listed = CliRunner().invoke(app, [*base, "-n", "3", "--seed", "2", "--format", "json"])
+    assert listed.exit_code == 0, listed.output
+    got = json.loads(listed.stdout)
+    queue = review_queue(engine, model_id, "typical", n=3, seed=2)
+    assert [r["path"] for r in got] == [i.path for i in queue]
+    assert sorted(r["path"] for r in got) == centres
+    assert all(r["why"].startswith("the most typical of a cluster") for r in got)
+    engine.dispose()
+
+
+def test_typicality_is_the_inverse_mean_distance_to_the_nearest_neighbours():
+    rng = np.random.default_rng(2)
+    for size in (1, 2, 7, 30):
+        points = rng.normal(size=(size, 4)).astype(np.float32)
+        distances = np.linalg.norm(points[:, None] - points[None], axis=2)
+        np.fill_diagonal(distances, np.inf)
+        k = min(20, size - 1)
+        expected = (
+            1 / (np.sort(distances, axis=1)[:, :k].mean(axis=1) + 1e-5) if k else np.zeros(size)
+        )
+        np.testing.assert_allclose(typicality(points), expected, rtol=1e-4)
 
 
 # -- the archive's accuracy ----------------------------------------------------------------

@@ -82,7 +82,8 @@ def review(
             "--strategy",
             help="The queue: uncertainty (smallest top-2 margin first; the default), "
             "out-of-set (flagged first), disagreement (DICOM Modality contradicts the "
-            "label), diverse (k-center greedy on the embeddings) or random (seeded, "
+            "label), diverse (k-center greedy on the embeddings), typical (the most typical "
+            "image of each cluster of the embeddings, for few reviews) or random (seeded, "
             "unbiased). With --set or --from-csv: the queue that chose the images, to record "
             "(default manual, csv).",
             show_default=False,
@@ -92,7 +93,9 @@ def review(
         str | None, typer.Option("--label", help="Only images the model gave this label.")
     ] = None,
     n: Annotated[int, typer.Option("-n", "--count", min=1, max=10000, help="How many.")] = 20,
-    seed: Annotated[int, typer.Option("--seed", help="The random and diverse queues' seed.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="The random, diverse and typical queues' seed.")
+    ] = 0,
     set_review: Annotated[
         tuple[str, str] | None,
         typer.Option(

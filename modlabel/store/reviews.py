@@ -27,14 +27,15 @@ from ..errors import ModlabelError, UsageError
 from .schema import _aware, images, models, reviews, utcnow
 
 # The review queues (``modlabel.review``) and the other ways a review is made.
-UNCERTAINTY, OUT_OF_SET, DISAGREEMENT, DIVERSE, RANDOM = (
+UNCERTAINTY, OUT_OF_SET, DISAGREEMENT, DIVERSE, TYPICAL, RANDOM = (
     "uncertainty",
     "out-of-set",
     "disagreement",
     "diverse",
+    "typical",
     "random",
 )
-QUEUE_STRATEGIES = (UNCERTAINTY, OUT_OF_SET, DISAGREEMENT, DIVERSE, RANDOM)
+QUEUE_STRATEGIES = (UNCERTAINTY, OUT_OF_SET, DISAGREEMENT, DIVERSE, TYPICAL, RANDOM)
 MANUAL, CSV = "manual", "csv"
 STRATEGIES = (*QUEUE_STRATEGIES, MANUAL, CSV)
 # How a person writes "none of the classes" on the command line and in a CSV file.
