@@ -27,8 +27,9 @@ that have a review already (``store.reviews``), by one of six strategies:
   ``TYPICAL_MAX_CLUSTERS``); an image's typicality is 1 / its mean Euclidean distance to
   its ``TYPICAL_NEIGHBOURS`` nearest neighbours in its cluster. When fewer clusters are
   free than ``n``, the clusters give their next most typical images in turn, those with
-  the fewest reviewed images and the largest first. Memory ``2 * DIVERSE_POOL * K``
-  float32 and blocks of ``BLOCK_VALUES`` distances (never a pool x pool matrix); time
+  the fewest reviewed images and the largest first. Memory about ``4 * DIVERSE_POOL * K``
+  float32 (the two samples, their stacked copy, its copy sorted by cluster in each
+  iteration) and blocks of ``BLOCK_VALUES`` distances (never a pool x pool matrix); time
   O(20 M k K) for k-means and O(S^2 K) for each cluster of S images reached.
 * ``random``: a seeded uniform sample, for an unbiased estimate of the archive's accuracy
   (``modlabel.accuracy``): each image's place is a hash of the seed and its path, so the

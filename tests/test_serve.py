@@ -149,6 +149,44 @@ def test_keyset_pages_are_the_whole_ordering_without_repeats(served_db, sort, de
     assert len(walked) == len(set(walked)) == IMAGES + 1  # the hostile row too
 
 
+@pytest.mark.parametrize("descending", [True, False])
+def test_every_class_by_confidence_keeps_unlabeled_rows_and_labels_outside_the_classes(
+    served_db, tmp_path, descending
+):
+    # A scan with --abstain leaves a flagged image without a label but with its confidence;
+    # a label that is not one of the model's classes (written by hand) is shown too.
+    copy = tmp_path / "labels.db"
+    shutil.copy(store.sqlite_file(served_db), copy)
+    url = f"sqlite:///{copy}"
+    engine = store.open_db(url, migrate=False, create=False)
+    with engine.begin() as conn:
+        ids = list(
+            conn.execute(
+                sa.select(store.images.c.id).where(store.images.c.error.is_(None)).limit(2)
+            ).scalars()
+        )
+        conn.execute(store.images.update().where(store.images.c.id == ids[0]).values(label=None))
+        conn.execute(
+            store.images.update().where(store.images.c.id == ids[1]).values(label="hand made")
+        )
+    engine.dispose()
+    engine = serve_data.open_read_only(url)
+    model_id = store.pick_model(engine).id
+    labels = serve_data.stored_labels(engine, model_id)
+    assert None in labels and "hand made" in labels
+    query = serve_data.GridQuery(descending=descending, out_of_set="include")
+    everything = [r["id"] for r in serve_data.grid_page(engine, model_id, query, limit=10_000).rows]
+    walked: list[int] = []
+    while True:
+        page = serve_data.grid_page(engine, model_id, query, limit=9, labels=labels)
+        walked += [r["id"] for r in page.rows]
+        if page.next_after is None:
+            break
+        query = serve_data.GridQuery.from_params(query.params(after=page.next_after))
+    assert walked == everything and set(ids) <= set(walked)
+    engine.dispose()
+
+
 def test_a_later_page_reads_the_confidence_index_and_no_offset(served_db):
     engine = serve_data.open_read_only(served_db)
     model_id = store.pick_model(engine).id

@@ -41,18 +41,18 @@ from . import data
 from .pages import routes
 from .pictures import Painter
 from .review import review_routes
-from .state import HERE, ReviewDesk, ServeState, render, reviews_only
+from .state import (
+    HERE,
+    PAGE_THREADS,
+    PICTURE_THREADS,
+    ReviewDesk,
+    ServeState,
+    render,
+    reviews_only,
+)
 
 log = logging.getLogger("modlabel.serve")
 
-# Threads of the pages (HTML) and of the pictures (and the similar images, and the upload
-# search), and the read-only engine's connections: one a thread, kept open (a request
-# never opens a connection, nor waits for one). Pages are CPU-bound under the GIL: two
-# threads answer more of them than more would (measured: 352 pages a second with 2, 253
-# with 4, 240 with 15; benchmarks/bench_serve.py); a picture mostly waits for its decode
-# worker, so a grid's 48 thumbnails have threads of their own.
-PAGE_THREADS = 2
-PICTURE_THREADS = 4
 # Where ``modlabel serve --workers N`` hands each worker process create_app's arguments.
 CONFIG_ENV = "MODLABEL_SERVE_CONFIG"
 TOKEN_COOKIE = "modlabel_token"
@@ -121,7 +121,7 @@ def create_app(
         # The review engine is used by one thread at a time (ReviewDesk's lock).
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = PAGE_THREADS
-        state.picture_threads = anyio.CapacityLimiter(PICTURE_THREADS)
+        state.pictures_limiter()
         try:
             yield
         finally:

@@ -80,9 +80,8 @@ def classes_page(request: Request) -> Response:
 def grid_page(request: Request) -> Response:
     state = _state(request)
     query = data.GridQuery.from_params(request.query_params)
-    page = data.grid_page(
-        state.engine, state.model_row.id, query, labels=state.model_row.class_names
-    )
+    labels = data.stored_labels(state.engine, state.model_row.id) if query.label is None else ()
+    page = data.grid_page(state.engine, state.model_row.id, query, labels=labels)
     modalities = data.modalities(state.engine, state.model_row.id)
     next_params = query.params(after=page.next_after) if page.next_after is not None else None
     title = "Errors" if query.errors else (f"Class {query.label}" if query.label else "All classes")
@@ -221,7 +220,7 @@ async def upload_search(request: Request) -> Response:
     if len(content) > UPLOAD_MAX_BYTES:
         raise HTTPException(413, f"an upload is at most {UPLOAD_MAX_BYTES // 2**20} MB")
     result = await anyio.to_thread.run_sync(
-        _search_by_image, state, content, upload.filename or "", limiter=state.picture_threads
+        _search_by_image, state, content, upload.filename or "", limiter=state.pictures_limiter()
     )
     return render(
         request,
@@ -309,7 +308,7 @@ def in_picture_threads(handler: Callable[[Request], Response]) -> Callable:
     pages': a grid's thumbnails, which wait for their decode workers, never hold up a page."""
 
     async def run(request: Request) -> Response:
-        limiter = _state(request).picture_threads
+        limiter = _state(request).pictures_limiter()
         return await anyio.to_thread.run_sync(handler, request, limiter=limiter)
 
     run.__name__ = run.__qualname__ = handler.__name__

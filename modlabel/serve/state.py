@@ -30,6 +30,14 @@ from .pictures import Painter, class_map_picture
 HERE = Path(__file__).parent
 UPLOAD_MAX_BYTES = 20 * 2**20  # an upload larger than this is refused (413)
 UPLOAD_SIMILAR = 24
+# Threads of the pages (HTML) and of the pictures (and the similar images, and the upload
+# search), and the read-only engine's connections: one a thread, kept open (a request
+# never opens a connection, nor waits for one). Pages are CPU-bound under the GIL: two
+# threads answer more of them than more would (measured: 352 pages a second with 2, 253
+# with 4, 240 with 15; benchmarks/bench_serve.py); a picture mostly waits for its decode
+# worker, so a grid's 48 thumbnails have threads of their own.
+PAGE_THREADS = 2
+PICTURE_THREADS = 4
 MODELS_SECONDS = 10.0
 # While the database holds no review, whether one came is asked again at most this often.
 REVIEWS_SECONDS = 5.0
@@ -51,7 +59,7 @@ class ServeState:
     model_matches: bool = False  # the model file is the shown model's (its content hash)
     review: ReviewDesk | None = None  # review mode (serve --allow-review); None: read-only
     lock: threading.Lock = field(default_factory=threading.Lock)
-    picture_threads: Any = None  # anyio.CapacityLimiter of the pictures (app's lifespan)
+    picture_threads: Any = None  # anyio.CapacityLimiter of the pictures (pictures_limiter)
     _models: tuple[float, list[store.ModelRow]] | None = None
     _reviews_asked: float | None = None  # when has_reviews last said no; None: not yet
     _reviews_exist: bool = False
@@ -64,6 +72,16 @@ class ServeState:
             if self._models is None or now - self._models[0] > MODELS_SECONDS:
                 self._models = (now, store.list_models(self.engine))
             return self._models[1]
+
+    def pictures_limiter(self) -> Any:
+        """The pictures' threads (PICTURE_THREADS), made on first use in the event loop:
+        in the app's lifespan, or by the first picture where the app runs without one
+        (mounted inside another application)."""
+        if self.picture_threads is None:
+            import anyio
+
+            self.picture_threads = anyio.CapacityLimiter(PICTURE_THREADS)
+        return self.picture_threads
 
     def current_review(self, key: store.ImageKey) -> store.Review | None:
         """The image's current review, or None; while the database holds no review at all

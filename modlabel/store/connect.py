@@ -46,15 +46,16 @@ def open_db(
     not waited for. ``create=False`` (for commands that only read) refuses a SQLite
     file that does not exist instead of creating an empty one. ``check=False`` skips the
     schema's check (``modlabel db status``, which reports it). ``pool_size``: keep this
-    many connections open, and open no more (a server whose threads each hold one: an
-    overflow connection would be opened and closed again for every request, with a cold
-    page cache); None: SQLAlchemy's default pool (5, and 10 more for a while).
+    many connections open (a server whose threads each hold one: a connection beyond the
+    pool is opened and closed again for every request, with a cold page cache), and no
+    more than POOL_OVERFLOW more for a while (none where the threads are as many as the
+    connections); None: SQLAlchemy's default pool (5, and 10 more for a while).
     """
     if not create:
         _require_sqlite_file(url)
     kwargs: dict[str, Any] = {"pool_pre_ping": not url.startswith("sqlite")}
     if pool_size is not None:
-        kwargs.update(pool_size=pool_size, max_overflow=0)
+        kwargs.update(pool_size=pool_size, max_overflow=POOL_OVERFLOW)
     if url.startswith("sqlite"):
         # A short wait on a lock; longer waits are DbRetry's, which a stop ends.
         kwargs["connect_args"] = {"timeout": SQLITE_BUSY_SECONDS}
@@ -84,6 +85,8 @@ def open_db(
 # A SQLite writer waits this long for another's lock before DbRetry takes over; a
 # PostgreSQL connection attempt gives up after PG_CONNECT_SECONDS.
 SQLITE_BUSY_SECONDS = 1.0
+# Connections an engine with a pool_size may open beyond it, for a while.
+POOL_OVERFLOW = 10
 PG_CONNECT_SECONDS = 5
 # After a stop was asked for, a statement may take this long (the scan records its end).
 STOPPING_STATEMENT_MS = 1500
