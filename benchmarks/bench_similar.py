@@ -117,17 +117,30 @@ def quality(model: Path, archive: Path, k: int = 10) -> None:
         engine.dispose()
 
 
+INTRINSIC_ENV = "BENCH_SIMILAR_INTRINSIC"  # --intrinsic, for the child processes too
+
+
 def synthetic(rows: int, dims: int, seed: int = 0):
     """Chunks of (N, K) non-negative embeddings around CLASSES centres, like GAP vectors.
     The centres are the same for every ``seed`` (the classes of one model); ``seed`` draws
     the rows around them: the queries (another seed) are new images of the same classes,
     as a search by an upload or a stored image is."""
     centres = np.abs(np.random.default_rng(0).normal(size=(CLASSES, dims))) * 2
+    intrinsic = int(os.environ.get(INTRINSIC_ENV, "0"))
+    # With --intrinsic D, each class's images vary along D directions of its own, plus a
+    # little noise in every value: as a CNN's last layer, whose representations have an
+    # intrinsic dimension of tens, not hundreds (Ansuini et al., NeurIPS 2019).
+    axes = np.random.default_rng(1).normal(size=(CLASSES, max(intrinsic, 1), dims)) * 1.5
     rng = np.random.default_rng(seed + 1)
     for start in range(0, rows, CHUNK):
         n = min(CHUNK, rows - start)
         cls = rng.integers(0, CLASSES, n)
-        yield start, cls, np.abs(centres[cls] + rng.normal(size=(n, dims)))
+        if intrinsic:
+            z = rng.normal(size=(n, 1, intrinsic)) / np.sqrt(intrinsic)
+            spread = (z @ axes[cls])[:, 0] + 0.1 * rng.normal(size=(n, dims))
+        else:
+            spread = rng.normal(size=(n, dims))
+        yield start, cls, np.abs(centres[cls] + spread)
 
 
 def crm_blobs(count: int = 256, seed: int = 3) -> list[bytes]:
@@ -444,6 +457,13 @@ def main() -> None:
     s.add_argument("--sqlite-only", action="store_true")
     s.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only (minutes less)")
     s.add_argument(
+        "--intrinsic",
+        type=int,
+        default=0,
+        metavar="D",
+        help="each class's vectors vary along D directions (0: noise in every value)",
+    )
+    s.add_argument(
         "--rows-too",
         action="store_true",
         help="also time the search with the blocks stale (every row read from images)",
@@ -454,6 +474,8 @@ def main() -> None:
         help="keep the SQLite database here, and reuse it when it holds the same rows",
     )
     args = parser.parse_args()
+    if getattr(args, "intrinsic", 0):
+        os.environ[INTRINSIC_ENV] = str(args.intrinsic)
     if args.part == "quality":
         quality(args.model, args.archive, args.k)
     else:
