@@ -207,3 +207,22 @@ def test_localize_pools_the_same_model_twice(tiny_archive, tiny_onnx, tmp_path):
     for i in pooled["intervals"]:
         if i["estimate"] is not None:
             assert i["low"] <= i["estimate"] + 1e-12 and i["estimate"] <= i["high"] + 1e-12
+
+
+def test_a_bootstrap_too_coarse_for_holm_says_so_and_how_many_resamples_it_needs():
+    from modlabel.evaluation.significance import StatisticsSettings
+    from modlabel.evaluation.tables import resolution_note
+
+    # The smallest bootstrap p is 2 / (B + 1); Holm over m pairs multiplies it by m.
+    assert stats.bootstrap_p_values(np.full((2000, 1), 1.0))[0] == 2 / 2001
+    coarse = resolution_note(StatisticsSettings(resamples=2000), 78)  # 13 methods
+    assert "below 0.08" in coarse and "--resamples 3120" in coarse
+    assert resolution_note(StatisticsSettings(resamples=3120), 78) == ""
+    assert resolution_note(StatisticsSettings(resamples=2000), 10) == ""  # 5 methods
+    assert resolution_note(StatisticsSettings(resamples=2000), 1) == ""
+    # localize's default: enough for its pairs (11 closed-form methods: 55 pairs).
+    from modlabel.evaluation.significance import resamples_for
+
+    assert resamples_for(10) == 2000
+    assert resamples_for(55) == 4400
+    assert resolution_note(StatisticsSettings(resamples=resamples_for(78)), 78) == ""

@@ -264,6 +264,14 @@ def _mcnemar_comparison(
     )
 
 
+def resamples_for(pairs: int, alpha: float = 0.05) -> int:
+    """Bootstrap resamples enough for Holm's adjustment over ``pairs`` comparisons: the
+    smallest bootstrap p is 2 / (B + 1), so the adjusted p cannot fall below
+    2 pairs / (B + 1); B = 4 pairs / alpha puts that floor at alpha / 2. At least
+    ``stats.RESAMPLES``."""
+    return max(stats.RESAMPLES, math.ceil(4 * pairs / alpha))
+
+
 def holm_adjusted(comparisons: list[Comparison], alpha: float) -> list[Comparison]:
     """The comparisons with ``p_holm`` and ``significant`` set, Holm's adjustment
     taken over the comparisons of each measure."""
