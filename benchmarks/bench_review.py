@@ -273,7 +273,8 @@ def main() -> None:
     parser.add_argument("--pool-per-class", type=int, default=100)
     parser.add_argument("--heldout-per-class", type=int, default=60)
     parser.add_argument("--shift-size", type=int, default=224, help="image side (the demo: 160)")
-    parser.add_argument("--shift-noise", type=float, default=0.08)
+    # 0.15: the demo's model labels 73% of such images right (0.08: 98%, nothing to learn).
+    parser.add_argument("--shift-noise", type=float, default=0.15)
     parser.add_argument("--shift-seed", type=int, default=5)
     parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--share", type=float, default=0.05, help="of the pool, per strategy")
