@@ -424,23 +424,44 @@ def k_center_greedy(
     return picked
 
 
-def _diverse(
-    engine: Engine, model_id: int, label: str | None, n: int, seed: int
-) -> list[QueueItem]:
+def _samples(
+    engine: Engine,
+    model_id: int,
+    label: str | None,
+    rng: np.random.Generator,
+    *,
+    reviewed_of_label: bool,
+) -> tuple[_Reservoir, np.ndarray, np.ndarray] | None:
+    """The diverse and typical queues' bounded samples: (the unreviewed candidates'
+    reservoir, their (M, K) unit vectors, the reviewed images' (R, K)), at most
+    DIVERSE_POOL each; None where no candidate has an embedding. ``reviewed_of_label``:
+    with a label, only the reviewed images of that label."""
     c = store.images.c
-    rng = np.random.default_rng(seed)
     pool = _embedding_sample(
         engine, _candidates(model_id, label), DIVERSE_POOL, rng, reviewed=False
     )
     if not pool.ids:
-        return []
+        return None
     present = [c.model_id == model_id, c.missing_since.is_(None), c.error.is_(None)]
+    if reviewed_of_label and label is not None:
+        present.append(c.label == label)
     done = _embedding_sample(engine, present, DIVERSE_POOL, rng, reviewed=True)
     candidates = _vectors(pool.blobs)
     k = candidates.shape[1]
-    centers = _vectors(done.blobs) if done.ids else np.zeros((0, k), np.float32)
-    if centers.shape[1] != k:
+    reviewed = _vectors(done.blobs) if done.ids else np.zeros((0, k), np.float32)
+    if reviewed.shape[1] != k:
         raise ModlabelError("the stored embeddings of the model differ in length")
+    return pool, candidates, reviewed
+
+
+def _diverse(
+    engine: Engine, model_id: int, label: str | None, n: int, seed: int
+) -> list[QueueItem]:
+    rng = np.random.default_rng(seed)
+    sampled = _samples(engine, model_id, label, rng, reviewed_of_label=False)
+    if sampled is None:
+        return []
+    pool, candidates, centers = sampled
     first = int(rng.integers(0, len(pool.ids)))
     picked = k_center_greedy(candidates, centers, n, first=first)
     found = _rows_by_id(engine, [pool.ids[i] for i, _ in picked])
@@ -581,24 +602,13 @@ def typiclust(
 def _typical(
     engine: Engine, model_id: int, label: str | None, n: int, seed: int
 ) -> list[QueueItem]:
-    c = store.images.c
     rng = np.random.default_rng(seed)
-    pool = _embedding_sample(
-        engine, _candidates(model_id, label), DIVERSE_POOL, rng, reviewed=False
-    )
-    if not pool.ids:
-        return []
     # With a label, its reviewed images only: the others would take clusters of their own.
-    present = [c.model_id == model_id, c.missing_since.is_(None), c.error.is_(None)]
-    if label is not None:
-        present.append(c.label == label)
-    done = _embedding_sample(engine, present, DIVERSE_POOL, rng, reviewed=True)
-    candidates = _vectors(pool.blobs)
-    if done.ids:
-        centres = _vectors(done.blobs)
-        if centres.shape[1] != candidates.shape[1]:
-            raise ModlabelError("the stored embeddings of the model differ in length")
-        candidates = np.concatenate([candidates, centres])
+    sampled = _samples(engine, model_id, label, rng, reviewed_of_label=True)
+    if sampled is None:
+        return []
+    pool, candidates, centres = sampled
+    candidates = np.concatenate([candidates, centres])
     reviewed = np.arange(candidates.shape[0]) >= len(pool.ids)
     picked = typiclust(candidates, reviewed, n, rng)
     found = _rows_by_id(engine, [pool.ids[p.row] for p in picked])

@@ -122,6 +122,18 @@ def test_the_class_grid_pages_by_keyset_through_every_row(client, served_db):
         assert seen == list(expected)
 
 
+def _walk(engine, model_id: int, query, limit: int, labels) -> list[int]:
+    """Every page of a grid, each reached through the page before's link, as a browser
+    follows it: the ids shown, in order."""
+    walked: list[int] = []
+    while True:
+        page = serve_data.grid_page(engine, model_id, query, limit=limit, labels=labels)
+        walked += [r["id"] for r in page.rows]
+        if page.next_after is None:
+            return walked
+        query = serve_data.GridQuery.from_params(query.params(after=page.next_after))
+
+
 @pytest.mark.parametrize(
     ("sort", "descending"),
     [("confidence", True), ("confidence", False), ("path", False), ("date", True)],
@@ -136,15 +148,7 @@ def test_keyset_pages_are_the_whole_ordering_without_repeats(served_db, sort, de
     labels = model.class_names if by_class else ()
     query = serve_data.GridQuery(sort=sort, descending=descending, out_of_set="include")
     everything = serve_data.grid_page(engine, model_id, query, limit=10_000).rows
-    walked: list[int] = []
-    while True:
-        page = serve_data.grid_page(engine, model_id, query, limit=7, labels=labels)
-        walked += [r["id"] for r in page.rows]
-        if page.next_after is None:
-            break
-        # Through the page's link, as a browser follows it.
-        params = query.params(after=page.next_after)
-        query = serve_data.GridQuery.from_params(params)
+    walked = _walk(engine, model_id, query, 7, labels)
     assert walked == [r["id"] for r in everything]
     assert len(walked) == len(set(walked)) == IMAGES + 1  # the hostile row too
 
@@ -176,13 +180,7 @@ def test_every_class_by_confidence_keeps_unlabeled_rows_and_labels_outside_the_c
     assert None in labels and "hand made" in labels
     query = serve_data.GridQuery(descending=descending, out_of_set="include")
     everything = [r["id"] for r in serve_data.grid_page(engine, model_id, query, limit=10_000).rows]
-    walked: list[int] = []
-    while True:
-        page = serve_data.grid_page(engine, model_id, query, limit=9, labels=labels)
-        walked += [r["id"] for r in page.rows]
-        if page.next_after is None:
-            break
-        query = serve_data.GridQuery.from_params(query.params(after=page.next_after))
+    walked = _walk(engine, model_id, query, 9, labels)
     assert walked == everything and set(ids) <= set(walked)
     engine.dispose()
 
