@@ -71,7 +71,13 @@ def open_read_only(url: str, *, connections: int | None = None) -> Engine:
     database = store.sqlite_file(url)
     if database is not None and not database.exists():
         raise DatabaseError(f"no database at {database}: run `modlabel scan` first, or check --db")
-    engine = store.open_db(read_only_url(url), create=False, migrate=False, pool_size=connections)
+    engine = store.open_db(
+        read_only_url(url),
+        create=False,
+        migrate=False,
+        pool_size=connections,
+        statement_snapshots=True,  # each page's queries read what is there (no BEGIN)
+    )
     sa.event.listen(engine, "connect", _read_only_session)
     engine.dispose()  # the connection open_db pinged with was made before the listener
     return engine
