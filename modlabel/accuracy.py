@@ -47,7 +47,15 @@ from sqlalchemy.engine import Engine
 from . import store
 from .calibration import ECE_BINS, expected_calibration_error
 from .metrics import class_aucs, confusion_matrices, macro_auc, table2_from_confusion, weighted_auc
-from .stats import LEVEL, RESAMPLES, Interval, index_chunks, percentile_interval, wilson_interval
+from .stats import (
+    LEVEL,
+    RESAMPLES,
+    Interval,
+    index_chunks,
+    percentile_interval,
+    resample_counts,
+    wilson_interval,
+)
 from .store.reviews import MANUAL, QUEUE_STRATEGIES, RANDOM
 
 # What each summary figure is, for the text and the JSON (as modlabel.metrics.AVERAGING).
@@ -150,13 +158,6 @@ def reviewed_sample(engine: Engine, model_row: store.ModelRow) -> ReviewedSample
 
 
 # -- the bootstrap's resamples as weights ---------------------------------------------------
-
-
-def resample_counts(idx: np.ndarray, n: int) -> np.ndarray:
-    """(B, N) bootstrap draws of N items -> (B, N) float64: how often each item was drawn."""
-    b = idx.shape[0]
-    flat = (idx + (np.arange(b) * n)[:, None]).reshape(-1)
-    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
 
 
 def weighted_ece(

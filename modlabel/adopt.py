@@ -42,7 +42,7 @@ import onnxruntime as ort
 from . import maps
 from .errors import ModelError, ModlabelError
 from .metadata import ACTIVATIONS, LAYOUTS, LOGITS, METADATA_KEY, ModelInfo
-from .model import OnnxModel, channels_last, to_layout
+from .model import CHANNEL_AXIS, OnnxModel, channels_last, to_layout
 from .onnx_graph import Graph, attribute, load_model, onnx
 
 # Original outputs of the adopted file against the original file, on the same input:
@@ -155,7 +155,7 @@ def find_head(graph: Graph, output: str) -> Head:
     shape = graph.shape(activations)
     if shape is not None and len(shape) != 4:
         raise ModelError(f"the pooled tensor {activations!r} is not 4-D (shape {shape})")
-    channels = shape[1 if layout == "nchw" else 3] if shape is not None else None
+    channels = shape[CHANNEL_AXIS[layout]] if shape is not None else None
     k = weights.shape[0]
     if isinstance(channels, int) and channels != k:
         raise ModelError(

@@ -109,7 +109,7 @@ def _check_empty(out: Path) -> None:
             raise UsageError(f"{out} is not empty; give a new (or empty) folder for the data set")
 
 
-def _rows(engine: Engine, model_id: int, reviewed_only: bool, min_confidence: float) -> sa.Select:
+def _rows(model_id: int, reviewed_only: bool, min_confidence: float) -> sa.Select:
     """The model's present, labeled rows that may go in: reviewed, or (unless
     ``reviewed_only``) confidently labeled and not out of set; in path order."""
     c = store.images.c
@@ -184,7 +184,7 @@ def write_dataset(
         raise ModlabelError(f"{out}: cannot create the data set: {exc.strerror or exc}") from None
     manifest: list[list[object]] = []
     with engine.connect() as conn:
-        for row in conn.execute(_rows(engine, model_row.id, reviewed_only, threshold)):
+        for row in conn.execute(_rows(model_row.id, reviewed_only, threshold)):
             label = row.reviewed_label if row.reviewed else row.label
             if label is None:
                 left_out[NONE_OF_THE_CLASSES] += 1

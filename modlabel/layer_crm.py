@@ -32,7 +32,7 @@ import onnxruntime as ort
 from . import stopping
 from .errors import ModelError
 from .metadata import LOGITS
-from .model import CHANNEL_AXIS, OnnxModel, channels_last
+from .model import CHANNEL_AXIS, OnnxModel
 from .onnx_graph import Graph, load_model, onnx
 
 DEFAULT_BATCH = 64  # ablations per run of the upper part
@@ -133,7 +133,7 @@ def layer_crm(
     if tensor.ndim != 4:
         raise ModelError(f"{cut.model.path}: {cut.tensor!r} is {tensor.ndim}-D, not a 4-D map")
     n = tensor.shape[0]
-    h, w = channels_last(tensor[:1], cut.layout).shape[1:3]
+    h, w = tensor.shape[2:4] if cut.layout == "nchw" else tensor.shape[1:3]
     per_image = {s.name for s in cut.sides if s.per_image}
     one = tensor[0].nbytes + sum(sides[k][0].nbytes for k in per_image)
     step = max(1, min(batch_size, max_batch_bytes // max(1, one)))

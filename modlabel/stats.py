@@ -555,12 +555,18 @@ def column_means(values: np.ndarray) -> np.ndarray:
     return nan_mean(np.asarray(values, dtype=np.float64), axis=0)
 
 
+def resample_counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """(B, N) bootstrap draws of N items -> (B, N) float64: how often each item was drawn."""
+    b = idx.shape[0]
+    flat = (idx + (np.arange(b) * n)[:, None]).reshape(-1)
+    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
+
+
 def _resampled_column_means(idx: np.ndarray, values: np.ndarray, defined: np.ndarray) -> np.ndarray:
     """(rows, K): the column means of each resample ``idx`` (rows, n), through the
     resample's item counts (rows, n) times the values: one matrix product."""
     rows, n = idx.shape
-    counts = np.bincount((idx + (np.arange(rows) * n)[:, None]).reshape(-1), minlength=rows * n)
-    counts = counts.reshape(rows, n).astype(np.float64)
+    counts = resample_counts(idx, n)
     sums = counts @ values
     # Every resample holds n items; only columns with undefined values need their count.
     taken = np.full(sums.shape, float(n))

@@ -28,6 +28,11 @@ DeviceOption = Annotated[
     ),
 ]
 
+# A stored model of the database, for the commands that read one model's rows.
+ModelIdOption = Annotated[
+    str | None,
+    typer.Option("--model", help="Model identity (or prefix); default: the newest."),
+]
 DbOption = Annotated[
     str | None,
     typer.Option(

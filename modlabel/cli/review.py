@@ -16,7 +16,7 @@ from ..errors import ExitCode, ModlabelError, UsageError
 from ..timestamps import iso_utc
 from .app import app
 from .edge import command, say
-from .options import DbOption, db_url, output_dir, reviewer_name
+from .options import DbOption, ModelIdOption, db_url, output_dir, reviewer_name
 
 QUEUE_COLUMNS = [
     "rank",
@@ -37,10 +37,6 @@ QUEUE_COLUMNS = [
 SHEET_COLUMNS = ["path", "label", "note", "reviewer", "model_label", *QUEUE_COLUMNS[4:], "id"]
 SCHEMA_VERSION = 1  # of the JSON objects these commands print (outcome.py's conventions)
 
-ModelIdOption = Annotated[
-    str | None,
-    typer.Option("--model", help="Model identity (or prefix); default: the newest."),
-]
 ReviewerOption = Annotated[
     str | None,
     typer.Option(

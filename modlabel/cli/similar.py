@@ -11,15 +11,10 @@ import typer
 from .. import config
 from .app import app
 from .edge import command, interactive, say
-from .options import DbOption, db_url, size_bytes
+from .options import DbOption, ModelIdOption, db_url, size_bytes
 from .query import db_app
 
 SIMILAR_COLUMNS = ["rank", "id", "path", "label", "confidence", "out_of_set", "distance"]
-
-ModelIdOption = Annotated[
-    str | None,
-    typer.Option("--model", help="Model identity (or prefix); default: the newest."),
-]
 
 
 @command(app)

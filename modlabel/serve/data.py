@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -123,39 +123,43 @@ def class_counts(engine: Engine, model_row: store.ModelRow) -> list[ClassCount]:
     return [ClassCount(n, in_set.get(n, 0), flagged.get(n, 0)) for n in names]
 
 
+# The grid's filter values and the model's stored labels are read again at most this often.
 MODALITIES_SECONDS = 60.0
-_modalities: dict[tuple[str, int], tuple[float, list[str]]] = {}
+_lists: dict[tuple[str, str, int], tuple[float, list[Any]]] = {}
+
+
+def _read_at_most_every_minute(
+    what: str, engine: Engine, model_id: int, read: Callable[[], list[Any]]
+) -> list[Any]:
+    """``read()``, remembered per database, model and ``what`` for MODALITIES_SECONDS."""
+    key = (what, str(engine.url), int(model_id))
+    hit = _lists.get(key)
+    if hit is not None and time.monotonic() - hit[0] < MODALITIES_SECONDS:
+        return hit[1]
+    found = read()
+    _lists[key] = (time.monotonic(), found)
+    return found
 
 
 def modalities(engine: Engine, model_id: int, limit: int = 64) -> list[str]:
     """The DICOM Modality values stored for the model (its index), for the grid's filter;
     read again at most every MODALITIES_SECONDS."""
-    key = (str(engine.url), int(model_id))
-    hit = _modalities.get(key)
-    if hit is not None and time.monotonic() - hit[0] < MODALITIES_SECONDS:
-        return hit[1]
-    found = _read_modalities(engine, model_id, limit)
-    _modalities[key] = (time.monotonic(), found)
-    return found
-
-
-_labels: dict[tuple[str, int], tuple[float, list[str | None]]] = {}
+    return _read_at_most_every_minute(
+        "modalities", engine, model_id, lambda: _read_modalities(engine, model_id, limit)
+    )
 
 
 def stored_labels(engine: Engine, model_id: int) -> list[str | None]:
     """Every label the model's rows hold (None for unlabeled rows: errors, and images a
     scan with ``--abstain`` left without a label), read along the (model_id, label,
     confidence) index; read again at most every MODALITIES_SECONDS."""
-    key = (str(engine.url), int(model_id))
-    hit = _labels.get(key)
-    if hit is not None and time.monotonic() - hit[0] < MODALITIES_SECONDS:
-        return hit[1]
-    c = images.c
-    query = sa.select(c.label).where(c.model_id == model_id).group_by(c.label)
-    with engine.connect() as conn:
-        found = [label for (label,) in conn.execute(query)]
-    _labels[key] = (time.monotonic(), found)
-    return found
+
+    def read() -> list[str | None]:
+        query = sa.select(images.c.label).where(images.c.model_id == model_id)
+        with engine.connect() as conn:
+            return [label for (label,) in conn.execute(query.group_by(images.c.label))]
+
+    return _read_at_most_every_minute("labels", engine, model_id, read)
 
 
 def _read_modalities(engine: Engine, model_id: int, limit: int) -> list[str]:

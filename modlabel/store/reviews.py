@@ -353,8 +353,8 @@ def undo_review(
 
 def current_review(engine: Engine, image: int | str | ImageKey) -> Review | None:
     """The image's review (the latest not undone), or None."""
-    found = find_image(engine, image)
-    return current_reviews(engine, [found.key]).get(found.key)
+    key = image if isinstance(image, ImageKey) else find_image(engine, image).key
+    return current_reviews(engine, [key]).get(key)
 
 
 def current_reviews(

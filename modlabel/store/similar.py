@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from ..codec import (
     encode_embeddings,
 )
 from ..errors import DatabaseError, InputError
+from .reads import driver_chunks
 from .schema import embedding_blocks, images, settings
 
 SEARCH_SETTING = "similar_search"
@@ -339,7 +339,7 @@ def _searched(conn: sa.Connection, ask: _Ask) -> Iterator[Chunk]:
         .where(b.model_id == ask.model_id, b.row_count > 0)
         .order_by(b.block)
     )
-    for part in _fetched(conn, current, BLOCKS_PER_FETCH):
+    for part in driver_chunks(conn, current, BLOCKS_PER_FETCH):
         for values in part:
             chunk = _block_rows(_Block._make(values), ask)
             if chunk is not None:
@@ -348,7 +348,7 @@ def _searched(conn: sa.Connection, ask: _Ask) -> Iterator[Chunk]:
         query = sa.select(images.c.id, images.c.embedding).where(
             *_in_block(ask.model_id, first, end), *_searchable(), *_chosen(ask)
         )
-        for rows in _fetched(conn, query, CHUNK_ROWS):
+        for rows in driver_chunks(conn, query, CHUNK_ROWS):
             ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
             codes = embedding_codes([r[1] for r in rows])
             yield ids, codes, code_norms(codes)
@@ -408,30 +408,6 @@ def _id_ranges(blocks: Sequence[int]) -> Iterator[tuple[int, int]]:
         run_start = previous = block
     if run_start is not None:
         yield run_start * BLOCK_ROWS, (previous + 1) * BLOCK_ROWS
-
-
-def _fetched(conn: sa.Connection, query: sa.Select, size: int) -> Iterator[list[tuple]]:
-    """The rows of ``query``, ``size`` at a time, as the driver makes them (tuples, no
-    SQLAlchemy rows: a third of the cost a row), in ``conn``'s transaction; streamed by a
-    server-side cursor on PostgreSQL, in the binary format (bytea as bytes, not hex: 4x
-    faster for the blocks). Driver errors come as SQLAlchemy's."""
-    compiled = query.compile(dialect=conn.dialect)
-    params = compiled.construct_params()
-    args = tuple(params[name] for name in compiled.positiontup) if compiled.positional else params
-    dbapi = conn.connection.dbapi_connection
-    if conn.dialect.name == "postgresql":
-        cursor = dbapi.cursor(name=f"modlabel_similar_{uuid.uuid4().hex[:12]}", binary=True)
-    else:
-        cursor = dbapi.cursor()
-    errors = conn.dialect.loaded_dbapi.Error
-    try:
-        cursor.execute(compiled.string, args)
-        while rows := cursor.fetchmany(size):
-            yield rows
-    except errors as exc:
-        raise sa.exc.DBAPIError.instance(compiled.string, args, exc, errors) from exc
-    finally:
-        cursor.close()
 
 
 def refresh_embedding_blocks(
