@@ -4,6 +4,7 @@ Any SQLAlchemy URL works; the default is a SQLite file. One module a room, the
 data flowing down this list and never back up:
 
 * ``schema``: the tables and their Alembic versions;
+* ``cursor``: rows as the driver's cursor gives them, for the reads that stream many;
 * ``connect``: engines, retries of transient errors, one-line descriptions;
 * ``models``: the models that labeled anything;
 * ``runs``: the ``scans`` table, one row per run;

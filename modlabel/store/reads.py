@@ -3,7 +3,6 @@ histograms, errors by reason, flagged files, every row streamed."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..timestamps import sqlite_timestamp
+from .cursor import driver_chunks
 from .reviews import with_reviews
 from .schema import _aware, class_maps, images
 
@@ -319,35 +319,6 @@ def _sqlite_moment(text: str) -> datetime:
     if moment is None:  # not the form SQLAlchemy writes: what its own processing would say
         raise ValueError(f"not a stored timestamp: {text!r}")
     return moment
-
-
-def driver_chunks(conn: sa.Connection, query: sa.Select, size: int) -> Iterator[list[tuple]]:
-    """The rows of ``query``, ``size`` at a time, as the driver's cursor gives them
-    (tuples, no SQLAlchemy rows: a third of the cost a row), in ``conn``'s transaction
-    (the caller's ``begin``: BEGIN on SQLite, one snapshot for every chunk).
-
-    SQLAlchemy's rows and result processing cost seconds on a million rows of images.csv,
-    a fifth of writing them out. On PostgreSQL a server-side cursor in the binary
-    protocol: memory stays flat, and no number (nor bytea, 4x for the search's blocks) is
-    formatted as text by the server and parsed back by the client. The driver's errors are
-    raised as SQLAlchemy's (``DBAPIError``), as ``conn.execute`` raises them."""
-    compiled = query.compile(dialect=conn.dialect)
-    params = compiled.construct_params()
-    args = tuple(params[name] for name in compiled.positiontup) if compiled.positional else params
-    driver = conn.connection.driver_connection
-    if conn.dialect.name == "postgresql":
-        cursor = driver.cursor(name=f"modlabel_rows_{uuid.uuid4().hex}", binary=True)
-    else:
-        cursor = driver.cursor()
-    errors = conn.dialect.loaded_dbapi.Error
-    try:
-        cursor.execute(compiled.string, args)
-        while rows := cursor.fetchmany(size):
-            yield rows
-    except errors as exc:
-        raise sa.exc.DBAPIError.instance(compiled.string, args, exc, errors) from None
-    finally:
-        cursor.close()
 
 
 def load_class_maps(engine: Engine, model_id: int) -> list[dict[str, Any]]:

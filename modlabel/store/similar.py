@@ -46,7 +46,7 @@ from ..codec import (
     encode_embeddings,
 )
 from ..errors import DatabaseError, InputError
-from .reads import driver_chunks
+from .cursor import driver_chunks
 from .schema import embedding_blocks, images, settings
 
 SEARCH_SETTING = "similar_search"
