@@ -37,12 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from . import maps
 from .errors import ModelError, ModlabelError
 from .metadata import ACTIVATIONS, LAYOUTS, LOGITS, METADATA_KEY, ModelInfo
-from .model import CHANNEL_AXIS, OnnxModel, channels_last, to_layout
+from .model import CHANNEL_AXIS, OnnxModel, channels_last, new_session, to_layout
 from .onnx_graph import Graph, attribute, load_model, onnx
 
 # Original outputs of the adopted file against the original file, on the same input:
@@ -284,7 +283,9 @@ def adopt_model(
         raise ModelError(f"{source}: cannot tell whether {activations!r} is NCHW or NHWC")
 
     adopted = _with_outputs(model, graph, logits, activations)
-    session = _session(adopted.SerializeToString(), source)
+    session = new_session(
+        adopted.SerializeToString(), failure=f"{source}: onnxruntime cannot load it"
+    )
     rng = np.random.default_rng(seed)
     batch = rng.standard_normal((CHECK_BATCH, *size, 3)).astype(np.float32)
     fed = np.ascontiguousarray(to_layout(batch, layout_))
@@ -458,22 +459,15 @@ def _elem_type(graph: Graph, name: str) -> int:
     return onnx.TensorProto.FLOAT
 
 
-def _session(data: bytes, source: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's own, untyped
-        raise ModelError(f"{source}: onnxruntime cannot load it ({exc})") from None
-
-
 def _check_outputs(
     model: onnx.ModelProto, image: str, fed: np.ndarray, got: dict[str, np.ndarray], source: Path
 ) -> float:
     """The original's outputs on ``fed`` against the adopted file's: the largest
     relative difference, ``ModelError`` above ``OUTPUT_TOLERANCE``. A model with a fixed
     batch size of 1 is run image by image."""
-    session = _session(model.SerializeToString(), source)
+    session = new_session(
+        model.SerializeToString(), failure=f"{source}: onnxruntime cannot load it"
+    )
     names = [o.name for o in session.get_outputs()]
     try:
         original = session.run(None, {image: fed})

@@ -32,7 +32,7 @@ import onnxruntime as ort
 from . import stopping
 from .errors import ModelError
 from .metadata import LOGITS
-from .model import CHANNEL_AXIS, OnnxModel
+from .model import CHANNEL_AXIS, OnnxModel, new_session
 from .onnx_graph import Graph, load_model, onnx
 
 DEFAULT_BATCH = 64  # ablations per run of the upper part
@@ -90,8 +90,8 @@ class LayerCut:
         except Exception as exc:  # onnx's own: a graph the extractor cannot cut
             raise ModelError(f"{where}: cannot cut the graph at {tensor!r} ({exc})") from None
         providers = model.session.get_providers()
-        self.lower = _session(lower, providers, where)
-        self.upper = _session(upper, providers, where)
+        self.lower = _part_session(lower, providers, where)
+        self.upper = _part_session(upper, providers, where)
         per_image = {v.name: _batched(v) for v in lower.graph.output}
         self.sides = tuple(_Side(name, per_image[name]) for name in sides)
 
@@ -239,14 +239,12 @@ def _batched(value: onnx.ValueInfoProto) -> bool:
     return not dims or not dims[0].HasField("dim_value") or dims[0].dim_value == 1
 
 
-def _session(proto: onnx.ModelProto, providers: list[str], where: str) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
-    except Exception as exc:  # onnxruntime's own, untyped
-        raise ModelError(f"{where}: cannot run a part of the cut graph ({exc})") from None
+def _part_session(proto: onnx.ModelProto, providers: list[str], where: str) -> ort.InferenceSession:
+    return new_session(
+        proto.SerializeToString(),
+        failure=f"{where}: cannot run a part of the cut graph",
+        providers=providers,
+    )
 
 
 def _some_layers(graph: Graph) -> str:

@@ -75,6 +75,37 @@ ENABLE_MEM_PATTERN = False
 ENABLE_CPU_MEM_ARENA = True
 
 
+def new_session(
+    data: bytes,
+    *,
+    failure: str,
+    providers: list[str] | None = None,
+    threads: int = 0,
+) -> Any:
+    """An onnxruntime session of the model ``data``, with the options every modlabel
+    session has (this module's, chosen by measurement; quiet logs; no busy-waiting threads
+    between runs); ``ModelError`` of ``failure`` and onnxruntime's reason when it cannot
+    load it. The one builder of sessions: the model a scan runs, the parts of a graph cut
+    for a layer's CRM (``layer_crm``) and the original of an adopted file (``adopt``)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    # onnxruntime's threads busy-wait between runs by default; in a scan the
+    # decoding threads need those cores while the next batch is prepared.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_mem_pattern = ENABLE_MEM_PATTERN
+    options.enable_cpu_mem_arena = ENABLE_CPU_MEM_ARENA
+    try:
+        return ort.InferenceSession(
+            data, sess_options=options, providers=providers or ["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ModelError(f"{failure}: {exc}") from None
+
+
 class OnnxModel:
     """A loaded modlabel model: ``run`` gives (logits, activations) for a batch.
 
@@ -91,28 +122,19 @@ class OnnxModel:
         threads: int = 0,
         device: str = "auto",
     ) -> None:
-        import onnxruntime as ort
-
         self.path = Path(path)
         try:
             data = self.path.read_bytes()
         except OSError as exc:
             raise ModelError(f"{self.path}: cannot read model: {exc.strerror or exc}") from None
         self.sha256 = hashlib.sha256(data).hexdigest()
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        # onnxruntime's threads busy-wait between runs by default; in a scan the
-        # decoding threads need those cores while the next batch is prepared.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.enable_mem_pattern = ENABLE_MEM_PATTERN
-        options.enable_cpu_mem_arena = ENABLE_CPU_MEM_ARENA
         wanted = providers or providers_for(device)
-        try:
-            self.session = ort.InferenceSession(data, sess_options=options, providers=wanted)
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ModelError(f"{self.path}: not a loadable ONNX model: {exc}") from None
+        self.session = new_session(
+            data,
+            failure=f"{self.path}: not a loadable ONNX model",
+            providers=wanted,
+            threads=threads,
+        )
         loaded = self.session.get_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in loaded else "cpu"
         if "CUDAExecutionProvider" in wanted and self.device != "cuda":
