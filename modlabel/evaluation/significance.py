@@ -184,7 +184,8 @@ def _comparisons(
     """The tests of ``pairs``, from their per-image differences (one (n, P) array
     per model; one model but for the pooled figures) and, for the hit rates of a
     single model, McNemar on the hits themselves (first, second: per model, per
-    pair, (n,) values). Holm-adjusted per measure."""
+    pair, (n,) values). Not yet adjusted: the caller runs Holm's adjustment once over
+    its whole family (``holm_adjusted``)."""
     level = settings.level
     groups = list(differences)
     if hierarchical:
@@ -230,7 +231,7 @@ def _comparisons(
                 method=pair.method,
             )
         )
-    return holm_adjusted(out, settings.alpha)
+    return out
 
 
 def _means(values: np.ndarray) -> np.ndarray:
@@ -334,8 +335,9 @@ def image_statistics(
         if group == compare_in:
             pairs, first, second = _method_pairs(methods, metrics, tested, part)
             differences = _paired_differences(pairs, first, second)
-            comparisons = _comparisons(
-                pairs, [differences], [first], [second], settings, hierarchical=False
+            comparisons = holm_adjusted(
+                _comparisons(pairs, [differences], [first], [second], settings, hierarchical=False),
+                settings.alpha,
             )
     return intervals, comparisons
 
@@ -369,7 +371,10 @@ def pooled_statistics(
         firsts.append(first)
         seconds.append(second)
         differences.append(_paired_differences(pairs, first, second))
-    comparisons = _comparisons(pairs, differences, firsts, seconds, settings, hierarchical=True)
+    comparisons = holm_adjusted(
+        _comparisons(pairs, differences, firsts, seconds, settings, hierarchical=True),
+        settings.alpha,
+    )
     return intervals, comparisons
 
 
