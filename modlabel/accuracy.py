@@ -445,15 +445,15 @@ def sample_lines(figures: SampleFigures, class_names: Sequence[str]) -> list[str
 
 
 def format_accuracy(result: ArchiveAccuracy) -> str:
-    """The archive's accuracy as plain text: warnings, the figures over every reviewed
-    image, then the random sample's."""
+    """The archive's accuracy as plain text: the figures over every reviewed image, then
+    the random sample's. Its warnings are the caller's to say (on stderr: ``evaluate
+    --db`` says each once, before this)."""
     level = f"{result.level:.0%}"
     lines = [
         f"model {result.model}: its labels against the reviewed images "
         f"(figure [{level} interval]: Wilson for shares, bootstrap of "
         f"{result.resamples} resamples otherwise)"
     ]
-    lines += [f"warning: {w}" for w in result.warnings]
     lines += ["", "all reviewed images" + (" (biased)" if result.biased else " (unbiased)")]
     lines += sample_lines(result.reviewed, result.class_names)
     lines.append("")
