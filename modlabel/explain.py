@@ -157,9 +157,7 @@ def _explain_batch(
     layer_maps: LayerMaps | None = None,
 ) -> None:
     labels = label_pixels(model, np.stack([item.pixels for item in loaded]))
-    maps_by_method = labels.maps(methods, perturbation=perturbation) if methods else {}
-    if layer_maps is not None and labels.inputs is not None:
-        maps_by_method.update(layer_maps(labels.inputs))
+    maps_by_method = labels.maps(methods, perturbation=perturbation, layer_maps=layer_maps)
     for row, item in enumerate(loaded):
         result = results[item.index]
         result.image = labels[row]

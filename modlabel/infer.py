@@ -57,7 +57,7 @@ class Labels:
     second: (N,) int, the predicted class and the runner-up; ood_score: (N,)
     float64 or None; out_of_set: (N,) bool or None; activations: (N, h, w, K);
     inputs: (N, H, W, 3) float32, the batch as the model saw it (for the maps that run
-    the model again, ``perturb``), or None.
+    the model again: ``perturb``, and a layer's CRM, ``LayerMaps``).
     """
 
     model: OnnxModel
@@ -68,7 +68,7 @@ class Labels:
     ood_score: np.ndarray | None
     out_of_set: np.ndarray | None
     activations: np.ndarray
-    inputs: np.ndarray | None = None
+    inputs: np.ndarray
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
@@ -110,22 +110,49 @@ class Labels:
             pooling=info.pooling,
         )
 
+    def rows(self, index: np.ndarray) -> Labels:
+        """The images ``index`` picks (a boolean mask or positions), as a batch of their
+        own: the maps of only these (``localize`` draws only the correctly classified)."""
+
+        def pick(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else values[index]
+
+        return Labels(
+            self.model,
+            self.logits[index],
+            self.probabilities[index],
+            self.top[index],
+            self.second[index],
+            pick(self.ood_score),
+            pick(self.out_of_set),
+            self.activations[index],
+            inputs=self.inputs[index],
+        )
+
     def maps(
         self,
         methods: Sequence[str] | None = None,
         *,
         class_index: maps.ClassIndex = None,
         perturbation: perturb.Options | None = None,
+        layer_maps: LayerMaps | None = None,
     ) -> dict[str, np.ndarray]:
         """name -> (N, h, w) float32 of each method (the registry's defaults for None; RISE's
         at the input's size). The methods that run the model again (Score-CAM, RISE) run it
-        on ``inputs`` with ``perturbation``'s options (``perturb.Options()`` for None)."""
-        forward = None
-        if self.inputs is not None:
+        on ``inputs`` with ``perturbation``'s options (``perturb.Options()`` for None).
+        ``layer_maps``' maps (a layer's CRM) are drawn after the methods', on ``inputs``;
+        its names among ``methods`` are its to draw."""
+        if methods is not None and layer_maps is not None:
+            methods = [m for m in methods if m not in layer_maps.names]
+        drawn: dict[str, np.ndarray] = {}
+        if methods is None or methods:
             forward = perturb.Forward(
                 self.inputs, self._logits_of, perturbation or perturb.Options()
             )
-        return maps.maps_of(self.terms(class_index), maps.parse_methods(methods), forward)
+            drawn = maps.maps_of(self.terms(class_index), maps.parse_methods(methods), forward)
+        if layer_maps is not None:
+            drawn.update(layer_maps(self.inputs))
+        return drawn
 
     def _logits_of(self, inputs: np.ndarray) -> np.ndarray:
         return self.model.run(inputs)[0]

@@ -776,11 +776,9 @@ def _score_batch(
     s_masks, d_masks = np.stack(structures), np.stack(distractors)
 
     # The maps of the correctly classified images, for their class (= the predicted one).
-    drawn = [m for m in methods if layer_maps is None or m not in layer_maps.names]
-    every = labels.maps(drawn, perturbation=perturbation) if drawn else {}
-    maps_by_method = {name: m[correct] for name, m in every.items()}
-    if layer_maps is not None and labels.inputs is not None:  # only the images scored
-        maps_by_method.update(layer_maps(labels.inputs[correct]))
+    maps_by_method = labels.rows(correct).maps(
+        methods, perturbation=perturbation, layer_maps=layer_maps
+    )
     names = [record.class_name for record, _, _, _ in kept]
     scored = ScoredBatch(
         records=[record for record, _, _, _ in kept],
