@@ -198,7 +198,7 @@ def review_queue(
     if n < 1:
         raise UsageError(f"a queue lists at least one image, not {n}")
     if label is not None:
-        model = store.pick_model(engine, _identity(engine, model_id))
+        model = store.model_row(engine, model_id)
         check_label(label, model.class_names)
     queue = {
         UNCERTAINTY: _uncertainty,
@@ -209,16 +209,6 @@ def review_queue(
         RANDOM: _random,
     }[strategy]
     return queue(engine, model_id, label, n, seed)
-
-
-def _identity(engine: Engine, model_id: int) -> str:
-    with engine.connect() as conn:
-        found = conn.execute(
-            sa.select(store.models.c.identity).where(store.models.c.id == model_id)
-        ).scalar()
-    if found is None:
-        raise ModlabelError(f"no model with id {model_id} in the database")
-    return found
 
 
 def _uncertainty(
@@ -704,7 +694,7 @@ def import_reviews_csv(
     Every line is checked first; the good ones are then recorded together, and each bad
     one is a ``CsvLineError`` naming its line and why (nothing is recorded for it)."""
     path = Path(path)
-    model = store.pick_model(engine, _identity(engine, model_id))
+    model = store.model_row(engine, model_id)
     entries: list[dict[str, Any]] = []
     errors: list[CsvLineError] = []
     unlabeled = 0

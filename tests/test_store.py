@@ -57,6 +57,37 @@ def test_opening_twice_keeps_data(tmp_path):
     assert store.pick_model(again, "tiny").id == model_id
 
 
+def test_a_whole_identity_picks_its_model_even_when_it_begins_another(tmp_path):
+    """pick_model: a prefix must name one model, but a whole identity is its own model's
+    even when another identity starts with it; model_row finds a model by its row."""
+    import pytest
+
+    from modlabel.errors import DatabaseError
+
+    engine = store.open_db(sqlite_url(tmp_path / "c.db"))
+    ids = {
+        identity: store.ensure_model(
+            engine,
+            identity=identity,
+            sha256=str(i) * 64,
+            backbone="tiny",
+            class_names=["a", "b"],
+            input_size=[8, 8],
+            activation_shape=[2, 2, 4],
+            path="m.onnx",
+        )  # fmt: skip
+        for i, identity in enumerate(["tiny-abc", "tiny-abcd"])
+    }
+    assert store.pick_model(engine, "tiny-abc").id == ids["tiny-abc"]
+    assert store.pick_model(engine, "tiny-abcd").id == ids["tiny-abcd"]
+    with pytest.raises(DatabaseError, match="matches 2 models"):
+        store.pick_model(engine, "tiny-a")
+    assert store.model_row(engine, ids["tiny-abcd"]).identity == "tiny-abcd"
+    with pytest.raises(DatabaseError, match="no model with id 999"):
+        store.model_row(engine, 999)
+    engine.dispose()
+
+
 def test_db_url_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv("MODLABEL_DB", raising=False)
     monkeypatch.chdir(tmp_path)

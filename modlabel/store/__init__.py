@@ -64,6 +64,7 @@ from .models import (
     list_models,
     model_class_min_confidence,
     model_id_of,
+    model_row,
     pick_model,
 )
 from .reads import (
@@ -187,6 +188,7 @@ __all__ = [
     "model_id_of",
     "model_threshold",
     "ModelRow",
+    "model_row",
     "models",
     "open_db",
     "out_of_set_rows",

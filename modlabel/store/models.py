@@ -68,27 +68,40 @@ class ModelRow:
 def list_models(engine: Engine) -> list[ModelRow]:
     with engine.connect() as conn:
         rows = conn.execute(sa.select(models).order_by(models.c.id)).mappings().all()
-    return [
-        ModelRow(
-            r["id"],
-            r["identity"],
-            r["backbone"],
-            list(r["class_names"]),
-            list(r["input_size"]),
-            r["path"],
-        )
-        for r in rows
-    ]
+    return [_model_row(r) for r in rows]
+
+
+def model_row(engine: Engine, model_id: int) -> ModelRow:
+    """The model of the row ``model_id``; ``DatabaseError`` when there is none."""
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(models).where(models.c.id == model_id)).mappings().first()
+    if row is None:
+        raise DatabaseError(f"no model with id {model_id} in the database")
+    return _model_row(row)
+
+
+def _model_row(r: Any) -> ModelRow:
+    return ModelRow(
+        r["id"],
+        r["identity"],
+        r["backbone"],
+        list(r["class_names"]),
+        list(r["input_size"]),
+        r["path"],
+    )
 
 
 def pick_model(engine: Engine, identity: str | None = None) -> ModelRow:
-    """The model named by ``identity`` (or a prefix of it), else the newest one."""
+    """The model named by ``identity`` (or a prefix of only it), else the newest one."""
     rows = list_models(engine)
     if not rows:
         raise DatabaseError("the database holds no labels yet: run `modlabel scan` first")
     if identity is None:
         return rows[-1]
-    matches = [r for r in rows if r.identity == identity or r.identity.startswith(identity)]
+    # A whole identity is that model's, even when it begins another one.
+    matches = [r for r in rows if r.identity == identity] or [
+        r for r in rows if r.identity.startswith(identity)
+    ]
     if len(matches) != 1:
         known = ", ".join(r.identity for r in rows)
         raise DatabaseError(f"model {identity!r} matches {len(matches)} models; known: {known}")
