@@ -410,3 +410,33 @@ def test_localize_scores_forward_pass_methods_when_asked(toy, tmp_path):
     for method in report.methods:
         row = report.row("all", method)
         assert row.images == 3 and 0 < row.roi_ratio <= 100
+
+
+def test_report_takes_rise_masks_for_its_evaluation_and_faithfulness(toy, tmp_path, monkeypatch):
+    """report --truth --methods rise --rise-masks N: every RISE map of the evaluation
+    (its localization pass and its faithfulness sample) is drawn with N masks."""
+    paths = write_pngs(tmp_path / "images", 3)
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    runner = CliRunner()
+    scanned = runner.invoke(app, ["scan", str(tmp_path / "images"), "--model", str(toy.path),
+                                  "--db", db, "--quiet"])  # fmt: skip
+    assert scanned.exit_code == 0, scanned.output
+    truth = tmp_path / "truth.csv"  # each image's truth is its label: every map is scored
+    lines = ["path,label"]
+    for p in paths:
+        lines.append(f"{p},{label_pixels(toy, load_pixels(p, INPUT_HW)[0][None])[0].label}")
+    truth.write_text("\n".join(lines) + "\n")
+    counts = []
+    real = perturb.rise_masks
+
+    def counted(count, *args, **kwargs):
+        counts.append(count)
+        return real(count, *args, **kwargs)
+
+    monkeypatch.setattr(perturb, "rise_masks", counted)
+    out = runner.invoke(app, ["report", "--db", db, "--out", str(tmp_path / "report"),
+                              "--truth", str(truth), "--methods", "crm,rise",
+                              "--rise-masks", "8", "--faithfulness", "2", "--quiet"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    # One localization batch of 3 images, then 2 faithfulness images one at a time.
+    assert counts == [8, 8, 8]

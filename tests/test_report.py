@@ -314,7 +314,9 @@ def test_ground_truth_averages_replace_the_stored_ones(hand_db, tmp_path, monkey
     average[0, 5] = 1.0
     calls = []
 
-    def evaluate_truth(engine_, model_row_, truth, *, out_dir, faithfulness, formats, methods):
+    def evaluate_truth(
+        engine_, model_row_, truth, *, out_dir, faithfulness, formats, methods, perturbation
+    ):
         calls.append((model_row_.identity, truth, out_dir, faithfulness, formats))
         maps_ = {"alpha": store.ClassMap("alpha", 2, average, None)}
         return types.SimpleNamespace(class_maps=maps_)

@@ -10,8 +10,9 @@ import typer
 from ..errors import ModlabelError
 from .app import app
 from .edge import command
-from .options import ClassConfidenceOption, DbOption, db_url, output_dir
+from .options import ClassConfidenceOption, DbOption, RiseMasksOption, db_url, output_dir
 from .options import methods as methods_of
+from .options import perturbation as perturbation_of
 from .scan import JsonOption, printed_outcome
 
 
@@ -73,6 +74,7 @@ def report(
             "the model again, once per channel or mask).",
         ),
     ] = None,
+    rise_masks: RiseMasksOption = None,
     quiet: Annotated[
         bool,
         typer.Option("--quiet", "-q", help="Print nothing but errors (not where the report went)."),
@@ -115,6 +117,7 @@ def report(
             truth=truth_data,
             faithfulness=faithfulness,
             methods=methods_of(methods) if methods is not None else None,
+            perturbation=perturbation_of(rise_masks),
         )
         if outcome is not None:
             outcome.model = pick_model(engine, model).identity

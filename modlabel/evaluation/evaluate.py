@@ -10,7 +10,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .. import maps, store
+from .. import maps, perturb, store
 from ..errors import ModelError, ModlabelError
 from ..model import OnnxModel
 from ..paths import display_path, from_db
@@ -69,6 +69,7 @@ def evaluate_truth(
     faithfulness: int = 0,
     formats: Iterable[str] = FORMATS,
     methods: Sequence[str] | None = None,
+    perturbation: perturb.Options | None = None,
     batch_size: int = 32,
     steps: int = FAITHFULNESS_STEPS,
     seed: int = 0,
@@ -88,7 +89,8 @@ def evaluate_truth(
     classified images (a sample drawn with ``seed``) get deletion and insertion
     curves of ``steps`` steps; 0 for none. Raises ModlabelError when the truth
     names classes the model lacks, no stored row has truth, scikit-learn is
-    missing or the model cannot be loaded.
+    missing or the model cannot be loaded. ``perturbation``: how Score-CAM and RISE run,
+    when ``methods`` names them (``perturb.Options()`` for None).
     """
     methods = maps.parse_methods(methods)  # None: the registry's defaults
     metrics, roc_curve = _sklearn()
@@ -138,9 +140,19 @@ def evaluate_truth(
         methods=methods,
         batch_size=batch_size,
         on_batch=collect,
+        perturbation=perturbation,
     )
     faith = (
-        faithfulness_test(model, correct, faithfulness, methods, steps, seed, batch_size)
+        faithfulness_test(
+            model,
+            correct,
+            faithfulness,
+            methods,
+            steps,
+            seed,
+            batch_size,
+            perturbation=perturbation,
+        )
         if faithfulness > 0
         else None
     )

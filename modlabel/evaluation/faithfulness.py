@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .. import geometry
+from .. import geometry, perturb
 from ..decode_pool import DecodeRequest, image_pool
 from ..infer import label_pixels
 from ..model import OnnxModel
@@ -95,11 +95,13 @@ def faithfulness_test(
     seed: int,
     batch_size: int,
     settings: StatisticsSettings | None = None,
+    perturbation: perturb.Options | None = None,
 ) -> Faithfulness:
     """Deletion and insertion areas of every method and the random ranking on a
     seeded sample of ``sample`` of the ``correct`` (file, class index) images, with
     bootstrap intervals over the sample and paired tests of every two rankings
-    (``settings``; default: ``StatisticsSettings(seed=seed)``)."""
+    (``settings``; default: ``StatisticsSettings(seed=seed)``). ``perturbation``: how
+    Score-CAM and RISE run, when ``methods`` names them."""
     settings = settings if settings is not None else StatisticsSettings(seed=seed)
     info = model.info
     rng = np.random.default_rng(seed)
@@ -126,7 +128,7 @@ def faithfulness_test(
         blurred = np.asarray(
             Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(radius=sigma)), np.float32
         )
-        by_method = labels.maps(methods, class_index=class_index)
+        by_method = labels.maps(methods, class_index=class_index, perturbation=perturbation)
         by_method[RANDOM] = rng.random(labels.activations.shape[1:3])[None].astype(np.float32)
         for method in names:
             order = pixel_order(by_method[method][0], info.input_size, rng)

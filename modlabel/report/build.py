@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 
 from .. import (
     codec,
+    perturb,
     rois,
     store,
 )
@@ -93,6 +94,7 @@ def build_report(
     truth: evaluation.Truth | None = None,
     faithfulness: int = 0,
     methods: Sequence[str] | None = None,
+    perturbation: perturb.Options | None = None,
 ) -> ReportResult:
     """Write the report of one model (the newest by default) into ``out_dir``.
 
@@ -106,6 +108,8 @@ def build_report(
     replace the stored ones on the page and in the ROI and map files.
     ``examples_per_class``: the most and, as many again, the least confident
     images shown per class. ``db_label``: the database as shown (no password).
+    ``methods``, ``perturbation``: with ``truth``, the map methods it scores and how
+    Score-CAM and RISE run.
     """
     wanted = parse_formats(formats)
     out_dir = Path(out_dir)
@@ -127,6 +131,7 @@ def build_report(
             faithfulness=faithfulness,
             formats=wanted,
             methods=methods,
+            perturbation=perturbation,
         )
         averages = dict(truth_report.class_maps)
         averaged_over = BY_GROUND_TRUTH
