@@ -151,6 +151,24 @@ def test_undo_brings_back_the_review_before(module_db):
     engine.dispose()
 
 
+def test_an_undo_of_one_review_never_takes_back_a_later_one(module_db):
+    """undo_review(review_id=...): the review is taken back only while it is its image's,
+    checked in the undo's own transaction (serve's u key: another reviewer's label that
+    came in between stays)."""
+    engine = engine_of(module_db)
+    clear_reviews(engine)
+    hand_model(engine, [row(i, "brain_mri", 0.9) for i in range(1)])
+    mine = store.record_review(engine, "/archive/000.png", "chest_xray", reviewer="a",
+                               strategy="manual")  # fmt: skip
+    theirs = store.record_review(engine, "/archive/000.png", None, reviewer="b", strategy="manual")
+    with pytest.raises(store.NotTheCurrentReview, match=f"review {mine.id} is not"):
+        store.undo_review(engine, "/archive/000.png", reviewer="a", review_id=mine.id)
+    assert store.current_review(engine, "/archive/000.png") == theirs
+    undone = store.undo_review(engine, "/archive/000.png", reviewer="b", review_id=theirs.id)
+    assert undone.id == theirs.id and store.current_review(engine, "/archive/000.png") == mine
+    engine.dispose()
+
+
 def test_migrations_keep_reviews_and_go_down_and_up(db_url):
     from alembic import command
 

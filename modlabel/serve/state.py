@@ -184,10 +184,10 @@ class ReviewDesk:
             if not session.recorded:
                 return None, "nothing to undo in this session"
             last = session.recorded.pop()
-            current = store.current_review(self.engine, last.key)
-            if current is None or current.id != last.id:
+            try:
+                store.undo_review(self.engine, last.key, reviewer=self.reviewer, review_id=last.id)
+            except store.NotTheCurrentReview:
                 return None, "the last review of this session is not the image's review any more"
-            store.undo_review(self.engine, last.key, reviewer=self.reviewer)
             return last, "undone"
 
 

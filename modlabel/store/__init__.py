@@ -84,6 +84,7 @@ from .reads import (
 )
 from .reviews import (
     ImageKey,
+    NotTheCurrentReview,
     Review,
     ReviewedRow,
     count_reviews,
@@ -189,6 +190,7 @@ __all__ = [
     "model_threshold",
     "ModelRow",
     "model_row",
+    "NotTheCurrentReview",
     "models",
     "open_db",
     "out_of_set_rows",

@@ -320,12 +320,24 @@ def _note(note: str | None) -> str | None:
     return (note.strip() or None) if note is not None else None
 
 
+class NotTheCurrentReview(ModlabelError):
+    """The review to take back is not its image's review any more (``undo_review``'s
+    ``review_id``): another came since, or it was undone elsewhere."""
+
+
 def undo_review(
-    engine: Engine, image: int | str | ImageKey, *, reviewer: str, model_id: int | None = None
+    engine: Engine,
+    image: int | str | ImageKey,
+    *,
+    reviewer: str,
+    model_id: int | None = None,
+    review_id: int | None = None,
 ) -> Review:
     """Take back the image's current review (mark it undone by ``reviewer``); the review
     before it, if any, is the image's review again. Returns the review undone; a
-    ``ModlabelError`` when the image has none."""
+    ``ModlabelError`` when the image has none. ``review_id``: take it back only if it is
+    that review, checked in the same transaction (``NotTheCurrentReview`` otherwise), so
+    that a review recorded in between by someone else is never the one undone."""
     reviewer = check_reviewer(reviewer)
     found = find_image(engine, image, model_id=model_id)
     current = reviews.alias("review")
@@ -337,8 +349,12 @@ def undo_review(
                 is_current(current),
             )
         ).first()
-        if row is None:
+        if row is None and review_id is None:
             raise ModlabelError(f"{found.key.path}: no review to undo")
+        if review_id is not None and (row is None or row.id != review_id):
+            raise NotTheCurrentReview(
+                f"{found.key.path}: review {review_id} is not the image's review any more"
+            )
         conn.execute(
             reviews.update()
             .where(reviews.c.id == row.id, reviews.c.undone_at.is_(None))
