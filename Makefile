@@ -73,8 +73,8 @@ $(CHROMIUM):
 	@mkdir -p $(VENV) && touch $@
 
 lint: $(STAMP)
-	$(BIN)/ruff check modlabel train export tests benchmarks docs
-	$(BIN)/ruff format --check modlabel train export tests benchmarks docs
+	$(BIN)/ruff check modlabel train export tests benchmarks docs tools
+	$(BIN)/ruff format --check modlabel train export tests benchmarks docs tools
 	$(BIN)/lint-imports
 
 clean:
