@@ -169,6 +169,47 @@ def test_an_undo_of_one_review_never_takes_back_a_later_one(module_db):
     engine.dispose()
 
 
+def test_a_review_recorded_while_an_undo_runs_waits_for_it(module_db):
+    """A review recorded from another connection while an undo is between its look at the
+    image's current review and its update waits until the undo has committed (BEGIN
+    IMMEDIATE on SQLite, the reviews' advisory lock on PostgreSQL), then is the image's."""
+    import threading
+
+    engine = engine_of(module_db)
+    other = engine_of(module_db)  # a second engine: another connection, as another process
+    clear_reviews(engine)
+    hand_model(engine, [row(0, "brain_mri", 0.9)])
+    path = "/archive/000.png"
+    mine = store.record_review(engine, path, "chest_xray", reviewer="a", strategy="manual")
+    recorded: list = []
+    waited: list[bool] = []
+
+    def record() -> None:
+        recorded.append(store.record_review(other, path, None, reviewer="b", strategy="manual"))
+
+    def before_update(conn, cursor, statement, *args) -> None:
+        if statement.lstrip().upper().startswith("UPDATE REVIEWS") and not waited:
+            writer = threading.Thread(target=record)
+            writer.start()
+            writer.join(1.0)
+            waited.append(writer.is_alive())  # still waiting on the undo's transaction
+            threads.append(writer)
+
+    threads: list[threading.Thread] = []
+    sa.event.listen(engine, "before_cursor_execute", before_update)
+    try:
+        undone = store.undo_review(engine, path, reviewer="a", review_id=mine.id)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", before_update)
+    for writer in threads:
+        writer.join(30)
+    assert waited == [True] and undone.id == mine.id and undone.undone_by == "a"
+    (theirs,) = recorded
+    assert store.current_review(engine, path) == theirs
+    other.dispose()
+    engine.dispose()
+
+
 def test_migrations_keep_reviews_and_go_down_and_up(db_url):
     from alembic import command
 

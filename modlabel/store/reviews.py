@@ -15,6 +15,7 @@ a LEFT JOIN on the partial index ``ix_reviews_current``, two index probes per im
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..errors import ModlabelError, UsageError
-from .schema import _aware, images, models, reviews, utcnow
+from .schema import REVIEWS_LOCK_KEY, _aware, images, models, reviews, utcnow
 
 # The review queues (``modlabel.review``) and the other ways a review is made.
 UNCERTAINTY, OUT_OF_SET, DISAGREEMENT, DIVERSE, TYPICAL, RANDOM = (
@@ -281,7 +282,7 @@ def record_review(
         "strategy": strategy,
         "model_id": model_id if model_id is not None else found.model_id,
     }
-    with engine.begin() as conn:
+    with _writing_reviews(engine) as conn:
         (new_id,) = conn.execute(reviews.insert().values(**values)).inserted_primary_key
         row = conn.execute(sa.select(reviews).where(reviews.c.id == new_id)).one()
     return _review(row)
@@ -311,9 +312,21 @@ def record_reviews(engine: Engine, entries: Sequence[dict[str, Any]], *, strateg
             }
         )
     if rows:
-        with engine.begin() as conn:
+        with _writing_reviews(engine) as conn:
             conn.execute(reviews.insert(), rows)
     return len(rows)
+
+
+@contextlib.contextmanager
+def _writing_reviews(engine: Engine) -> Iterator[sa.Connection]:
+    """A transaction that writes reviews, one at a time against every other: BEGIN
+    IMMEDIATE on SQLite, and on PostgreSQL the reviews' advisory lock, held until it ends.
+    So an undo's look at an image's current review and its update of it see the same
+    reviews: none recorded or undone by another process in between."""
+    with engine.connect().execution_options(sqlite_immediate=True) as conn, conn.begin():
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": REVIEWS_LOCK_KEY})
+        yield conn
 
 
 def _note(note: str | None) -> str | None:
@@ -337,11 +350,12 @@ def undo_review(
     before it, if any, is the image's review again. Returns the review undone; a
     ``ModlabelError`` when the image has none. ``review_id``: take it back only if it is
     that review, checked in the same transaction (``NotTheCurrentReview`` otherwise), so
-    that a review recorded in between by someone else is never the one undone."""
+    that a review recorded in between by someone else is never the one undone, and a
+    review is undone once (``_writing_reviews``)."""
     reviewer = check_reviewer(reviewer)
     found = find_image(engine, image, model_id=model_id)
     current = reviews.alias("review")
-    with engine.begin() as conn:
+    with _writing_reviews(engine) as conn:
         row = conn.execute(
             sa.select(current).where(
                 current.c.path == found.key.path,
@@ -355,11 +369,13 @@ def undo_review(
             raise NotTheCurrentReview(
                 f"{found.key.path}: review {review_id} is not the image's review any more"
             )
-        conn.execute(
+        updated = conn.execute(
             reviews.update()
             .where(reviews.c.id == row.id, reviews.c.undone_at.is_(None))
             .values(undone_at=utcnow(), undone_by=reviewer)
         )
+        if updated.rowcount != 1:  # cannot be, with the lock held: said, never guessed
+            raise NotTheCurrentReview(f"{found.key.path}: review {row.id} was undone meanwhile")
         undone = conn.execute(sa.select(reviews).where(reviews.c.id == row.id)).one()
     return _review(undone)
 

@@ -383,3 +383,5 @@ def upgrade_schema(engine: Engine) -> None:
 # Advisory lock keys of modlabel on PostgreSQL ('mlab' as an int4 namespace).
 LOCK_NAMESPACE = 0x6D6C6162
 MIGRATION_LOCK_KEY = LOCK_NAMESPACE << 16
+# Held by every transaction that writes reviews (``store.reviews``), one at a time.
+REVIEWS_LOCK_KEY = MIGRATION_LOCK_KEY + 1
