@@ -85,8 +85,9 @@ def new_session(
     """An onnxruntime session of the model ``data``, with the options every modlabel
     session has (this module's, chosen by measurement; quiet logs; no busy-waiting threads
     between runs); ``ModelError`` of ``failure`` and onnxruntime's reason when it cannot
-    load it. The one builder of sessions: the model a scan runs, the parts of a graph cut
-    for a layer's CRM (``layer_crm``) and the original of an adopted file (``adopt``)."""
+    load it. The runtime's one builder of sessions: the model a scan runs, the parts of a
+    graph cut for a layer's CRM (``layer_crm``) and the original of an adopted file
+    (``adopt``); ``modlabel.export`` checks its exports with sessions of its own."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

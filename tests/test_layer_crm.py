@@ -143,3 +143,24 @@ def test_a_layer_that_is_not_one_is_named(toy_onnx):
         app, ["explain", "x.png", "--model", str(toy_onnx), "--layer", "nope"]
     )  # fmt: skip
     assert bad.exit_code == 4 and "no tensor 'nope'" in bad.output
+
+
+def test_labels_draw_a_layers_crm_beside_the_methods_for_the_rows_picked(toy_onnx):
+    """Labels.maps(layer_maps=): the layer's names among --methods (typed or a list) are
+    the layer's to draw; Labels.rows(index) gives the same maps of only those images."""
+    from modlabel.layer_crm import LayerCrm
+
+    toy = OnnxModel(toy_onnx, device="cpu")
+    labels = label_pixels(toy, noise_pixels(3, (32, 32)))
+    layer = LayerCrm(toy, "relu")
+    typed = labels.maps("cam, crm@relu", layer_maps=layer)
+    listed = labels.maps(["cam", "crm@relu"], layer_maps=layer)
+    assert list(typed) == list(listed) == ["cam", "crm@relu"]
+    assert_same_map(typed["crm@relu"], labels.crm())
+    assert list(labels.maps([], layer_maps=layer)) == ["crm@relu"]
+    assert labels.maps([]) == {}
+    picked = labels.rows(np.array([True, False, True]))
+    assert len(picked) == 2 and picked[1].label == labels[2].label
+    some = picked.maps(["cam"], layer_maps=layer)
+    np.testing.assert_allclose(some["cam"], typed["cam"][[0, 2]], rtol=1e-6)
+    assert_same_map(some["crm@relu"], typed["crm@relu"][[0, 2]])
