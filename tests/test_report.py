@@ -249,6 +249,12 @@ def test_format_subsets_write_only_what_was_asked(hand_db, tmp_path):
         app, ["report", "--db", url, "--out", str(tmp_path / "x"), "--faithfulness", "5"]
     )
     assert result.exit_code == 1 and "--faithfulness needs --truth" in result.output
+    for option, value in (("--methods", "crm"), ("--rise-masks", "8")):  # truth's options too
+        result = CliRunner().invoke(
+            app, ["report", "--db", url, "--out", str(tmp_path / "x"), option, value]
+        )
+        assert result.exit_code == 1 and f"{option} needs --truth" in result.output
+    assert not (tmp_path / "x").exists()
 
 
 def report_map_exts() -> tuple[str, ...]:

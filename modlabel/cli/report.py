@@ -103,8 +103,11 @@ def report(
             from ..evaluation import load_truth  # only with ground truth
 
             truth_data = load_truth(truth, from_folders=truth_from_folders)
-        elif faithfulness:
-            raise ModlabelError("--faithfulness needs --truth or --truth-from-folders")
+        else:
+            given = [name for name, value in (("--faithfulness", faithfulness),
+                     ("--methods", methods), ("--rise-masks", rise_masks)) if value]  # fmt: skip
+            if given:  # they shape the ground-truth evaluation alone
+                raise ModlabelError(f"{given[0]} needs --truth or --truth-from-folders")
         engine = open_db(url, create=False, migrate=False)
         result = build_report(
             engine,
