@@ -178,6 +178,10 @@ _REPORT_COUNTS = _counts(
         "images": {**_COUNT, "description": "labeled images of the model reported on"},
         "classes": {**_COUNT, "description": "classes the report shows"},
         "errors": {**_COUNT, "description": "files stored with an error"},
+        "out_of_set": {
+            **_COUNT,
+            "description": "present images the model flags out of set (not in images)",
+        },
     },
     "what the report covers",
 )

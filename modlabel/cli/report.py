@@ -128,13 +128,14 @@ def report(
                 "images": result.total_images,
                 "classes": len(result.classes),
                 "errors": result.errors,
+                "out_of_set": result.out_of_set,
             }
             outcome.outputs = [str(path) for path in result.files]
     if quiet or as_json:  # stdout is the JSON object's alone
         return
     typer.echo(
-        f"report: {out} ({result.total_images} images, "
-        f"{len(result.classes)} classes, {result.errors} errors)"
+        f"report: {out} ({result.total_images} images in {len(result.classes)} classes, "
+        f"{result.out_of_set} out of set, {result.errors} errors)"
     )
     names = [path.relative_to(out).as_posix() for path in result.files]
     top = [name for name in names if "/" not in name]

@@ -71,12 +71,13 @@ def parse_formats(text: str | Iterable[str]) -> frozenset[str]:
 class ReportResult:
     path: Path | None  # report.html, when written
     classes: list[ClassView]
-    total_images: int
+    total_images: int  # labeled in the model's classes: out of set, failed and missing left out
     errors: int
     min_confidence: float  # the confidence an image needed to count in its class's average
     files: list[Path] = field(default_factory=list)  # every file written
     averaged_over: str = BY_CONFIDENCE
     images_written: int = 0  # rows of images.csv
+    out_of_set: int = 0  # present images the model flagged out of set
 
 
 # -- the report -----------------------------------------------------------------------
@@ -147,6 +148,7 @@ def build_report(
     stems = class_file_stems(list(dict.fromkeys([*model_row.class_names, *averages])))
     counts = store.class_counts(engine, model_row.id)
     error_count = store.count_errors(engine, model_row.id)
+    out_of_set_count = store.count_out_of_set(engine, model_row.id)
     files: list[Path] = []
     if "rois" in wanted:
         files += write_roi_files(out_dir, roi_rows(model_row, class_rois_, stems, averaged_over))
@@ -191,6 +193,7 @@ def build_report(
             every_class=every_class,
             counts=counts,
             error_count=error_count,
+            out_of_set_count=out_of_set_count,
             threshold=threshold,
             averaged_over=averaged_over,
             truth=truth_report,
@@ -209,6 +212,7 @@ def build_report(
         files=files,
         averaged_over=averaged_over,
         images_written=images_written,
+        out_of_set=out_of_set_count,
     )
 
 

@@ -202,6 +202,7 @@ def write_html(
     every_class: list[ClassView],
     counts: dict[str, int],
     error_count: int,
+    out_of_set_count: int,
     threshold: float,
     averaged_over: str,
     truth: object,
@@ -223,7 +224,6 @@ def write_html(
             (display_path(p), _utc(since))
             for p, since in itertools.islice(missing_rows, MISSING_SHOWN)
         ]
-    out_of_set_count = store.count_out_of_set(engine, model.id)
     out_of_set = [
         (display_path(p), label, confidence, score)
         for p, label, confidence, score in store.out_of_set_rows(
