@@ -31,6 +31,13 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NAMED_CONTROL = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
+def absolute(path: str | os.PathLike[str]) -> str:
+    """``path`` as an absolute, normalized path (``~`` expanded; symbolic links kept as
+    named): what modlabel stores of a path given on a command line, so that it means the
+    same file from whatever folder a later command runs in."""
+    return os.path.normpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
 def to_db(path: str | bytes) -> str:
     """The stored text of a file system path (``str`` as ``os`` returns it, or bytes)."""
     raw = path if isinstance(path, bytes) else os.fsencode(path)

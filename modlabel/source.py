@@ -28,7 +28,7 @@ from . import stopping
 from .decode import is_image_path
 from .dicom import HEAD_BYTES, looks_like_dicom
 from .errors import ImageError, InputError
-from .paths import display_fs_path, to_db
+from .paths import absolute, display_fs_path, to_db
 from .reasons import Kind
 
 # A file larger than this is refused before it is read (``--max-file-size``). The
@@ -250,7 +250,7 @@ def walk_root(
 
 def distinct_roots(roots: Iterable[str | Path]) -> list[Path]:
     """The roots as absolute paths, without repeats or roots inside another root."""
-    paths = [Path(os.path.normpath(Path(r).expanduser().absolute())) for r in roots]
+    paths = [Path(absolute(r)) for r in roots]
     dirs = [p for p in paths if p.is_dir()]
     distinct: list[Path] = []
     for p in paths:

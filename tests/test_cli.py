@@ -363,3 +363,27 @@ def test_export_names_the_int8_file_before_any_work(tmp_path):
     )  # fmt: skip
     assert done.returncode == ExitCode.USAGE and "is --out, the fp32 model" in done.stderr
     assert list(tmp_path.iterdir()) == [run]
+
+
+def test_a_scan_from_relative_paths_stores_them_absolute(toy_onnx, tmp_path, monkeypatch):
+    """The model file and the roots a scan was given relative to its folder are stored as
+    absolute paths, so that a later command run from another folder finds the model
+    (similar embeds with it, report --truth scores with it)."""
+    from toy_onnx import write_pngs
+
+    work = tmp_path / "work"
+    write_pngs(work / "images", 2)
+    shutil.copy(toy_onnx, work / "toy.onnx")
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["scan", "images", "--model", "toy.onnx", "--db", "labels.db"])
+    assert result.exit_code == 0, result.output
+    engine = store.open_db(f"sqlite:///{work / 'labels.db'}")
+    assert store.pick_model(engine).path == str(work / "toy.onnx")
+    (scan,) = store.list_scans(engine)
+    assert scan.roots == [str(work / "images")]
+    engine.dispose()
+    monkeypatch.chdir(tmp_path)
+    found = runner.invoke(
+        app, ["similar", str(work / "images" / "noise_00.png"), "--db", str(work / "labels.db")]
+    )
+    assert found.exit_code == 0, found.output

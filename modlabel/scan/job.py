@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from .. import config, decode_pool, store
 from ..errors import Interrupted, ModlabelError, StopRequested, VanishedError, one_line
 from ..model import OnnxModel
-from ..paths import to_db
+from ..paths import absolute, to_db
 from ..source import (
     DEFAULT_MAX_FILE_BYTES,
     FileEntry,
@@ -123,7 +123,7 @@ def scan_archive(
         class_names=info.class_names,
         input_size=info.input_size,
         activation_shape=info.activation_shape,
-        path=str(model.path),
+        path=absolute(model.path),  # found from any folder: similar, report --truth
         temperature=info.temperature,
     )
     scan_lock = retry(acquire_scan_lock, engine, model_id, wait=wait)
@@ -131,7 +131,8 @@ def scan_archive(
     try:
         stats.interrupted_before = retry(store.interrupt_stale_scans, engine, model_id)
         retry(store.ensure_class_maps, engine, model_id, info.class_names, class_min_confidence)
-        scan_id = retry(store.start_scan, engine, model_id, [to_db(str(r)) for r in roots])
+        named = roots if entries is not None else [absolute(r) for r in roots]  # a table's name
+        scan_id = retry(store.start_scan, engine, model_id, [to_db(str(r)) for r in named])
         stats.scan_id = scan_id
         progress = store.ScanProgress(scan_id)
         started = time.perf_counter()
