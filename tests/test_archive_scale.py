@@ -395,6 +395,7 @@ def test_images_csv_is_every_row_as_spreadsheet_writer_writes_it(db, tmp_path):
         image_roi_shares,
         write_images_csv,
     )
+    from modlabel.timestamps import iso_utc
 
     gone = datetime(2026, 12, 1, 3, 4, 5, tzinfo=timezone.utc)
     maps = codec.encode_maps(np.random.default_rng(0).gamma(2.0, 1.0, (3, 6, 6)).astype("f4"))
@@ -433,7 +434,7 @@ def test_images_csv_is_every_row_as_spreadsheet_writer_writes_it(db, tmp_path):
         if r["roi_share"] is None and r["crm"] is not None:
             (r["roi_share"],) = image_roi_shares([r["crm"]], model_row.input_size)
         r["path"] = display_path(r["path"])
-        r["missing_since"] = r["missing_since"].isoformat() if r["missing_since"] else None
+        r["missing_since"] = iso_utc(r["missing_since"]) if r["missing_since"] else None
         no_review = [None, r["label"], None, None]  # label_reviewed, label_final, by, at
         writer.writerow([r[k] for k in IMAGE_COLUMNS] + no_review)
     out = tmp_path / "images.csv"

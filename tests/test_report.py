@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from modlabel import codec, geometry, report, store
 from modlabel.cli import app
 from modlabel.report.files import IMAGE_CSV_COLUMNS
+from modlabel.timestamps import iso_utc
 
 INPUT_HW = (40, 60)  # not square: a swapped height and width shows
 GRID_HW = (4, 6)
@@ -213,7 +214,7 @@ def test_images_csv_has_every_row_with_its_roi_share(hand_db, tmp_path):
         share = float((np.maximum(shown, 0) / shown.max() > 0.2).mean())
         assert float(line["roi_share"]) == pytest.approx(share, abs=1e-9)
         missing = row["missing_since"]
-        assert line["missing_since"] == (missing.isoformat() if missing else "")
+        assert line["missing_since"] == (iso_utc(missing) if missing else "")
 
 
 def test_format_subsets_write_only_what_was_asked(hand_db, tmp_path):

@@ -553,7 +553,7 @@ def test_images_csv_and_the_queries_show_the_reviewed_label(module_db, tmp_path)
         ("brain_mri", "", "", "bob"),
         ("brain_mri", "", "brain_mri", ""),
     ]  # fmt: skip
-    assert lines[0]["reviewed_at"].endswith("+00:00")
+    assert lines[0]["reviewed_at"].endswith("Z")  # as every output writes a time (iso_utc)
     params = {"label": "brain_mri", "model": "hand-000000000004"}
     columns, found = run_query(engine, load_query("by-label"), params)
     final = {r[0]: r[columns.index("label_final")] for r in found}

@@ -27,6 +27,7 @@ from .. import (
 from ..errors import ModlabelError
 from ..paths import display_path
 from ..store.reviews import REVIEW_COLUMNS
+from ..timestamps import iso_utc
 
 # What --format can ask for, and what each writes.
 FORMATS: dict[str, str] = {
@@ -91,7 +92,8 @@ IMAGE_TEXT_COLUMNS = (
     "label_final",
     "reviewed_by",
 )
-# The timestamps of images.csv, written as ISO 8601 with their zone.
+# The timestamps of images.csv, written as every output writes them (``timestamps.iso_utc``:
+# ISO 8601 in UTC, to the millisecond, with a Z).
 IMAGE_TIME_COLUMNS = ("missing_since", "reviewed_at")
 
 # What a class average is taken over: the stored averages (labels of at least a
@@ -301,7 +303,7 @@ def write_images_csv(
                 values[path_at] = _displayed_paths(values[path_at])
                 for i in time_at:
                     if values[i].count(None) < len(values[i]):
-                        values[i] = [None if t is None else t.isoformat() for t in values[i]]
+                        values[i] = [None if t is None else iso_utc(t) for t in values[i]]
                 for i in text_at:
                     values[i] = spreadsheet.defuse_column(values[i])
                 writer.writerows(zip(*values, strict=True))
