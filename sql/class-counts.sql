@@ -1,5 +1,5 @@
--- How many images each model put in each class, how many of those it flagged out of set
--- (counted apart: they are left out of the class's count and mean confidence), and how many
+-- How many images each model put in each class, how many more it labeled so but flagged out
+-- of set (counted apart: they are left out of the class's count and mean confidence), and how many
 -- it could not read (files found gone are left out).
 -- Parameters: none.
 SELECT m.identity AS model,
