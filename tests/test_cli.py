@@ -387,3 +387,13 @@ def test_a_scan_from_relative_paths_stores_them_absolute(toy_onnx, tmp_path, mon
         app, ["similar", str(work / "images" / "noise_00.png"), "--db", str(work / "labels.db")]
     )
     assert found.exit_code == 0, found.output
+
+
+def test_a_device_that_is_none_is_a_usage_error(toy_onnx, tmp_path):
+    """--device takes auto, cpu or cuda; another is refused as a usage error (exit 2),
+    before any model is loaded."""
+    result = runner.invoke(
+        app, ["explain", str(tmp_path), "--model", str(toy_onnx), "--device", "tpu"]
+    )
+    assert result.exit_code == ExitCode.USAGE
+    assert "'tpu' is none of auto, cpu, cuda" in " ".join(result.output.split())

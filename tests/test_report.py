@@ -244,7 +244,7 @@ def test_format_subsets_write_only_what_was_asked(hand_db, tmp_path):
     result = CliRunner().invoke(
         app, ["report", "--db", url, "--out", str(tmp_path / "x"), "--format", "html,pdf"]
     )
-    assert result.exit_code == 1 and "unknown report format pdf" in result.output
+    assert result.exit_code == 2 and "unknown report format pdf" in result.output
     assert not (tmp_path / "x").exists()
     result = CliRunner().invoke(
         app, ["report", "--db", url, "--out", str(tmp_path / "x"), "--faithfulness", "5"]

@@ -19,10 +19,20 @@ from ..errors import ExitCode
 if TYPE_CHECKING:
     from .. import perturb
 
+def _device(value: str) -> str:
+    """--device checked where it is read: a wrong one is a usage error (exit 2)."""
+    from ..model import DEVICES
+
+    if value not in DEVICES:
+        raise typer.BadParameter(f"{value!r} is none of {', '.join(DEVICES)}")
+    return value
+
+
 DeviceOption = Annotated[
     str,
     typer.Option(
         "--device",
+        callback=_device,
         help="auto (CUDA where a GPU and onnxruntime's CUDA provider are there), cpu or cuda. "
         "CUDA counts only when it really loads; otherwise one line says so and the CPU runs.",
     ),

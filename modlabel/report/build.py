@@ -23,7 +23,7 @@ from .. import (
 )
 from ..accuracy import archive_accuracy
 from ..decode_pool import image_pool
-from ..errors import ModlabelError
+from ..errors import UsageError
 
 if TYPE_CHECKING:
     from .. import evaluation
@@ -60,7 +60,7 @@ def parse_formats(text: str | Iterable[str]) -> frozenset[str]:
         return ALL_FORMATS
     unknown = sorted(wanted - ALL_FORMATS)
     if unknown or not wanted:
-        raise ModlabelError(
+        raise UsageError(
             f"unknown report format {', '.join(unknown) or '(none)'}; "
             f"choose from {', '.join(FORMATS)} (comma-separated) or all"
         )
