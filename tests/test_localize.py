@@ -212,6 +212,10 @@ def test_unreadable_files_are_listed_and_unknown_classes_refused(tiny_archive, t
     report = evaluate_localization(archive, model, size=(64, 64))
     assert report.images == 2 and report.size == (64, 64)
     assert report.unreadable == [{"path": "broken.jpg", "reason": "not a recognized image format"}]
+    # The command names each one on stderr, as explain does, and measures the others.
+    said = runner.invoke(app, ["localize", str(archive), "--model", str(tiny_onnx)])
+    assert said.exit_code == 0, said.output
+    assert "modlabel: broken.jpg: not a recognized image format" in said.stderr
 
     gt.write_text(_record("broken.jpg", cls="x_ray_of_a_cat"))
     with pytest.raises(ModlabelError, match="'x_ray_of_a_cat'.*not one of the model's classes"):

@@ -10,6 +10,7 @@ import typer
 from typer.core import TyperCommand
 
 from ..errors import ModlabelError
+from ..paths import display_fs_path
 from .app import app
 from .edge import command, say
 from .options import (
@@ -119,16 +120,29 @@ def explain(
     failed = sum(1 for r in results if r.error)
     for r in results:
         if r.error:
-            say(f"{r.path}: {r.error}")
+            say(f"{display_fs_path(str(r.path))}: {r.error}")
     if fmt == "json":
         typer.echo(json.dumps([r.to_dict() for r in results], indent=1))
     else:
         for r in results:
             if r.image is not None:
                 flag = "\tOUT OF SET" if r.image.out_of_set else ""
-                typer.echo(f"{r.path}\t{r.label}\t{r.confidence:.3f}\t{r.figure}{flag}")
+                shown = display_fs_path(str(r.path))  # one line, whatever the name holds
+                typer.echo(f"{shown}\t{r.label}\t{r.confidence:.3f}\t{r.figure}{flag}")
     if failed:
         raise typer.Exit(1)
+
+
+UNREADABLE_SAID = 20  # unreadable files named on stderr; the JSON (--out) lists them all
+
+
+def _say_unreadable(unreadable: list[dict[str, str]]) -> None:
+    """Each file localize left out as unreadable, with why, on stderr (as explain names
+    them): the first UNREADABLE_SAID, then how many more."""
+    for item in unreadable[:UNREADABLE_SAID]:
+        say(f"{display_fs_path(item['path'])}: {item['reason']}")
+    if len(unreadable) > UNREADABLE_SAID:
+        say(f"and {len(unreadable) - UNREADABLE_SAID} more unreadable files (all in --out's JSON)")
 
 
 def spread_option(args: list[str], option: str) -> list[str]:
@@ -262,6 +276,7 @@ def localize(
         if models:
             typer.echo(f"== {label} ==")
         typer.echo(format_report(report), nl=False)
+        _say_unreadable(report.unreadable)
         reports.append(report)
     result = reports[0]
     if models and settings is not None:

@@ -19,6 +19,7 @@ from ..errors import ExitCode
 if TYPE_CHECKING:
     from .. import perturb
 
+
 def _device(value: str) -> str:
     """--device checked where it is read: a wrong one is a usage error (exit 2)."""
     from ..model import DEVICES
