@@ -16,6 +16,7 @@ can be pasted into psql or sqlite3 as they are.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,12 @@ _PARAM = re.compile(r"(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
 # One declared parameter: its name, then what it means in parentheses (optional).
 _DECLARED = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?", re.DOTALL)
 _DEFAULT = re.compile(r"default\b:?\s*(.*)", re.DOTALL | re.IGNORECASE)
+# A parameter the query reads as a number: CAST(:name AS REAL) (or INTEGER, ...).
+_NUMERIC = re.compile(
+    r"CAST\s*\(\s*:([A-Za-z_][A-Za-z0-9_]*)\s+AS\s+"
+    r"(REAL|INTEGER|INT|BIGINT|FLOAT|DOUBLE PRECISION|NUMERIC)\b",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -224,6 +231,21 @@ def check_parameters(query: NamedQuery, params: dict[str, Any]) -> None:
             f"query {query.name!r} needs parameters: "
             + ", ".join(f"--param {m}=..." for m in missing)
         )
+    # A number the query casts: SQLite would read "abc" as 0 and "0.9x" as 0.9, silently.
+    for name, kind in _NUMERIC.findall(query.body):
+        value = params.get(name)
+        if isinstance(value, str) and not _is_number(
+            value, integer=kind.upper().startswith(("INT", "BIGINT"))
+        ):
+            raise UsageError(f"--param {name}={value!r}: {query.name} reads it as a number")
+
+
+def _is_number(text: str, *, integer: bool) -> bool:
+    try:
+        number = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(number) and (not integer or number.is_integer())
 
 
 def with_defaults(query: NamedQuery, params: dict[str, Any]) -> dict[str, Any]:

@@ -181,6 +181,21 @@ def test_an_unknown_parameter_is_a_usage_error_naming_the_known_ones(toy_scanned
     assert_clean_failure(result, ExitCode.USAGE, "--param label=...")
 
 
+def test_a_number_the_query_casts_must_be_one(toy_scanned, tmp_path):
+    """A parameter read through CAST(:p AS REAL/INTEGER) that is no number is a usage
+    error (SQLite would read 'abc' as 0 and '0.9x' as 0.9, and answer silently)."""
+    for value in ("abc", "0.9x", "", "nan"):
+        result = cli("query", "by-label", "-p", "label=a", "-p", f"min_confidence={value}",
+                     "--db", toy_scanned)  # fmt: skip
+        assert_clean_failure(result, ExitCode.USAGE, f"--param min_confidence={value!r}: "
+                             "by-label reads it as a number")  # fmt: skip
+    result = cli("query", "similar", "-p", "path=/x.png", "-p", "limit=2.5", "--db", toy_scanned)
+    assert_clean_failure(result, ExitCode.USAGE, "--param limit='2.5'")
+    ok = cli("query", "by-label", "-p", "label=a", "-p", "min_confidence=1e-3", "--db",
+             toy_scanned, "--format", "json")  # fmt: skip
+    assert ok.returncode == 0, text(ok.stderr)
+
+
 def test_an_unknown_label_runs_and_names_the_known_labels(toy_scanned):
     result = cli("query", "by-label", "-p", "label=bb", "--db", toy_scanned)
     assert result.returncode == 0, text(result.stderr)
