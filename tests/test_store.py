@@ -230,3 +230,41 @@ def test_reading_commands_refuse_a_database_that_does_not_exist(tmp_path):
     with pytest.raises(DatabaseError, match="no database at .*nope.db: run `modlabel scan` first"):
         store.open_db(sqlite_url(tmp_path / "nope.db"), create=False)
     assert not (tmp_path / "nope.db").exists()
+
+
+def test_reading_commands_never_write_to_a_sqlite_file(tmp_path):
+    """A reading command opens the file as it finds it: a database in DELETE journal mode
+    keeps its bytes and its mode, and an empty file stays empty (only an engine that may
+    migrate puts a file in WAL mode)."""
+    import hashlib
+    import sqlite3
+
+    from typer.testing import CliRunner
+
+    from modlabel.cli import app
+
+    db = tmp_path / "delete-mode.db"
+    engine = store.open_db(sqlite_url(db))
+    store.ensure_model(
+        engine, identity="tiny-abc", sha256="0" * 64, backbone="tiny", class_names=["a", "b"],
+        input_size=[8, 8], activation_shape=[2, 2, 4], path="m.onnx",
+    )  # fmt: skip
+    engine.dispose()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    runner = CliRunner()
+    for args in (
+        ["query", "class-counts", "--db", str(db)],
+        ["report", "--db", str(db), "--out", str(tmp_path / "report")],
+        ["db", "status", "--db", str(db)],
+        ["query", "class-counts", "--db", str(empty)],
+    ):
+        runner.invoke(app, args)
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    assert empty.stat().st_size == 0
+    assert not (tmp_path / "delete-mode.db-wal").exists()

@@ -72,7 +72,10 @@ def open_db(
     except ModuleNotFoundError as exc:
         raise DatabaseError(f"no driver for {safe_url(url)}: {exc}") from None
     if engine.dialect.name == "sqlite":
-        sa.event.listen(engine, "connect", _sqlite_connect)
+        # Only an engine that may create or migrate the file puts it in WAL mode, which is
+        # kept in the file: the others open it as they find it, and a reading command
+        # never writes to it (an empty file stays empty; a DELETE-mode file stays so).
+        sa.event.listen(engine, "connect", _sqlite_connect if migrate else _sqlite_connect_as_is)
         if not statement_snapshots:
             sa.event.listen(engine, "begin", _sqlite_begin)
     else:
@@ -123,12 +126,16 @@ def _ping(engine: Engine) -> None:
         pass
 
 
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_connection: Any, record: Any) -> None:
+    dbapi_connection.execute("PRAGMA journal_mode=WAL")
+    _sqlite_connect_as_is(dbapi_connection, record)
+
+
+def _sqlite_connect_as_is(dbapi_connection: Any, _record: Any) -> None:
     # modlabel emits BEGIN itself (see _sqlite_begin), as SQLAlchemy's pysqlite docs advise,
     # so that DDL is transactional and a writer can take the lock up front.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     # In WAL mode NORMAL syncs at checkpoints, not at every commit (SQLite's advice for WAL):
     # the database stays consistent on a power cut, which may lose the last batches; a
     # scan's counts are committed with its rows, and the next scan labels those files again.
