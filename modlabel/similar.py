@@ -34,7 +34,8 @@ class Query:
 
 def stored_key(engine: Engine, model_id: int, text: str) -> int | None:
     """The row id of a stored image named by ``text``: ``#123`` / ``id:123``, its stored
-    path as given, or the path of a file as a scan stores it (absolute, normalized)."""
+    path as given, the path of a file as a scan stores it (absolute, normalized), or its
+    path as modlabel shows it (``\\n`` for a newline: images.csv, the review sheets)."""
     for prefix in ("#", "id:"):
         if text.startswith(prefix) and text[len(prefix) :].isdigit():
             return int(text[len(prefix) :])
@@ -43,7 +44,7 @@ def stored_key(engine: Engine, model_id: int, text: str) -> int | None:
         row = store.image_id(engine, model_id, candidate)
         if row is not None:
             return row
-    return None
+    return store.image_id_shown(engine, model_id, text)
 
 
 def label_one(model: OnnxModel, pool: DecodePool, request: DecodeRequest) -> Labels:

@@ -691,6 +691,40 @@ def test_csv_import_keeps_good_lines_and_names_each_bad_one(module_db, tmp_path)
     engine.dispose()
 
 
+def test_a_review_sheet_of_a_path_with_a_newline_reads_back(module_db, tmp_path):
+    """The review sheet shows a stored path with a control character escaped (a newline as
+    \\n, paths.display_path); --from-csv and --set take the path as shown, as stored."""
+    import csv
+
+    engine = engine_of(module_db)
+    clear_reviews(engine)
+    hostile = "/archive/new\nline_%_x/a.png"  # a newline, and LIKE's wildcards
+    hand_model(engine, [row(0, "brain_mri", 0.6, path=hostile), row(1, "brain_mri", 0.7,
+               path="/archive/new_line/a.png")], identity="hand-000000000008")  # fmt: skip
+    runner = CliRunner()
+    base = ["review", "--db", module_db, "--model", "hand-000000000008"]
+    sheet = runner.invoke(app, [*base, "--format", "csv", "-n", "5"])
+    assert sheet.exit_code == 0, sheet.output
+    rows = list(csv.DictReader(sheet.stdout.splitlines()))
+    shown = [r["path"] for r in rows]
+    assert "/archive/new\\nline_%_x/a.png" in shown and hostile not in shown
+    for r in rows:
+        r["label"] = "chest_xray" if r["path"].startswith("/archive/new\\n") else "none"
+    filled = tmp_path / "sheet.csv"
+    with filled.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    read = runner.invoke(app, [*base, "--from-csv", str(filled), "--reviewer", "ann"])
+    assert read.exit_code == 0, read.output
+    assert store.current_review(engine, hostile).label == "chest_xray"
+    assert store.current_review(engine, "/archive/new_line/a.png").label is None
+    again = runner.invoke(app, [*base, "--set", "/archive/new\\nline_%_x/a.png", "brain_mri"])
+    assert again.exit_code == 0, again.output
+    assert store.current_review(engine, hostile).label == "brain_mri"
+    engine.dispose()
+
+
 def test_review_cli_lists_sets_and_undoes(module_db):
     engine = engine_of(module_db)
     clear_reviews(engine)

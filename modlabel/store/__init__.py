@@ -134,7 +134,14 @@ from .schema import (
     upgrade_schema,
     utcnow,
 )
-from .similar import Neighbour, image_id, nearest, search_method, stored_embedding
+from .similar import (
+    Neighbour,
+    image_id,
+    image_id_shown,
+    nearest,
+    search_method,
+    stored_embedding,
+)
 
 __all__ = [
     "ALIVE_SECONDS",
@@ -189,6 +196,7 @@ __all__ = [
     "model_id_of",
     "model_threshold",
     "ModelRow",
+    "image_id_shown",
     "model_row",
     "NotTheCurrentReview",
     "models",

@@ -46,6 +46,7 @@ from ..codec import (
     encode_embeddings,
 )
 from ..errors import DatabaseError, InputError
+from ..paths import display_path
 from .cursor import driver_chunks
 from .schema import embedding_blocks, images, settings
 
@@ -137,6 +138,35 @@ def image_id(engine: Engine, model_id: int, stored_path: str) -> int | None:
         return conn.execute(
             sa.select(c.id).where(c.model_id == model_id, c.path == stored_path)
         ).scalar()
+
+
+# Stored paths read for one shown path that holds an escape (``image_id_shown``), at most.
+SHOWN_CANDIDATES = 10_000
+
+
+def image_id_shown(engine: Engine, model_id: int, shown: str) -> int | None:
+    """The row id of the model's image whose path is shown as ``shown``
+    (``paths.display_path``: a control character written ``\\n`` or ``\\xNN``, as
+    images.csv and the review sheets write it), if one is stored: the model's stored paths
+    that begin with the text before its first backslash are read (at most
+    ``SHOWN_CANDIDATES``, in path order) and compared as shown. None for text without a
+    backslash: only a path that was looked up as given and not found comes here."""
+    head, backslash, _ = shown.partition("\\")
+    if not backslash:
+        return None
+    c = images.c
+    pattern = head.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    query = (
+        sa.select(c.id, c.path)
+        .where(c.model_id == model_id, c.path.like(pattern, escape="\\"))
+        .order_by(c.path)
+        .limit(SHOWN_CANDIDATES)
+    )
+    with engine.connect() as conn:
+        for row_id, path in conn.execute(query):
+            if display_path(path) == shown:
+                return row_id
+    return None
 
 
 def stored_embedding(engine: Engine, model_id: int, key: int | str) -> tuple[int, np.ndarray]:
