@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache, cached_property
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -374,30 +374,11 @@ def _sqlite_reads_only(action: int, arg1: str | None, arg2: str | None, *_rest: 
 
 
 def _rows(result: sa.CursorResult, name: str, *, sqlite: bool) -> Iterator[tuple]:
-    # SQLite gives a boolean column's values as 0 and 1, PostgreSQL as False and True: a
-    # column named as one of the schema's boolean columns is given as booleans on both.
-    columns = result.keys()  # a CursorResult's names, not a dict's
-    flags = [sqlite and name in _boolean_columns() for name in columns]
     try:
         for row in result:
-            yield tuple(
-                bool(v) if flag and v is not None else _value(v, sqlite)
-                for v, flag in zip(row, flags, strict=True)
-            )
+            yield tuple(_value(v, sqlite) for v in row)
     except sa.exc.DBAPIError as exc:
         raise ModlabelError(f"query {name!r} failed: {_why(exc)}") from None
-
-
-@cache
-def _boolean_columns() -> frozenset[str]:
-    from .store import metadata
-
-    return frozenset(
-        column.name
-        for table in metadata.tables.values()
-        for column in table.columns
-        if isinstance(column.type, sa.Boolean)
-    )
 
 
 def _value(value: Any, sqlite: bool) -> Any:
