@@ -397,3 +397,14 @@ def test_a_device_that_is_none_is_a_usage_error(toy_onnx, tmp_path):
     )
     assert result.exit_code == ExitCode.USAGE
     assert "'tpu' is none of auto, cpu, cuda" in " ".join(result.output.split())
+
+
+def test_explain_of_a_folder_without_images_says_so(toy_onnx, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no image here")
+    result = runner.invoke(
+        app, ["explain", str(empty), "--model", str(toy_onnx), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"modlabel: no image to explain under {empty}" in result.stderr

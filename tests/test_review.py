@@ -191,8 +191,10 @@ def test_a_review_recorded_while_an_undo_runs_waits_for_it(module_db):
         if statement.lstrip().upper().startswith("UPDATE REVIEWS") and not waited:
             writer = threading.Thread(target=record)
             writer.start()
-            writer.join(1.0)
-            waited.append(writer.is_alive())  # still waiting on the undo's transaction
+            # Well within the writer's own wait for a lock (store.SQLITE_BUSY_SECONDS, 1 s):
+            # it waits on the undo's transaction, then writes once the undo commits.
+            writer.join(0.25)
+            waited.append(writer.is_alive())
             threads.append(writer)
 
     threads: list[threading.Thread] = []

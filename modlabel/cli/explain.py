@@ -118,6 +118,8 @@ def explain(
         layer_maps=layer_maps(onnx_model, layer),
     )
     failed = sum(1 for r in results if r.error)
+    if not results:  # an empty folder, or only files that are no images by name
+        say("no image to explain under " + ", ".join(display_fs_path(str(p)) for p in images))
     for r in results:
         if r.error:
             say(f"{display_fs_path(str(r.path))}: {r.error}")

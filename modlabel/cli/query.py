@@ -236,7 +236,7 @@ def _table(columns: list[str], rows: Iterator[tuple], width: int | None) -> Iter
     for cells in itertools.chain(head_cells, (_table_cells(r) for r in rows)):
         yield line(cells)
         count += 1
-    yield f"({count} rows)\n"
+    yield f"({count} row)\n" if count == 1 else f"({count} rows)\n"
 
 
 def _is_number(value: Any) -> bool:
