@@ -142,10 +142,8 @@ class Labels:
         on ``inputs`` with ``perturbation``'s options (``perturb.Options()`` for None).
         ``layer_maps``' maps (a layer's CRM) are drawn after the methods', on ``inputs``;
         its names among ``methods`` are its to draw."""
-        if isinstance(methods, str):  # --methods as typed: "cam,crm@relu2"
-            methods = [m.strip() for m in methods.split(",") if m.strip()]
-        if methods is not None and layer_maps is not None:
-            methods = [m for m in methods if m not in layer_maps.names]
+        if methods is not None and layer_maps is not None:  # "cam,crm@relu2" as typed too
+            methods = [m for m in maps.method_names(methods) if m not in layer_maps.names]
         drawn: dict[str, np.ndarray] = {}
         if methods is None or methods:
             forward = perturb.Forward(

@@ -521,6 +521,13 @@ def closed_form_methods() -> tuple[str, ...]:
     return tuple(name for name, m in METHODS.items() if m.needs == "terms")
 
 
+def method_names(text: str | Sequence[str]) -> list[str]:
+    """``--methods`` as the names it gives, unchecked: comma-separated text (or a
+    sequence), each stripped, the empty ones left out."""
+    names = text.split(",") if isinstance(text, str) else text
+    return [n.strip() for n in names if n.strip()]
+
+
 def parse_methods(text: str | Sequence[str] | None, *, model: bool = True) -> tuple[str, ...]:
     """``--methods``: names, comma-separated (or a sequence), ``all``, or None for the
     defaults. Raises ``ValueError`` naming the unknown ones and the known.
@@ -530,8 +537,7 @@ def parse_methods(text: str | Sequence[str] | None, *, model: bool = True) -> tu
     refused, in one line that names it and the methods that can run."""
     if text is None:
         return default_methods()
-    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
-    names = [n for n in names if n]
+    names = method_names(text)
     if names == ["all"]:
         return tuple(METHODS) if model else closed_form_methods()
     unknown = [n for n in names if n not in METHODS]

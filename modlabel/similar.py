@@ -39,7 +39,7 @@ def stored_key(engine: Engine, model_id: int, text: str) -> int | None:
     for prefix in ("#", "id:"):
         if text.startswith(prefix) and text[len(prefix) :].isdigit():
             return int(text[len(prefix) :])
-    candidates = [text, paths.to_db(os.path.normpath(Path(text).expanduser().absolute()))]
+    candidates = [text, paths.to_db(paths.absolute(text))]
     for candidate in candidates:
         row = store.image_id(engine, model_id, candidate)
         if row is not None:

@@ -155,10 +155,9 @@ def image_id_shown(engine: Engine, model_id: int, shown: str) -> int | None:
     if not backslash:
         return None
     c = images.c
-    pattern = head.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     query = (
         sa.select(c.id, c.path)
-        .where(c.model_id == model_id, c.path.like(pattern, escape="\\"))
+        .where(c.model_id == model_id, c.path.startswith(head, autoescape=True))
         .order_by(c.path)
         .limit(SHOWN_CANDIDATES)
     )
